@@ -281,31 +281,34 @@ def render(scene: Scene, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
 def scene_parameters(batch: list[Scene]) -> dict[str, torch.Tensor]:
     """The numbers `render_parameters` needs, stacked over a batch of scenes (up to 3 objects)."""
     k = 3
-    b = len(batch)
-    out = {
-        "shape": torch.zeros(b, k, dtype=torch.long),
-        "color": torch.zeros(b, k, 3),
-        "extent": torch.zeros(b, k),
-        "cx": torch.zeros(b, k),
-        "cy": torch.zeros(b, k),
-        "present": torch.zeros(b, k),
-        "base": torch.zeros(b, 3),
-        "angle": torch.zeros(b),
-        "strength": torch.zeros(b),
-        "waves": torch.zeros(b, 2, 4),
-    }
-    for i, scene in enumerate(batch):
-        for j, o in enumerate(scene.objects):
-            out["shape"][i, j] = SHAPES.index(o.shape)
-            out["color"][i, j] = torch.tensor(COLORS[o.color])
-            out["extent"][i, j] = o.extent
-            out["cx"][i, j], out["cy"][i, j] = o.cx, o.cy
-            out["present"][i, j] = 1.0
+    shape, color, extent, cx, cy, present = ([] for _ in range(6))
+    base, angle, strength, waves = [], [], [], []
+    for scene in batch:
+        objs = list(scene.objects) + [None] * (k - len(scene.objects))
+        shape.append([SHAPES.index(o.shape) if o else 0 for o in objs])
+        color.append([COLORS[o.color] if o else (0.0, 0.0, 0.0) for o in objs])
+        extent.append([o.extent if o else 0.0 for o in objs])
+        cx.append([o.cx if o else 0.0 for o in objs])
+        cy.append([o.cy if o else 0.0 for o in objs])
+        present.append([1.0 if o else 0.0 for o in objs])
         bg = scene.background
-        out["base"][i] = torch.tensor(bg.base)
-        out["angle"][i], out["strength"][i] = bg.gradient_angle, bg.gradient_strength
-        out["waves"][i] = torch.tensor(bg.texture)
-    return out
+        base.append(bg.base)
+        angle.append(bg.gradient_angle)
+        strength.append(bg.gradient_strength)
+        waves.append(bg.texture)
+    f = torch.float32
+    return {
+        "shape": torch.tensor(shape, dtype=torch.long),
+        "color": torch.tensor(color, dtype=f),
+        "extent": torch.tensor(extent, dtype=f),
+        "cx": torch.tensor(cx, dtype=f),
+        "cy": torch.tensor(cy, dtype=f),
+        "present": torch.tensor(present, dtype=f),
+        "base": torch.tensor(base, dtype=f),
+        "angle": torch.tensor(angle, dtype=f),
+        "strength": torch.tensor(strength, dtype=f),
+        "waves": torch.tensor(waves, dtype=f),
+    }
 
 
 def render_parameters(params: dict[str, torch.Tensor], size: int = 64) -> torch.Tensor:

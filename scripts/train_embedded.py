@@ -1,0 +1,313 @@
+#!/usr/bin/env python
+"""Train the embedded shapes-world model: VAE first, then text encoder + UNet together.
+
+    python scripts/train_embedded.py --out explain/models/shapes-64            # CUDA if present
+    python scripts/train_embedded.py --out /tmp/m --vae-steps 20 --unet-steps 20 --device cpu  # smoke run
+
+Seeded and reproducible for a fixed number of steps (``--max-minutes`` is only a guard: the
+steps actually run are written to ``training.json`` next to the weights, with the whole
+configuration and the world generator's version). On a GPU it trains under bf16 autocast.
+Weights are saved as fp16 safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import random
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from explain import embedded, world  # noqa: E402
+from explain.vocabulary import write_clip_tokenizer  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(embedded.MODEL_DIR), help="folder for the trained pipeline")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--pool", type=int, default=100_000, help="training scenes drawn up front")
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-batch", type=int, default=128)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--unet-steps", type=int, default=8000)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--text-lr", type=float, default=2e-4)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--cond-drop", type=float, default=0.1, help="share of empty captions (for guidance)")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="fit the UNet stage into this much wall time: after 50 steps the step count is cut to what fits "
+        "(the learning-rate schedule follows; the count used is recorded, so a rerun with --unet-steps reproduces it)",
+    )
+    p.add_argument("--archive", default=None, help="also pack the result into <archive>.partN tar chunks (GPU runs)")
+    p.add_argument("--log", default=None)
+    return p.parse_args(argv)
+
+
+class Log:
+    def __init__(self, path):
+        self.file = open(path, "a") if path else None
+        self.start = time.time()
+
+    def __call__(self, msg):
+        line = f"[{time.time() - self.start:7.1f}s] {msg}"
+        print(line, flush=True)
+        if self.file:
+            self.file.write(line + "\n")
+            self.file.flush()
+
+
+def fast_token_ids(captions: list[str], tokenizer) -> torch.Tensor:
+    """Token ids for grammar captions: every word is one token, so a dictionary lookup suffices
+    (checked against the real tokenizer on a sample)."""
+    vocab = tokenizer.get_vocab()
+    word_id = {w: vocab[w + "</w>"] for w in world.vocabulary()}
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    ids = torch.full((len(captions), 77), eos, dtype=torch.long)
+    for i, c in enumerate(captions):
+        toks = [bos] + [word_id[w] for w in c.replace(",", " ,").split()] + [eos]
+        ids[i, : len(toks)] = torch.tensor(toks)
+    sample = captions[:: max(1, len(captions) // 50)]
+    ref = tokenizer(sample, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ref, ids[:: max(1, len(captions) // 50)][: len(sample)]), "fast tokenization disagrees"
+    return ids
+
+
+def ema_update(ema_model, model, decay):
+    with torch.no_grad():
+        for e, p in zip(ema_model.parameters(), model.parameters()):
+            e.lerp_(p.detach().to(e.dtype), 1 - decay)
+
+
+def lr_factor(step, total, warmup=200):
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_vae(vae, params, args, device, amp, log):
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    n = params["base"].shape[0]
+    g = torch.Generator(device="cpu").manual_seed(args.seed + 1)
+    vae.train()
+    for step in range(args.vae_steps):
+        idx = torch.randint(0, n, (args.vae_batch,), generator=g)
+        x = world.render_parameters({k: v[idx].to(device) for k, v in params.items()}) * 2 - 1
+        for group in opt.param_groups:
+            group["lr"] = args.vae_lr * lr_factor(step, args.vae_steps, warmup=100)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+        recon = recon.float()
+        l1 = (recon - x).abs().mean()
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = l1 + 0.5 * F.mse_loss(recon, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == args.vae_steps - 1:
+            log(f"vae step {step} l1 {l1.item():.4f} kl {kl.item():.4f}")
+    vae.eval()
+    return float(l1.item())
+
+
+@torch.no_grad()
+def latent_scale(vae, params, device, n=2048):
+    idx = torch.arange(min(n, params["base"].shape[0]))
+    x = world.render_parameters({k: v[idx].to(device) for k, v in params.items()}) * 2 - 1
+    z = torch.cat([vae.encode(c).latent_dist.mode() for c in x.split(256)])
+    return float(1.0 / z.float().std())
+
+
+def train_unet(comps, params, ids, args, device, amp, log, save_fn):
+    from diffusers import DDPMScheduler
+
+    unet, text, vae = comps["unet"], comps["text_encoder"], comps["vae"]
+    noise_sched = DDPMScheduler(**{k: v for k, v in embedded.SCHEDULER_CONFIG.items() if k not in ("algorithm_type", "solver_order")})
+    alphas = noise_sched.alphas_cumprod.to(device)
+    sf = vae.config.scaling_factor
+    empty = comps["tokenizer"]("", padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
+    opt = torch.optim.AdamW(
+        [{"params": unet.parameters(), "lr": args.lr}, {"params": text.parameters(), "lr": args.text_lr}],
+        weight_decay=0.01,
+    )
+    base_lrs = [args.lr, args.text_lr]
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
+    for m in (ema_unet, ema_text):
+        m.requires_grad_(False)
+    n = params["base"].shape[0]
+    g = torch.Generator(device="cpu").manual_seed(args.seed + 2)
+    gd = torch.Generator(device=device).manual_seed(args.seed + 3)
+    unet.train()
+    text.train()
+    start = time.time()
+    last_save = start
+    steps_done = 0
+    total = args.unet_steps
+    step = 0
+    while step < total:
+        if step == 50 and args.max_minutes:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            per_step = (time.time() - start) / 50
+            fits = int(args.max_minutes * 60 / (per_step * 1.04))
+            if fits < total:
+                total = max(fits, 100)
+                log(f"{per_step * 1000:.1f} ms per step: running {total} UNet steps to fit {args.max_minutes} min")
+        idx = torch.randint(0, n, (args.batch,), generator=g)
+        with torch.no_grad():
+            x = world.render_parameters({k: v[idx].to(device) for k, v in params.items()}) * 2 - 1
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                z = vae.encode(x).latent_dist.sample(generator=gd).float() * sf
+        tokens = ids[idx].to(device)
+        drop = torch.rand(args.batch, generator=g) < args.cond_drop
+        tokens[drop.to(device)] = empty[0]
+        noise = torch.randn(z.shape, generator=gd, device=device)
+        t = torch.randint(0, 1000, (args.batch,), generator=gd, device=device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        for group, base in zip(opt.param_groups, base_lrs):
+            group["lr"] = base * lr_factor(step, total)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            enc = text(tokens)[0]
+            pred = unet(noisy, t, enc).sample
+        # min-SNR-5 weighting: faster convergence than plain epsilon MSE
+        snr = a.view(-1) / (1 - a.view(-1))
+        weight = torch.clamp(snr, max=5.0) / snr
+        loss = (weight * ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text.parameters()), 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        ema_update(ema_unet, unet, decay)
+        ema_update(ema_text, text, decay)
+        steps_done = step + 1
+        if step % 200 == 0:
+            log(f"unet step {step} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}")
+        step += 1
+        now = time.time()
+        if save_fn and now - last_save > 90:
+            save_fn(ema_unet, ema_text, steps_done)
+            last_save = now
+    return ema_unet, ema_text, steps_done, float(loss.item())
+
+
+def save_pipeline(comps, unet, text, out: Path, info: dict, archive: str | None, log):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=copy.deepcopy(comps["vae"]).to("cpu", torch.float16),
+        text_encoder=copy.deepcopy(text).to("cpu", torch.float16),
+        tokenizer=comps["tokenizer"],
+        unet=copy.deepcopy(unet).to("cpu", torch.float16),
+        scheduler=comps["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(out), safe_serialization=True, max_shard_size="12MB")
+    (out / "training.json").write_text(json.dumps(info, indent=2))
+    if archive:
+        Path(archive).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(archive + ".tar")
+        with tarfile.open(tmp, "w") as tar:
+            tar.add(str(out), arcname=out.name)
+        data = tmp.read_bytes()
+        tmp.unlink()
+        chunk = 15 * 1024 * 1024
+        for old in Path(archive).parent.glob(Path(archive).name + ".part*"):
+            old.unlink()
+        for i in range(0, len(data), chunk):
+            Path(f"{archive}.part{i // chunk}").write_bytes(data[i : i + chunk])
+    log(f"saved pipeline to {out} ({info.get('unet_steps_done')} UNet steps)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    log = Log(args.log)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    amp = device.type == "cuda"
+    if amp:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    tok_dir = write_clip_tokenizer(world.vocabulary(), out / "tokenizer")
+    comps = embedded.build_components(tok_dir, seed=args.seed)
+    for k in ("vae", "text_encoder", "unet"):
+        comps[k].to(device)
+    log(f"device {device}, torch {torch.__version__}; drawing {args.pool} training scenes")
+    pool = world.scenes(args.pool, seed=args.seed, split="train")
+    params = world.scene_parameters(pool)
+    ids = fast_token_ids([s.caption for s in pool], comps["tokenizer"])
+    log("scenes ready")
+
+    vae_l1 = train_vae(comps["vae"], params, args, device, amp, log)
+    comps["vae"].requires_grad_(False)
+    sf = latent_scale(comps["vae"], params, device)
+    comps["vae"].register_to_config(scaling_factor=sf)
+    log(f"latent scaling factor {sf:.4f}")
+
+    info = {
+        "generator_version": world.GENERATOR_VERSION,
+        "seed": args.seed,
+        "args": vars(args),
+        "vae_final_l1": vae_l1,
+        "latent_scaling_factor": sf,
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if amp else platform.processor() or "cpu",
+        "held_out_modulus": world.HELD_OUT_MODULUS,
+    }
+
+    def checkpoint(unet, text, steps):
+        info["unet_steps_done"] = steps
+        save_pipeline(comps, unet, text, out, info, args.archive, log)
+
+    unet, text, steps, loss = train_unet(comps, params, ids, args, device, amp, log, checkpoint if args.archive else None)
+    info["unet_final_loss"] = loss
+    info["train_seconds"] = round(time.time() - log.start, 1)
+    checkpoint(unet, text, steps)
+    if args.archive:
+        save_samples(out, Path(args.archive).parent / "samples.png", device, log)
+
+
+def save_samples(model_dir: Path, path: Path, device, log, n=32):
+    """A grid of held-out captions (top) and their generations (bottom), for a first look."""
+    import numpy as np
+    from PIL import Image
+
+    pipe = embedded.load_pipeline(model_dir, device=device)
+    held = world.scenes(n, seed=123, split="held_out")
+    gen = torch.Generator(device=device).manual_seed(0)
+    images = pipe([s.caption for s in held], num_inference_steps=20, guidance_scale=embedded.DEFAULT_GUIDANCE, generator=gen, output_type="np").images
+    truth = np.stack([world.render(s)[0] for s in held]).astype(np.float32) / 255
+    rows = [np.concatenate(list(truth[i : i + 8]), 1) for i in range(0, n, 8)]
+    rows += [np.concatenate(list(images[i : i + 8]), 1) for i in range(0, n, 8)]
+    Image.fromarray((np.concatenate(rows, 0) * 255).round().astype("uint8")).save(path)
+    (path.parent / "samples.txt").write_text("\n".join(s.caption for s in held))
+    log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
