@@ -135,7 +135,10 @@ def load_pipeline(model_dir: str | Path | None = None, device: str | torch.devic
             requires_safety_checker=False,
         )
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device, dtype=dtype)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        if module.dtype != dtype:  # transformers keeps the fp16 the weights are stored in
+            module.to(dtype)
+    return pipe.to(device)
 
 
 def check_prompt(prompt: str, tokenizer=None) -> list[str]:

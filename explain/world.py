@@ -263,11 +263,11 @@ def render_tensor(scene: Scene, size: int = 64, device="cpu") -> tuple[torch.Ten
     for obj in scene.objects:
         d = _signed_distance(obj.shape, xx, yy, obj.cx, obj.cy, obj.extent)
         cover = (0.5 - d / pixel).clamp(0, 1)  # one-pixel anti-aliased edge
-        shade = 1.0 + 0.12 * (0.5 - (yy - obj.cy) / obj.extent - 0.5)  # lit from above: a little detail
+        shade = 1.0 - 0.12 * (yy - obj.cy) / obj.extent  # lit from above: a little detail
         color = torch.tensor(COLORS[obj.color], device=device).view(3, 1, 1) * shade.unsqueeze(0)
         image = image * (1 - cover) + color.clamp(0, 1) * cover
         covers.append(cover)
-    return image, torch.stack(covers)
+    return image, (torch.stack(covers) if covers else torch.zeros(0, size, size, device=device))
 
 
 def render(scene: Scene, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -330,7 +330,7 @@ def render_parameters(params: dict[str, torch.Tensor], size: int = 64) -> torch.
     shape = p["shape"].view(*p["shape"].shape, 1, 1)
     d = torch.where(shape == 0, circle, torch.where(shape == 1, square, triangle))
     cover = (0.5 - d * size).clamp(0, 1) * p["present"].view(*p["present"].shape, 1, 1)  # [B, K, H, W]
-    shade = 1.0 + 0.12 * (0.5 - (yy - cy) / ext.clamp_min(1e-6) - 0.5)
+    shade = 1.0 - 0.12 * (yy - cy) / ext.clamp_min(1e-6)
     for j in range(cover.shape[1]):
         color = (p["color"][:, j].view(-1, 3, 1, 1) * shade[:, j : j + 1]).clamp(0, 1)
         c = cover[:, j : j + 1]

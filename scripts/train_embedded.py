@@ -47,6 +47,13 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--text-lr", type=float, default=2e-4)
     p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="continue from a pipeline saved by this script: its VAE is kept as it is (no VAE stage) and its "
+        "UNet and text encoder are trained further; the earlier run's record is kept in training.json",
+    )
     p.add_argument("--cond-drop", type=float, default=0.1, help="share of empty captions (for guidance)")
     p.add_argument(
         "--max-minutes",
@@ -91,8 +98,7 @@ def fast_token_ids(captions: list[str], tokenizer) -> torch.Tensor:
 
 def ema_update(ema_model, model, decay):
     with torch.no_grad():
-        for e, p in zip(ema_model.parameters(), model.parameters()):
-            e.lerp_(p.detach().to(e.dtype), 1 - decay)
+        torch._foreach_lerp_(list(ema_model.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
 
 
 def lr_factor(step, total, warmup=200):
@@ -137,10 +143,30 @@ def latent_scale(vae, params, device, n=2048):
     return float(1.0 / z.float().std())
 
 
+@torch.no_grad()
+def encode_pool(vae, params, device, amp, batch=1024):
+    """Posterior mean and std of every pool scene's latent (the pool is fixed, so encoding it once
+    saves the VAE encoder in every UNet step)."""
+    n = params["base"].shape[0]
+    means, stds = [], []
+    for i in range(0, n, batch):
+        x = world.render_parameters({k: v[i : i + batch].to(device) for k, v in params.items()}) * 2 - 1
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            dist = vae.encode(x).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
 def train_unet(comps, params, ids, args, device, amp, log, save_fn):
     from diffusers import DDPMScheduler
 
     unet, text, vae = comps["unet"], comps["text_encoder"], comps["vae"]
+    lat_mean, lat_std = encode_pool(vae, params, device, amp)
+    ids = ids.to(device)
+    log(f"encoded {lat_mean.shape[0]} pool latents")
+    if device.type == "cuda":
+        unet.to(memory_format=torch.channels_last)
     noise_sched = DDPMScheduler(**{k: v for k, v in embedded.SCHEDULER_CONFIG.items() if k not in ("algorithm_type", "solver_order")})
     alphas = noise_sched.alphas_cumprod.to(device)
     sf = vae.config.scaling_factor
@@ -148,6 +174,7 @@ def train_unet(comps, params, ids, args, device, amp, log, save_fn):
     opt = torch.optim.AdamW(
         [{"params": unet.parameters(), "lr": args.lr}, {"params": text.parameters(), "lr": args.text_lr}],
         weight_decay=0.01,
+        fused=device.type == "cuda",
     )
     base_lrs = [args.lr, args.text_lr]
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
@@ -172,20 +199,19 @@ def train_unet(comps, params, ids, args, device, amp, log, save_fn):
             if fits < total:
                 total = max(fits, 100)
                 log(f"{per_step * 1000:.1f} ms per step: running {total} UNet steps to fit {args.max_minutes} min")
-        idx = torch.randint(0, n, (args.batch,), generator=g)
-        with torch.no_grad():
-            x = world.render_parameters({k: v[idx].to(device) for k, v in params.items()}) * 2 - 1
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                z = vae.encode(x).latent_dist.sample(generator=gd).float() * sf
-        tokens = ids[idx].to(device)
+        idx = torch.randint(0, n, (args.batch,), generator=g).to(device)
+        z = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gd, device=device)) * sf
+        tokens = ids[idx]
         drop = torch.rand(args.batch, generator=g) < args.cond_drop
         tokens[drop.to(device)] = empty[0]
         noise = torch.randn(z.shape, generator=gd, device=device)
         t = torch.randint(0, 1000, (args.batch,), generator=gd, device=device)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        if device.type == "cuda":
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
         for group, base in zip(opt.param_groups, base_lrs):
-            group["lr"] = base * lr_factor(step, total)
+            group["lr"] = base * lr_factor(step, total, warmup=args.warmup)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             enc = text(tokens)[0]
             pred = unet(noisy, t, enc).sample
@@ -197,7 +223,7 @@ def train_unet(comps, params, ids, args, device, amp, log, save_fn):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text.parameters()), 1.0)
         opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
+        decay = args.ema if args.init_from else min(args.ema, (1 + step) / (10 + step))
         ema_update(ema_unet, unet, decay)
         ema_update(ema_text, text, decay)
         steps_done = step + 1
@@ -242,6 +268,18 @@ def save_pipeline(comps, unet, text, out: Path, info: dict, archive: str | None,
     log(f"saved pipeline to {out} ({info.get('unet_steps_done')} UNet steps)")
 
 
+def load_weights(comps, folder: Path) -> dict:
+    """Load a saved pipeline's VAE, text encoder and UNet weights into ``comps``; return its record."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    comps["vae"] = AutoencoderKL.from_pretrained(str(folder / "vae"), local_files_only=True).float()
+    comps["unet"] = UNet2DConditionModel.from_pretrained(str(folder / "unet"), local_files_only=True).float()
+    comps["text_encoder"] = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True).float()
+    path = folder / "training.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def main(argv=None):
     args = parse_args(argv)
     log = Log(args.log)
@@ -255,6 +293,9 @@ def main(argv=None):
     out = Path(args.out)
     tok_dir = write_clip_tokenizer(world.vocabulary(), out / "tokenizer")
     comps = embedded.build_components(tok_dir, seed=args.seed)
+    earlier = None
+    if args.init_from:
+        earlier = load_weights(comps, Path(args.init_from))
     for k in ("vae", "text_encoder", "unet"):
         comps[k].to(device)
     log(f"device {device}, torch {torch.__version__}; drawing {args.pool} training scenes")
@@ -263,11 +304,16 @@ def main(argv=None):
     ids = fast_token_ids([s.caption for s in pool], comps["tokenizer"])
     log("scenes ready")
 
-    vae_l1 = train_vae(comps["vae"], params, args, device, amp, log)
+    if earlier is None:
+        vae_l1 = train_vae(comps["vae"], params, args, device, amp, log)
+        sf = latent_scale(comps["vae"], params, device)
+        comps["vae"].register_to_config(scaling_factor=sf)
+        log(f"latent scaling factor {sf:.4f}")
+    else:
+        vae_l1, sf = earlier.get("vae_final_l1"), comps["vae"].config.scaling_factor
+        log(f"continuing from {args.init_from} (latent scaling factor {sf:.4f})")
     comps["vae"].requires_grad_(False)
-    sf = latent_scale(comps["vae"], params, device)
-    comps["vae"].register_to_config(scaling_factor=sf)
-    log(f"latent scaling factor {sf:.4f}")
+    comps["vae"].eval()
 
     info = {
         "generator_version": world.GENERATOR_VERSION,
@@ -279,6 +325,8 @@ def main(argv=None):
         "device": torch.cuda.get_device_name(0) if amp else platform.processor() or "cpu",
         "held_out_modulus": world.HELD_OUT_MODULUS,
     }
+    if earlier is not None:
+        info["continues"] = earlier
 
     def checkpoint(unet, text, steps):
         info["unet_steps_done"] = steps

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+
+from explain import embedded
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    if not embedded.is_available():
+        pytest.skip(f"the embedded model's weights are missing from {embedded.MODEL_DIR}")
+    return embedded.load_pipeline(device="cpu")
+
+
+def test_loads_offline_as_a_stable_diffusion_pipeline(pipe, monkeypatch):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.vae, AutoencoderKL)
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.tokenizer, CLIPTokenizer)
+    # cross-attention at two or more resolutions, latent grid >= 16x16
+    assert sum(1 for b in pipe.unet.down_blocks if hasattr(b, "attentions")) >= 2
+    assert pipe.unet.config.sample_size >= 16
+    weights = sum(p.stat().st_size for p in embedded.MODEL_DIR.rglob("*.safetensors"))
+    assert weights <= 40 * 1024 * 1024
+    assert not list(embedded.MODEL_DIR.rglob("*.bin")) and not list(embedded.MODEL_DIR.rglob("*.pt"))
+
+
+def test_loading_needs_no_network(monkeypatch):
+    if not embedded.is_available():
+        pytest.skip("embedded weights missing")
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the embedded model tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    embedded.load_pipeline(device="cpu")
+
+
+def test_deterministic_for_a_seed(pipe):
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return pipe(embedded.DEFAULT_PROMPT, num_inference_steps=4, generator=g, output_type="np").images
+
+    a, b, c = run(1), run(1), run(2)
+    assert a.shape == (1, 64, 64, 3)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_check_prompt_names_unknown_words(pipe):
+    assert embedded.check_prompt("a red circle above a blue square", pipe.tokenizer) == []
+    assert embedded.check_prompt("a red dog", pipe.tokenizer) == ["dog"]
+
+
+def test_training_record_is_shipped():
+    if not embedded.is_available():
+        pytest.skip("embedded weights missing")
+    info = embedded.training_info()
+    assert info["generator_version"]
+    assert "seed" in info and info.get("unet_steps_done", 0) > 0
+
+
+def test_missing_weights_give_a_clear_error(tmp_path):
+    with pytest.raises(embedded.EmbeddedModelMissing, match="train_embedded.py"):
+        embedded.load_pipeline(tmp_path)
