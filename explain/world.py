@@ -354,3 +354,25 @@ def vocabulary() -> list[str]:
                 if w not in words:
                     words.append(w)
     return words
+
+
+def caption_words(caption: str) -> list[str]:
+    """The caption's words as the tokenizer splits them (commas are words of their own)."""
+    return caption.replace(",", " ,").split()
+
+
+def object_word_indices(scene: Scene) -> list[list[int]]:
+    """For each object, the positions in `caption_words` of the words that name it (its size,
+    colour and shape words), so a heatmap of those words can be scored against its mask."""
+    words = caption_words(scene.caption)
+    spans: list[list[int]] = []
+    start = 0
+    for obj in scene.objects:
+        shape_at = words.index(obj.shape, start)
+        color_at = words.index(obj.color, start)
+        span = [color_at, shape_at]
+        if color_at > 0 and words[color_at - 1] in {w for ws in SIZE_WORDS.values() for w in ws}:
+            span.insert(0, color_at - 1)
+        spans.append(span)
+        start = shape_at + 1
+    return spans

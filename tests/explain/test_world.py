@@ -74,3 +74,13 @@ def test_bad_arguments():
         world.sample_scene(random.Random(0), split="test")
     with pytest.raises(ValueError, match="num_objects"):
         world.sample_scene(random.Random(0), num_objects=4)
+
+
+def test_object_word_indices_name_each_object():
+    for s in world.scenes(50, seed=12):
+        words = world.caption_words(s.caption)
+        spans = world.object_word_indices(s)
+        assert len(spans) == len(s.objects)
+        for obj, span in zip(s.objects, spans):
+            named = [words[i] for i in span]
+            assert obj.color in named and obj.shape in named
