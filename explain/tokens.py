@@ -1,0 +1,226 @@
+"""Which context positions belong to which prompt word.
+
+Cross-attention maps are indexed by *token position* in the text encoder's context; people
+ask about *words*. CLIP's byte-pair tokenizer marks the last piece of every word with
+``</w>``, so a word is a run of tokens ending in such a piece ("zebrafish" may be
+``zebra``, ``fish</w>``). Punctuation is a word of its own, as CLIP's pre-tokenizer splits it
+off ("circle," is ``circle</w>``, ``,</w>``).
+
+Two sources are handled:
+
+* a Hugging Face ``CLIPTokenizer`` (diffusers), one context of ``model_max_length`` (77)
+  positions; longer prompts are cut, and `PromptTruncatedWarning` names the words lost;
+* ComfyUI's ``clip.tokenize(text, return_word_ids=True)`` lists ``[(token, weight, word_id)]``
+  in chunks of 77 that are concatenated into one longer context (nothing is cut).
+
+The result is a `PromptTokens`: the token strings of the kept positions (start token through
+the last end token) and the `Word` list.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Callable, Mapping, Sequence
+
+from explain.trace import Word
+
+END_OF_WORD = "</w>"
+START_TOKEN = "<|startoftext|>"
+END_TOKEN = "<|endoftext|>"
+
+
+class PromptTruncatedWarning(UserWarning):
+    """The prompt was longer than the text encoder's context; its tail was not seen by the model."""
+
+
+@dataclass
+class PromptTokens:
+    prompt: str
+    tokens: list[str]  # one per kept context position: start token, prompt tokens, end token(s)
+    words: list[Word]
+    dropped_words: list[str] = field(default_factory=list)  # words (partly) cut off by the context limit
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.dropped_words)
+
+
+# ---------------------------------------------------------------------------- pure helpers
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """CLIP's unicode-to-byte table (the inverse of the byte-level BPE alphabet)."""
+    from explain.vocabulary import _byte_alphabet
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    byte_order = printable + [b for b in range(256) if b not in printable]
+    return dict(zip(_byte_alphabet(), byte_order))
+
+
+def token_text(token: str) -> str:
+    """Readable text of one BPE token string (end-of-word marker removed, bytes decoded)."""
+    piece = token[: -len(END_OF_WORD)] if token.endswith(END_OF_WORD) else token
+    decoder = _byte_decoder()
+    if all(ch in decoder for ch in piece):
+        return bytes(decoder[ch] for ch in piece).decode("utf-8", errors="replace")
+    return piece
+
+
+def is_special(token: str) -> bool:
+    return token.startswith("<|") and token.endswith("|>")
+
+
+def words_from_tokens(tokens: Sequence[str], offset: int = 0) -> list[Word]:
+    """Merge a run of BPE token strings into words at their ``</w>`` markers.
+
+    Special tokens (``<|...|>``) belong to no word. ``offset`` is added to every position, for
+    token lists that start inside a longer context. A trailing run without ``</w>`` (a word cut
+    by truncation) still becomes a word."""
+    words: list[Word] = []
+    pieces: list[str] = []
+    positions: list[int] = []
+
+    def flush():
+        if positions:
+            words.append(Word(text="".join(token_text(p) for p in pieces), token_indices=list(positions)))
+            pieces.clear()
+            positions.clear()
+
+    for i, tok in enumerate(tokens):
+        if is_special(tok):
+            flush()
+            continue
+        pieces.append(tok)
+        positions.append(i + offset)
+        if tok.endswith(END_OF_WORD):
+            flush()
+    flush()
+    return words
+
+
+# ---------------------------------------------------------------------------- Hugging Face tokenizers
+def tokenize_prompt(tokenizer, prompt: str, max_length: int | None = None, warn: bool = True) -> PromptTokens:
+    """Token strings and words of ``prompt`` as a diffusers pipeline feeds it to ``tokenizer``
+    (start token, at most ``max_length - 2`` prompt tokens, end token).
+
+    Warns with `PromptTruncatedWarning` naming the words that were cut off."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+    limit = int(max_length or tokenizer.model_max_length)
+    if limit < 2 or limit > 100_000:
+        raise ValueError(f"the tokenizer's context length {limit} is not usable; pass max_length= (77 for CLIP)")
+    full_ids = list(tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids)
+    full = list(tokenizer.convert_ids_to_tokens(full_ids))
+    has_start = bool(full) and is_special(full[0])
+    has_end = bool(full) and is_special(full[-1])
+    body = full[int(has_start) : len(full) - int(has_end)]
+    room = limit - int(has_start) - int(has_end)
+    kept_body, cut_body = body[:room], body[room:]
+    tokens = ([full[0]] if has_start else []) + kept_body + ([full[-1]] if has_end else [])
+    words = words_from_tokens(tokens)
+
+    dropped: list[str] = []
+    if cut_body:
+        all_words = words_from_tokens(body, offset=int(has_start))
+        kept_positions = set(range(int(has_start), int(has_start) + len(kept_body)))
+        dropped = [w.text for w in all_words if not set(w.token_indices) <= kept_positions]
+        if warn:
+            warnings.warn(
+                f"the prompt has {len(body)} tokens but the text encoder reads at most {room}; "
+                f"these words were cut off and have no effect or attention maps: {' '.join(dropped)!r}. "
+                "Shorten the prompt.",
+                PromptTruncatedWarning,
+                stacklevel=2,
+            )
+    return PromptTokens(prompt=prompt, tokens=tokens, words=words, dropped_words=dropped)
+
+
+# ---------------------------------------------------------------------------- ComfyUI token lists
+def comfy_prompt_tokens(
+    chunks: Sequence[Sequence[Sequence[Any]]],
+    id_to_token: Mapping[int, str] | Callable[[int], str] | None = None,
+    prompt: str = "",
+) -> PromptTokens:
+    """Token strings and words from ComfyUI's ``[(token, weight, word_id), ...]`` chunks.
+
+    The chunks are concatenated (ComfyUI feeds long prompts as several 77-token contexts
+    side by side), so positions count across chunks. ``id_to_token`` (e.g. ComfyUI's
+    ``tokenizer.clip_l.inv_vocab``) gives token strings; with it, words are split at ``</w>``
+    markers as well as at word-id changes (ComfyUI's word id marks a weighted prompt segment,
+    which may hold several words). Without it, each word id is one word named from the
+    prompt's whitespace-separated words when they line up, else ``word<id>``. Tokens that are
+    embedding tensors (textual inversion) are named ``<embedding>``."""
+    if not chunks or any(len(chunk) == 0 for chunk in chunks):
+        raise ValueError("ComfyUI token list is empty; tokenize with clip.tokenize(text, return_word_ids=True)")
+    lookup = _as_lookup(id_to_token)
+    flat: list[tuple[str, int, bool]] = []  # (token string, word id, is end-of-text)
+    for c, chunk in enumerate(chunks):
+        for entry in chunk:
+            if len(entry) < 3:
+                raise ValueError(
+                    f"chunk {c} has an entry {tuple(entry)!r} without a word id; "
+                    "tokenize with clip.tokenize(text, return_word_ids=True)"
+                )
+            token, _weight, word_id = entry[0], entry[1], int(entry[2])
+            flat.append((_comfy_token_string(token, word_id, lookup), word_id, False))
+
+    # Keep positions through the last non-padding token of the last chunk (its end token).
+    last_chunk_start = len(flat) - len(chunks[-1])
+    last_word_at = max((i for i, (_, wid, _) in enumerate(flat) if wid != 0), default=0)
+    end = max(last_word_at + 1, last_chunk_start + 1)
+    if end < len(flat):
+        end += 1  # the end token after the last word
+    tokens = [t for t, _, _ in flat[:end]]
+
+    words: list[Word] = []
+    open_word: Word | None = None  # a word still collecting pieces
+    open_id = 0
+    for i, (tok, wid, _) in enumerate(flat[:end]):
+        if wid == 0:
+            continue  # start/end/padding; a long word that ComfyUI broke across chunks goes on after them
+        if open_word is None or wid != open_id:
+            open_word = Word(text="", token_indices=[])
+            open_id = wid
+            words.append(open_word)
+        open_word.token_indices.append(i)
+        if lookup is not None:
+            open_word.text += token_text(tok)
+            if tok.endswith(END_OF_WORD):
+                open_word = None
+    names = prompt.split() if prompt else []
+    if lookup is None:
+        if len(names) == len(words):
+            for w, name in zip(words, names):
+                w.text = name
+        else:
+            ids = sorted({wid for _, wid, _ in flat[:end] if wid})
+            for w, wid in zip(words, ids):
+                w.text = f"word{wid}"
+    return PromptTokens(prompt=prompt, tokens=tokens, words=words)
+
+
+def _as_lookup(id_to_token) -> Callable[[int], str] | None:
+    if id_to_token is None:
+        return None
+    if callable(id_to_token) and not isinstance(id_to_token, Mapping):
+        return id_to_token
+    table = id_to_token
+    return lambda i: table.get(i, f"<{i}>")
+
+
+def _comfy_token_string(token, word_id: int, lookup) -> str:
+    if not isinstance(token, int):
+        try:
+            token = int(token)
+        except (TypeError, ValueError):
+            return "<embedding>"  # a textual-inversion vector in place of a token id
+    if lookup is not None:
+        return str(lookup(token))
+    return f"<{token}>" if word_id == 0 else str(token)
+
+
+def pad_token_list(tokens: Sequence[str], length: int, pad: str = END_TOKEN) -> list[str]:
+    """``tokens`` cut or padded to ``length`` positions (to line up with an attention axis)."""
+    out = list(tokens[:length])
+    return out + [pad] * (length - len(out))
