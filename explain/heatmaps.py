@@ -323,3 +323,29 @@ def step_thirds(num_steps: int) -> list[tuple[str, slice]]:
         return [("all steps", slice(0, num_steps))]
     a, b = round(num_steps / 3), round(2 * num_steps / 3)
     return [(f"steps 0-{a - 1}", slice(0, a)), (f"steps {a}-{b - 1}", slice(a, b)), (f"steps {b}-{num_steps - 1}", slice(b, num_steps))]
+
+
+# ---------------------------------------------------------------------------- scoring against masks
+def pointing_hit(heat: torch.Tensor, mask: torch.Tensor) -> bool:
+    """The pointing game: is the heatmap's maximum inside the mask? Ties count as a hit when
+    any maximal pixel is inside (a flat map therefore hits any non-empty mask, so callers
+    should report flat maps separately)."""
+    heat, mask = _same_size(heat, mask)
+    top = heat >= heat.max()
+    return bool((top & mask).any())
+
+
+def mask_iou(heat: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5) -> float:
+    """IoU between the mask and the heatmap, min-max normalised and cut at ``threshold``."""
+    heat, mask = _same_size(heat, mask)
+    pred = normalize_map(heat, "minmax") >= threshold
+    union = (pred | mask).sum()
+    return float((pred & mask).sum()) / float(union) if union > 0 else 0.0
+
+
+def _same_size(heat: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    heat = torch.as_tensor(heat).float()
+    mask = torch.as_tensor(mask).bool()
+    if heat.shape != mask.shape:
+        heat = upsample(heat, tuple(mask.shape))
+    return heat, mask

@@ -132,3 +132,22 @@ def test_step_thirds_cover_every_step_once():
     for n in (1, 2, 3, 7, 20):
         covered = [i for _, s in heatmaps.step_thirds(n) for i in range(n)[s]]
         assert covered == list(range(n))
+
+
+def test_pointing_and_iou_against_masks():
+    heat = torch.zeros(8, 8)
+    heat[1:3, 1:3] = 1.0
+    heat[1, 1] = 2.0
+    inside = torch.zeros(8, 8, dtype=torch.bool)
+    inside[0:4, 0:4] = True
+    assert heatmaps.pointing_hit(heat, inside)
+    assert not heatmaps.pointing_hit(heat, ~inside)
+    exact = torch.zeros(8, 8, dtype=torch.bool)
+    exact[1:3, 1:3] = True
+    assert heatmaps.mask_iou(heat, exact, threshold=0.4) == pytest.approx(1.0)  # 1/2 and 2/2 after min-max
+    assert heatmaps.mask_iou(heat, inside, threshold=0.4) == pytest.approx(4 / 16)
+    assert heatmaps.mask_iou(heat, exact, threshold=0.9) == pytest.approx(1 / 4)
+    # a low-resolution map is upsampled to the mask
+    big = torch.zeros(32, 32, dtype=torch.bool)
+    big[:16, :16] = True
+    assert heatmaps.pointing_hit(heat, big)
