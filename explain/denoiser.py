@@ -1,0 +1,350 @@
+"""A model-agnostic guided denoiser: the one thing DF-RISE, DF-CAM and the faithfulness games
+need from a model.
+
+`GuidedDenoiser` wraps a callable ``model_fn(x, level) -> (uncond_out, cond_out)`` that runs the
+raw model on a batch of latents at one noise level (``uncond_out`` is ``None`` when there is no
+guidance), and turns its outputs into the guided prediction of x0 or of the noise ε, combined
+with classifier-free guidance exactly as a sampler does: ``u + w (c - u)``. Because x0 and ε
+are both affine in the model output at fixed x, combining in either space gives the same
+result, so a ComfyUI adapter may hand back denoised x0 (``prediction_type="sample"``) and a
+diffusers adapter raw ε or v.
+
+A probe is a pure function of its input: no scheduler is stepped, so a sampler's state (the
+multistep history of DPM-Solver++, say) is never touched (this fixes the official code's B9).
+
+Latent scaling: ``latent_space="vp"`` means x = √ᾱ·x0 + √(1-ᾱ)·ε (DDIM, DPM-Solver, PNDM in
+diffusers); ``"sigma"`` means x = x0 + σ·ε (k-diffusion, ComfyUI, diffusers' Euler and Heun).
+`model_fn` always receives x in the denoiser's own latent space.
+
+`from_pipeline` builds one for a diffusers Stable Diffusion (1.x/2.x) or SDXL pipeline from a
+trace: it encodes the trace's prompt and negative prompt once and calls the UNet on
+``[uncond; cond]`` as the pipeline does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from explain.noise import PREDICTION_TYPES, model_output_from_x0, x0_from_model_output
+
+QUANTITIES = ("x0", "epsilon")
+LATENT_SPACES = ("vp", "sigma")
+
+ModelFn = Callable[[torch.Tensor, "NoiseLevel"], tuple]
+
+CPU_MEMORY_BUDGET = 2 * 1024**3
+CPU_MAX_BATCH = 32
+CUDA_BUDGET_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class NoiseLevel:
+    """Where in the denoising a probe runs: the model's timestep and the noise level σ."""
+
+    timestep: float
+    sigma: float
+
+    @property
+    def alpha_bar(self) -> float:
+        return 1.0 / (1.0 + self.sigma * self.sigma)
+
+    @classmethod
+    def from_trace(cls, trace, step: int) -> "NoiseLevel":
+        step = trace.check_step(step)
+        return cls(timestep=float(trace.timesteps[step]), sigma=float(trace.sigmas[step]))
+
+
+@dataclass
+class GuidedDenoiser:
+    """The guided one-step prediction of a model at any noise level, batched and stateless.
+
+    ``modules`` names the model's sub-modules (for DF-CAM); ``estimate_item_bytes`` (optional)
+    says how much memory one latent costs in a forward pass, for batching by a memory budget;
+    ``device`` is where the model runs. ``token_model_fn(x, level, keep)`` (optional, for
+    per-token DF-RISE) is ``model_fn`` with a ``[N, T]`` 0/1 mask over the prompt's token
+    positions: a dropped position of the conditional context is replaced by the unconditional
+    context at that position.
+    """
+
+    model_fn: ModelFn
+    prediction_type: str
+    guidance_scale: float
+    latent_space: str = "vp"
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)
+    estimate_item_bytes: Callable[[torch.Tensor], int] | None = None
+    device: torch.device | None = None
+    token_model_fn: Callable[[torch.Tensor, "NoiseLevel", torch.Tensor], tuple] | None = None
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        if self.latent_space not in LATENT_SPACES:
+            raise ValueError(f"latent_space must be one of {LATENT_SPACES}, got {self.latent_space!r}")
+        if not math.isfinite(float(self.guidance_scale)):
+            raise ValueError(f"guidance_scale must be a finite number, got {self.guidance_scale!r}")
+
+    @property
+    def guided(self) -> bool:
+        return float(self.guidance_scale) != 1.0
+
+    # ------------------------------------------------------------------ conversions
+    def _vp(self, x: torch.Tensor, level: NoiseLevel) -> torch.Tensor:
+        if self.latent_space == "sigma":
+            return x / math.sqrt(1.0 + level.sigma**2)
+        return x
+
+    def convert(self, x: torch.Tensor, model_output: torch.Tensor, level: NoiseLevel, quantity: str) -> torch.Tensor:
+        """A raw model output at latent ``x`` as the requested quantity (``x0`` or ``epsilon``)."""
+        if quantity not in QUANTITIES:
+            raise ValueError(f"quantity must be one of {QUANTITIES}, got {quantity!r}")
+        out = model_output.float()
+        if quantity == "epsilon" and self.prediction_type == "epsilon":
+            return out
+        if quantity == "x0" and self.prediction_type == "sample":
+            return out
+        x_vp = self._vp(x.float(), level)
+        x0 = x0_from_model_output(x_vp, out, level.alpha_bar, self.prediction_type)
+        if quantity == "x0":
+            return x0
+        return model_output_from_x0(x_vp, x0, level.alpha_bar, "epsilon")
+
+    # ------------------------------------------------------------------ predictions
+    def branches(self, x: torch.Tensor, level: NoiseLevel, quantity: str = "x0") -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The unconditional (``None`` without guidance) and conditional predictions of ``x``."""
+        _check_latents(x)
+        uncond, cond = self.model_fn(x, level)
+        if self.guided and uncond is None:
+            raise ValueError("model_fn returned no unconditional output, but guidance_scale is not 1")
+        u = self.convert(x, uncond, level, quantity) if (self.guided and uncond is not None) else None
+        c = self.convert(x, cond, level, quantity)
+        return u, c
+
+    def token_branches(self, x: torch.Tensor, level: NoiseLevel, keep: torch.Tensor, quantity: str = "x0"):
+        """Like `branches`, with the prompt's tokens masked by ``keep`` ``[N, T]``."""
+        if self.token_model_fn is None:
+            raise ValueError("this denoiser cannot mask prompt tokens (it has no token_model_fn)")
+        _check_latents(x)
+        uncond, cond = self.token_model_fn(x, level, keep)
+        u = self.convert(x, uncond, level, quantity) if (self.guided and uncond is not None) else None
+        return u, self.convert(x, cond, level, quantity)
+
+    def combine(self, uncond: torch.Tensor | None, cond: torch.Tensor) -> torch.Tensor:
+        if uncond is None:
+            return cond
+        return uncond + float(self.guidance_scale) * (cond - uncond)
+
+    def predict(self, x: torch.Tensor, level: NoiseLevel, quantity: str = "x0", batch_size: int | None = None) -> torch.Tensor:
+        """The guided prediction ``[N, C, h, w]`` (float32) of a batch of latents, run in chunks of
+        ``batch_size`` (all at once by default) without gradients."""
+        _check_latents(x)
+        n = x.shape[0]
+        size = n if batch_size is None else max(1, int(batch_size))
+        with torch.no_grad():
+            parts = [self.combine(*self.branches(x[i : i + size], level, quantity)) for i in range(0, n, size)]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    # ------------------------------------------------------------------ batching
+    def batch_size_for(self, x: torch.Tensor, memory_budget: int | None = None, limit: int | None = None) -> int:
+        """How many latents like ``x`` (``[C, h, w]`` or ``[1, C, h, w]``) fit one forward pass in
+        ``memory_budget`` bytes (by default half the free GPU memory, or 2 GiB on a CPU)."""
+        sample = x if x.ndim == 4 else x.unsqueeze(0)
+        device = sample.device
+        if memory_budget is None:
+            if device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
+                memory_budget = int(free * CUDA_BUDGET_FRACTION)
+            else:
+                memory_budget = CPU_MEMORY_BUDGET
+        if memory_budget <= 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+        item = self.item_bytes(sample[:1])
+        size = max(1, int(memory_budget // max(item, 1)))
+        if device.type != "cuda":
+            size = min(size, CPU_MAX_BATCH)  # bigger CPU batches are no faster, only hungrier
+        if limit is not None:
+            size = min(size, max(1, int(limit)))
+        return size
+
+    def item_bytes(self, x: torch.Tensor) -> int:
+        """Memory one latent costs in a guided forward pass (estimated, or measured on CUDA)."""
+        if self.estimate_item_bytes is not None:
+            return int(self.estimate_item_bytes(x))
+        branches = 2 if self.guided else 1
+        # Without knowledge of the model: a few hundred feature maps of the latent's size.
+        return int(branches * 256 * x[0].numel() * 4)
+
+
+def _check_latents(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"latents must be a [N, C, h, w] tensor, got {shape}")
+    if x.shape[0] == 0:
+        raise ValueError("latents batch is empty")
+
+
+# ---------------------------------------------------------------------------- diffusers adapter
+
+
+def latent_space_of(scheduler) -> str:
+    """``"sigma"`` for diffusers schedulers that keep latents as x0 + σε (Euler, Heun, LMS, ...),
+    else ``"vp"``. Read from ``init_noise_sigma`` so that nothing in the scheduler is touched."""
+    try:
+        init = float(scheduler.init_noise_sigma)
+    except Exception:  # noqa: BLE001 - a scheduler without the attribute is a VP one
+        return "vp"
+    return "sigma" if init > 1.0 + 1e-4 else "vp"
+
+
+def from_pipeline(
+    pipe,
+    trace=None,
+    item: int = 0,
+    *,
+    prompt: str | None = None,
+    negative_prompt: str | None = None,
+    guidance_scale: float | None = None,
+    unet: torch.nn.Module | None = None,
+    latent_space: str | None = None,
+    image_size: tuple[int, int] | None = None,
+) -> GuidedDenoiser:
+    """A `GuidedDenoiser` for a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
+
+    Prompt, negative prompt, guidance scale and image size come from ``trace`` (item ``item``)
+    unless given. ``unet`` replaces the pipeline's UNet (for the model-randomisation check).
+    """
+    if trace is not None:
+        if not 0 <= item < trace.batch_size:
+            raise IndexError(f"item {item} is outside the trace's batch of {trace.batch_size}")
+        prompt = prompt if prompt is not None else trace.prompts[item]
+        if negative_prompt is None:
+            negative_prompt = trace.negative_prompts[item] if len(trace.negative_prompts) > item else trace.meta.get("negative_prompt")
+        if guidance_scale is None and "guidance_scale" in trace.meta:
+            guidance_scale = float(trace.meta["guidance_scale"])
+        if image_size is None:
+            image_size = trace.image_size
+    if prompt is None:
+        raise ValueError("from_pipeline needs a prompt: pass a trace or prompt=...")
+    if guidance_scale is None:
+        raise ValueError(
+            "from_pipeline needs the guidance scale the image was made with: the trace's meta has no "
+            "'guidance_scale', so pass guidance_scale=..."
+        )
+    if isinstance(negative_prompt, (list, tuple)):
+        negative_prompt = negative_prompt[item] if negative_prompt else None
+    unet = unet if unet is not None else pipe.unet
+    device = next(unet.parameters()).device
+    dtype = next(unet.parameters()).dtype
+    guided = float(guidance_scale) > 1.0 and getattr(unet.config, "time_cond_proj_dim", None) is None
+    if float(guidance_scale) > 1.0 and not guided:
+        raise ValueError("this UNet embeds the guidance scale itself (an LCM-style model); it is not supported yet")
+    is_xl = getattr(pipe, "text_encoder_2", None) is not None or hasattr(pipe, "_get_add_time_ids")
+
+    with torch.no_grad():
+        if is_xl:
+            cond, neg, pooled, neg_pooled = pipe.encode_prompt(
+                prompt=prompt,
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=True,  # the negative context also stands in for dropped tokens
+                negative_prompt=negative_prompt or None,
+            )
+        else:
+            cond, neg = pipe.encode_prompt(
+                prompt=prompt,
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=True,  # the negative context also stands in for dropped tokens
+                negative_prompt=negative_prompt or None,
+            )
+            pooled = neg_pooled = None
+    added: dict[str, torch.Tensor] = {}
+    if is_xl:
+        h, w = image_size if image_size is not None else (unet.config.sample_size * pipe.vae_scale_factor,) * 2
+        projection_dim = (
+            pipe.text_encoder_2.config.projection_dim if getattr(pipe, "text_encoder_2", None) is not None else int(pooled.shape[-1])
+        )
+        time_ids = pipe._get_add_time_ids((h, w), (0, 0), (h, w), dtype=cond.dtype, text_encoder_projection_dim=projection_dim).to(device)
+        added = {"time_ids": time_ids, "pooled": pooled, "neg_pooled": neg_pooled}
+
+    space = latent_space or latent_space_of(pipe.scheduler)
+    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    def run(x: torch.Tensor, level: NoiseLevel, cond_context: torch.Tensor):
+        n = x.shape[0]
+        x_in = x / math.sqrt(1.0 + level.sigma**2) if space == "sigma" else x
+        x_in = x_in.to(device=device, dtype=dtype)
+        halves = 2 if guided else 1
+        latent_in = torch.cat([x_in] * halves)
+        cond_context = cond_context.expand(n, *cond_context.shape[1:])
+        context = torch.cat([neg.expand(n, *neg.shape[1:]), cond_context]) if guided else cond_context
+        kwargs = {}
+        if is_xl:
+            pools = [added["neg_pooled"], added["pooled"]] if guided else [added["pooled"]]
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": torch.cat([p.expand(n, *p.shape[1:]) for p in pools]).to(dtype),
+                "time_ids": added["time_ids"].expand(n * halves, -1),
+            }
+        t = torch.tensor(level.timestep, device=device)
+        out = unet(latent_in, t, encoder_hidden_states=context.to(dtype), return_dict=False, **kwargs)[0]
+        if guided:
+            u, c = out.chunk(2)
+            return u, c
+        return None, out
+
+    def model_fn(x: torch.Tensor, level: NoiseLevel):
+        return run(x, level, cond)
+
+    def token_model_fn(x: torch.Tensor, level: NoiseLevel, keep: torch.Tensor):
+        n, t = keep.shape
+        if keep.shape[0] != x.shape[0] or t > cond.shape[1]:
+            raise ValueError(f"token mask must be [{x.shape[0]}, <= {cond.shape[1]}], got {tuple(keep.shape)}")
+        k = torch.ones(n, cond.shape[1], 1, device=device, dtype=cond.dtype)
+        k[:, :t, 0] = keep.to(device=device, dtype=cond.dtype)
+        context = k * cond + (1 - k) * neg
+        return run(x, level, context)
+
+    def estimate(x: torch.Tensor) -> int:
+        return _unet_item_bytes(unet, x, 2 if guided else 1, model_fn)
+
+    return GuidedDenoiser(
+        model_fn=model_fn,
+        prediction_type=prediction_type,
+        guidance_scale=float(guidance_scale),
+        latent_space=space,
+        modules=dict(unet.named_modules()),
+        estimate_item_bytes=estimate,
+        device=device,
+        token_model_fn=token_model_fn,
+    )
+
+
+def _unet_item_bytes(unet, x: torch.Tensor, branches: int, model_fn) -> int:
+    """Bytes one latent costs in a no-grad UNet forward: measured on CUDA, estimated elsewhere."""
+    device = next(unet.parameters()).device
+    elem = next(unet.parameters()).element_size()
+    if device.type == "cuda":
+        key = (tuple(x.shape[1:]), branches, str(next(unet.parameters()).dtype))
+        cache = unet.__dict__.setdefault("_explain_item_bytes", {})
+        if key not in cache:
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            with torch.no_grad():
+                model_fn(x[:1].to(device), NoiseLevel(timestep=500.0, sigma=1.0))
+            torch.cuda.synchronize(device)
+            cache[key] = int((torch.cuda.max_memory_allocated(device) - base) * 1.25) + 1
+        return cache[key]
+    # CPU: the feature maps of every resolution level (skip connections keep them alive) plus
+    # one materialised attention matrix at the finest attention resolution.
+    cfg = unet.config
+    h, w = x.shape[-2:]
+    feats = 0
+    for level, ch in enumerate(cfg.block_out_channels):
+        feats += 12 * ch * max(1, h >> level) * max(1, w >> level)
+    heads = cfg.attention_head_dim if isinstance(cfg.attention_head_dim, int) else max(cfg.attention_head_dim)
+    attention = heads * (h * w) ** 2
+    return int(branches * (feats + attention) * max(elem, 4))
