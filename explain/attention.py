@@ -1,0 +1,264 @@
+"""Cross-attention probabilities and their bounded-memory aggregation, as pure tensor code.
+
+Fast attention kernels (SDPA, xformers, flash) never materialise the softmax, so a tap
+computes it explicitly with `attention_probs` and reuses the probabilities for the layer's
+output (`attention_output`); the result equals the fast path up to float rounding.
+
+Shapes: queries ``[..., N, d]`` (N = h_l·w_l image positions), keys ``[..., T, d]`` (T context
+positions); probabilities ``[..., N, T]``. Batch-major head layout ``[B·heads, N, T]`` (as
+diffusers' ``head_to_batch_dim`` and ComfyUI's basic attention produce) or ``[B, heads, N, T]``.
+
+`StepAccumulator` keeps, for the current denoising step only, a running mean over layers of
+the head-averaged maps resized to the latent grid (plus optional per-layer or per-resolution
+copies); `end_step` turns it into one ``[B, T, h, w]`` record. Memory is therefore
+O(steps · B · T · h · w), never O(layers · heads · steps).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+COND, UNCOND = 0, 1  # ComfyUI's cond_or_uncond codes
+
+
+# ---------------------------------------------------------------------------- probabilities
+def attention_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """softmax(scale · q kᵀ + mask) over the key axis.
+
+    ``mask`` is additive (0 keeps, -inf or a large negative drops) or boolean (True keeps),
+    broadcastable to ``[..., N, T]``. ``scale`` defaults to 1/√d. With ``upcast`` the scores and
+    softmax are computed in float32 (cheap for T ≤ 77 keys, and what fp16 models need to keep
+    rows summing to 1); the result is float32 then, else in the query's dtype."""
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"query and key feature sizes differ: {query.shape[-1]} vs {key.shape[-1]}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    if upcast:
+        query, key = query.float(), key.float()
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.to(scores.dtype)
+    return scores.softmax(dim=-1)
+
+
+def attention_output(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """probs @ value, in the value's dtype (what the attention layer returns before ``to_out``)."""
+    return torch.matmul(probs.to(value.dtype), value)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, N, heads·d]`` → ``[B, heads, N, d]``."""
+    b, n, inner = x.shape
+    if inner % heads:
+        raise ValueError(f"feature size {inner} is not divisible by {heads} heads")
+    return x.view(b, n, heads, inner // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``[B, heads, N, d]`` → ``[B, N, heads·d]``."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def head_mean(probs: torch.Tensor, heads: int | None = None) -> torch.Tensor:
+    """Mean over heads: ``[B, heads, N, T]`` or batch-major ``[B·heads, N, T]`` (give ``heads``)
+    → ``[B, N, T]``. A 3-D tensor without ``heads`` is taken as already averaged."""
+    if probs.ndim == 4:
+        return probs.mean(dim=1)
+    if probs.ndim != 3:
+        raise ValueError(f"attention probabilities must be [B, heads, N, T] or [B*heads, N, T], got {tuple(probs.shape)}")
+    if heads is None or heads == 1:
+        return probs
+    if probs.shape[0] % heads:
+        raise ValueError(f"batch·heads axis {probs.shape[0]} is not a multiple of {heads} heads")
+    return probs.view(probs.shape[0] // heads, heads, *probs.shape[1:]).mean(dim=1)
+
+
+# ---------------------------------------------------------------------------- conditional / unconditional rows
+def branch_rows(cond_or_uncond: Sequence[int], batch_rows: int, branch: int = COND) -> slice | list[int]:
+    """Rows of a model batch that belong to ``branch`` (0 = conditional, 1 = unconditional).
+
+    The batch is ``len(cond_or_uncond)`` equal chunks in the listed order (ComfyUI passes
+    ``transformer_options["cond_or_uncond"]``; diffusers' classifier-free guidance is
+    ``[1, 0]``: unconditional first; no guidance is ``[0]``). Returns a slice when the rows are
+    contiguous, so selecting them costs no copy."""
+    chunks = [int(c) for c in cond_or_uncond]
+    if not chunks:
+        raise ValueError("cond_or_uncond is empty: it must list each batch chunk as 0 (cond) or 1 (uncond)")
+    if batch_rows % len(chunks):
+        raise ValueError(f"a batch of {batch_rows} rows cannot be split into {len(chunks)} equal chunks {chunks}")
+    per = batch_rows // len(chunks)
+    picked = [i for i, c in enumerate(chunks) if c == branch]
+    if not picked:
+        return []
+    if picked == list(range(picked[0], picked[-1] + 1)):
+        return slice(picked[0] * per, (picked[-1] + 1) * per)
+    return [r for i in picked for r in range(i * per, (i + 1) * per)]
+
+
+def select_rows(x: torch.Tensor, rows: slice | Sequence[int]) -> torch.Tensor:
+    if isinstance(rows, slice):
+        return x[rows]
+    return x[torch.as_tensor(list(rows), dtype=torch.long, device=x.device)]
+
+
+# ---------------------------------------------------------------------------- spatial layout
+def layer_grid(positions: int, latent_size: tuple[int, int], max_halvings: int = 8) -> tuple[int, int]:
+    """(h_l, w_l) of a layer with ``positions`` image tokens in a UNet whose latent is
+    ``latent_size``: each down-sampling halves both sides, rounding up (stride-2 convolutions
+    with padding 1), which keeps non-square and odd sizes right."""
+    h, w = int(latent_size[0]), int(latent_size[1])
+    for k in range(max_halvings + 1):
+        hk, wk = -(-h // 2**k), -(-w // 2**k)
+        if hk * wk == positions:
+            return hk, wk
+    raise ValueError(
+        f"cannot place {positions} image positions on a grid of a {h}×{w} latent; "
+        "pass the layer's (h, w) explicitly"
+    )
+
+
+def to_maps(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[B, N, T]`` (N = h·w, row-major) → ``[B, T, h, w]``."""
+    b, n, t = probs.shape
+    h, w = size
+    if h * w != n:
+        raise ValueError(f"{n} image positions do not fill a {h}×{w} grid")
+    return probs.transpose(1, 2).reshape(b, t, h, w)
+
+
+def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of ``[B, T, h, w]`` maps to ``size`` (no-op when equal). Each output
+    pixel is a convex combination of input pixels, so maps that sum to 1 over T still do."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+# ---------------------------------------------------------------------------- aggregation
+class StepAccumulator:
+    """Running mean over layers of one step's cross-attention, at latent resolution.
+
+    ``add(name, probs, layer_size, heads=None)`` takes one layer's probabilities for the rows
+    of one branch (``[B, heads, N, T]``, ``[B·heads, N, T]`` with ``heads``, or head-averaged
+    ``[B, N, T]``); ``end_step()`` appends the step's ``[B, T, h, w]`` mean; ``discard_step()``
+    drops what was added since (e.g. the second model call of a Heun step).
+
+    ``keep_layers`` also keeps each layer's own map per step (keyed by ``name``);
+    ``keep_resolutions`` keeps the mean per layer resolution (keyed ``"16x16"`` etc.).
+    ``tokens`` cuts the context axis to its first positions before anything is stored.
+    Records stay on the device they were computed on until `records` / `layer_records` move
+    them to ``store_device`` as ``store_dtype``, so a GPU run does not sync once per layer."""
+
+    def __init__(
+        self,
+        latent_size: tuple[int, int] | None = None,
+        tokens: int | None = None,
+        keep_layers: bool = False,
+        keep_resolutions: bool = False,
+        store_dtype: torch.dtype = torch.float32,
+        store_device: str | torch.device = "cpu",
+        offload_each_step: bool = False,
+    ):
+        self.latent_size = tuple(latent_size) if latent_size is not None else None
+        self.tokens = tokens
+        self.keep_layers = keep_layers
+        self.keep_resolutions = keep_resolutions
+        self.store_dtype = store_dtype
+        self.store_device = torch.device(store_device)
+        self.offload_each_step = offload_each_step
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+        self._layer_maps: dict[str, list[torch.Tensor]] = {}  # name -> maps of this step (summed if repeated)
+        self._steps: list[torch.Tensor] = []
+        self._layer_steps: dict[str, list[torch.Tensor]] = {}
+
+    @property
+    def num_steps(self) -> int:
+        return len(self._steps)
+
+    @property
+    def pending(self) -> int:
+        """Layers added since the last `end_step`."""
+        return self._count
+
+    def add(
+        self,
+        name: str,
+        probs: torch.Tensor,
+        layer_size: tuple[int, int] | None = None,
+        heads: int | None = None,
+    ) -> None:
+        avg = head_mean(probs, heads)
+        if self.tokens is not None:
+            avg = avg[..., : self.tokens]
+        avg = avg.float()
+        if self.latent_size is None:
+            raise ValueError("the accumulator does not know the latent size yet; pass latent_size=")
+        if layer_size is None:
+            layer_size = layer_grid(avg.shape[1], self.latent_size)
+        maps = to_maps(avg, layer_size)  # [B, T, hl, wl]
+        resized = resize_maps(maps, self.latent_size)
+        if self._sum is None:
+            self._sum = resized.clone()
+        else:
+            if self._sum.shape != resized.shape:
+                raise ValueError(
+                    f"layer {name!r} gives maps of shape {tuple(resized.shape)} but earlier layers of this step "
+                    f"gave {tuple(self._sum.shape)}; every layer of one step must see the same batch and context"
+                )
+            self._sum += resized
+        self._count += 1
+        if self.keep_layers:
+            self._layer_maps.setdefault(name, []).append(maps)
+        if self.keep_resolutions:
+            self._layer_maps.setdefault(f"{layer_size[0]}x{layer_size[1]}", []).append(maps)
+
+    def end_step(self) -> None:
+        """Close the step: store the mean over the layers added since the last call."""
+        if self._count == 0:
+            raise RuntimeError(
+                "no cross-attention was recorded during this step; is another attention processor "
+                "replacing the tap's, or does the model have no cross-attention?"
+            )
+        self._steps.append(self._finish(self._sum / self._count))
+        for name, maps in self._layer_maps.items():
+            mean = torch.stack(maps).mean(0) if len(maps) > 1 else maps[0]
+            self._layer_steps.setdefault(name, []).append(self._finish(mean))
+        self.discard_step()
+
+    def discard_step(self) -> None:
+        self._sum = None
+        self._count = 0
+        self._layer_maps = {}
+
+    def _finish(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().to(dtype=self.store_dtype)
+        return t.to(self.store_device) if self.offload_each_step else t
+
+    def records(self) -> torch.Tensor | None:
+        """``[S, B, T, h, w]`` on ``store_device``, or None before the first step."""
+        if not self._steps:
+            return None
+        return torch.stack(self._steps).to(device=self.store_device, dtype=self.store_dtype)
+
+    def layer_records(self) -> dict[str, torch.Tensor]:
+        """name → ``[S, B, T, h_l, w_l]`` for layers (or resolutions) seen in every step."""
+        out = {}
+        for name, steps in self._layer_steps.items():
+            if len(steps) == len(self._steps):
+                out[name] = torch.stack(steps).to(device=self.store_device, dtype=self.store_dtype)
+        return out
