@@ -71,6 +71,7 @@ def load_model(spec: str | None, device: str = "auto", dtype: str = "auto"):
     if spec in (None, "", "embedded"):
         from explain import embedded
 
+        _quiet_loading()
         try:
             pipe = embedded.load_pipeline(device=device, dtype=_dtype(dtype, device, external=False))
         except embedded.EmbeddedModelMissing as exc:
@@ -89,11 +90,27 @@ def load_model(spec: str | None, device: str = "auto", dtype: str = "auto"):
             )
         if not (path / "model_index.json").is_file():
             raise CommandError(f"{spec} is not a diffusers model folder: it has no model_index.json")
+        _quiet_loading()
         return _from_pretrained(str(path), device, dtype, local=True), str(path)
     looks_like_path = spec.startswith((".", "/", "~")) or "\\" in spec or not _HUB_ID.match(spec)
     if looks_like_path:
         raise CommandError(f"no model folder at {spec}; pass an existing diffusers folder, a hub id like org/name, or leave --model out for the embedded model")
+    _quiet_loading()
     return _from_pretrained(spec, device, dtype, local=False), spec
+
+
+def _quiet_loading() -> None:
+    """Silence the libraries' own loading bars and notices; the CLI prints its own progress."""
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except (ImportError, AttributeError):  # older versions name these differently; the bars are harmless
+        pass
 
 
 def _from_pretrained(source: str, device: str, dtype: str, local: bool):
