@@ -1,0 +1,668 @@
+"""Trace a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline.
+
+    with trace(pipe, keep_layers=False, previews=True) as tr:
+        out = pipe("a red circle above a blue square", guidance_scale=5.0)
+    tr.trace            # explain.trace.Trace: per-step x_t, x0, attention, tokens, words, meta
+
+What the tap does while the ``with`` block is open, and undoes on exit (also after an
+exception), leaving the pipeline exactly as it was:
+
+* **Cross-attention.** Each ``attn2`` layer of the UNet gets a capture processor that computes
+  the softmax explicitly (`explain.attention.attention_probs`), reuses the probabilities for the
+  layer's output, and hands the conditional rows (and, under classifier-free guidance, the
+  unconditional ones, as ``attention_negative``) to a per-step accumulator: mean over heads and
+  layers at latent resolution, only the context positions through the last end token.
+  Self-attention (``attn1``) keeps its fast path. Layers whose processor is not one of diffusers'
+  plain ones (IP-Adapter, say) are left alone, with a warning.
+* **Which rows are which.** diffusers batches classifier-free guidance as ``[uncond, cond]``. The
+  tap learns the number of images from ``encode_prompt``'s output and compares it with the UNet's
+  batch: twice as many rows means guidance, as many means none (guidance 1).
+* **x0 per step.** ``scheduler.step`` is wrapped: the sample entering it is ``x_t`` (in the
+  scheduler's own latent space: x0 + σ·ε for Euler/Heun-type schedulers, √ᾱ·x0 + √(1-ᾱ)·ε for
+  DDIM/DDPM/DPM-Solver/PNDM, see ``meta["latent_space"]``), and x0 is computed from the guided
+  model output with `explain.noise` at the scheduler's own noise level, the same for every
+  scheduler and for ε-, v- and sample-prediction. Schedulers that call the model more than
+  once per step record only the call whose input is the latent entering the step: Heun's (and
+  KDPM2's) first-order call, and for PNDM every call but the first step's correction; the extra
+  calls' attention is dropped too, so there is exactly one record per step.
+* **Prompts.** ``encode_prompt`` is wrapped to see the prompts, negative prompts and
+  ``num_images_per_prompt``; tokens and words come from `explain.tokens` (first tokenizer; for
+  SDXL both tokenizers give the same positions).
+* **Images.** ``vae.decode`` is wrapped to keep the final images; previews of x0 and x_t per
+  step are decoded after generation (optional, they cost one VAE decode per step and image).
+
+Tensors are kept on the model's device during the run (no per-layer or per-step host syncs) and
+moved to the CPU once, when the trace is built.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from explain.attention import COND, UNCOND, StepAccumulator, attention_output, attention_probs, branch_rows
+from explain.noise import x0_from_model_output
+from explain.tokens import PromptTokens, pad_token_list, tokenize_prompt
+from explain.trace import Trace
+
+_ACTIVE: "weakref.WeakSet" = weakref.WeakSet()  # pipelines being traced (one tap at a time)
+
+# Processors whose computation the capture processor reproduces exactly (up to float rounding).
+_PLAIN_PROCESSORS = {"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor", "AttnProcessorNPU"}
+
+DEFAULT_PREVIEW_SIZE = 256
+
+
+# ---------------------------------------------------------------------------- capture processor
+class CaptureCrossAttnProcessor:
+    """diffusers attention processor with an explicit softmax that reports the probabilities.
+
+    Computes exactly what ``AttnProcessor2_0`` computes (projections, norms, mask, output
+    projection, residual, rescale) but with `attention_probs` in place of SDPA."""
+
+    def __init__(self, name: str, tap: "DiffusersTap"):
+        self.name = name
+        self.tap = tap
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        grid = None
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            grid = (height, width)
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if getattr(attn, "norm_q", None) is not None:
+            query = attn.norm_q(query)
+        if getattr(attn, "norm_k", None) is not None:
+            key = attn.norm_k(key)
+
+        probs = attention_probs(query, key, scale=attn.scale, mask=attention_mask)  # [B, heads, N, T] float32
+        hidden_states = attention_output(probs, value)
+        self.tap._record_attention(self.name, probs, grid)
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+# ---------------------------------------------------------------------------- per-run state
+@dataclass
+class _Run:
+    """What one pipeline call produced (the tap starts a new one at each ``encode_prompt``)."""
+
+    prompts: list[str] | None = None
+    negative_prompts: list[str] | None = None
+    prompt_tokens: list[PromptTokens] = field(default_factory=list)
+    negative_tokens: list[PromptTokens] = field(default_factory=list)
+    batch: int | None = None
+    guided: bool | None = None
+    context_length: int | None = None
+    cond: StepAccumulator | None = None
+    negative: StepAccumulator | None = None
+    cond_or_uncond: list[int] | None = None
+    latent_size: tuple[int, int] | None = None
+    x_t: list[torch.Tensor] = field(default_factory=list)
+    x0: list[torch.Tensor] = field(default_factory=list)
+    timesteps: list[float] = field(default_factory=list)
+    sigmas: list[float] = field(default_factory=list)
+    final_latent: torch.Tensor | None = None
+    images: torch.Tensor | None = None
+    model_calls: int = 0
+
+
+class DiffusersTap:
+    """The object ``trace(...)`` yields; ``.trace`` is the last run's `Trace` (``.traces`` all)."""
+
+    def __init__(
+        self,
+        pipe,
+        keep_layers: bool | str = False,
+        previews: bool = True,
+        negative: bool = True,
+        preview_size: int = DEFAULT_PREVIEW_SIZE,
+        seed: int | None = None,
+        store_dtype: torch.dtype = torch.float32,
+        full_context: bool = False,
+    ):
+        if getattr(pipe, "unet", None) is None or getattr(pipe, "scheduler", None) is None:
+            raise TypeError(
+                f"trace() needs a diffusers UNet pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline); "
+                f"{type(pipe).__name__} has no unet/scheduler"
+            )
+        if keep_layers not in (False, True, "resolution"):
+            raise ValueError(f"keep_layers must be False, True (every layer) or 'resolution', got {keep_layers!r}")
+        self.pipe = pipe
+        self.keep_layers = keep_layers
+        self.previews = previews
+        self.negative = negative
+        self.preview_size = int(preview_size)
+        self.seed = seed
+        self.store_dtype = store_dtype
+        self.full_context = full_context
+        self.traces: list[Trace] = []
+        self._run: _Run | None = None
+        self._undo: list = []
+        self._decoding = False
+
+    # ------------------------------------------------------------------ results
+    @property
+    def trace(self) -> Trace:
+        if self._run is not None and self._run.x_t:
+            raise RuntimeError("the trace is built when the `with trace(pipe)` block ends; read tr.trace after it")
+        if not self.traces:
+            raise RuntimeError(
+                "nothing was traced: call the pipeline inside the `with trace(pipe) as tr:` block "
+                "(and let it run at least one denoising step)"
+            )
+        return self.traces[-1]
+
+    # ------------------------------------------------------------------ install / remove
+    def install(self) -> None:
+        if self.pipe in _ACTIVE:
+            raise RuntimeError("this pipeline is already being traced; nest no trace() blocks on one pipeline")
+        try:
+            self._install_processors()
+            self._patch(self.pipe, "encode_prompt", self._wrap_encode_prompt(self.pipe.encode_prompt))
+            self._patch(self.pipe.scheduler, "step", self._wrap_step(self.pipe.scheduler))
+            if getattr(self.pipe, "vae", None) is not None:
+                self._patch(self.pipe.vae, "decode", self._wrap_decode(self.pipe.vae.decode))
+            handle = self.pipe.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
+            self._undo.append(handle.remove)
+        except BaseException:
+            self.remove()
+            raise
+        _ACTIVE.add(self.pipe)
+
+    def remove(self) -> None:
+        errors = []
+        while self._undo:
+            undo = self._undo.pop()
+            try:
+                undo()
+            except Exception as exc:  # noqa: BLE001 - keep restoring the rest
+                errors.append(exc)
+        _ACTIVE.discard(self.pipe)
+        if errors:
+            raise RuntimeError(f"restoring the pipeline failed: {errors[0]!r}") from errors[0]
+
+    def _patch(self, obj, attr: str, replacement) -> None:
+        had_own = attr in vars(obj)
+        original = vars(obj).get(attr)
+        setattr(obj, attr, replacement)
+
+        def undo():
+            if had_own:
+                setattr(obj, attr, original)
+            else:
+                delattr(obj, attr)
+
+        self._undo.append(undo)
+
+    def _install_processors(self) -> None:
+        captured, skipped = 0, []
+        for name, module in self.pipe.unet.named_modules():
+            if not name.endswith("attn2") or not getattr(module, "is_cross_attention", False):
+                continue
+            original = module.processor
+            if type(original).__name__ not in _PLAIN_PROCESSORS:
+                skipped.append(f"{name} ({type(original).__name__})")
+                continue
+            module.set_processor(CaptureCrossAttnProcessor(name, self))
+            self._undo.append(lambda m=module, p=original: m.set_processor(p))
+            captured += 1
+        if skipped:
+            warnings.warn(
+                "these cross-attention layers use custom processors and are not traced (their attention is "
+                "missing from the maps): " + ", ".join(skipped),
+                stacklevel=4,
+            )
+        if captured == 0:
+            raise RuntimeError(
+                "the UNet has no cross-attention layer with a standard diffusers processor to trace"
+                + (f" (custom processors: {', '.join(skipped)})" if skipped else "")
+            )
+
+    # ------------------------------------------------------------------ hooks
+    def _wrap_encode_prompt(self, original):
+        signature = inspect.signature(type(self.pipe).encode_prompt)
+
+        def encode_prompt(*args, **kwargs):
+            out = original(*args, **kwargs)
+            try:
+                bound = signature.bind_partial(self.pipe, *args, **kwargs).arguments
+            except TypeError:
+                bound = dict(kwargs)
+            self._start_run(bound, out)
+            return out
+
+        return encode_prompt
+
+    def _start_run(self, arguments: dict, outputs) -> None:
+        if self._run is not None and self._run.x_t:
+            self._finish_run()
+        embeds = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+        negative_embeds = outputs[1] if isinstance(outputs, (tuple, list)) and len(outputs) > 1 else None
+        run = _Run()
+        run.batch = int(embeds.shape[0])
+        run.context_length = int(embeds.shape[1])
+        per_prompt = int(arguments.get("num_images_per_prompt") or 1)
+        guided = arguments.get("do_classifier_free_guidance")
+        run.guided = bool(guided) if guided is not None else negative_embeds is not None
+
+        tokenizer = getattr(self.pipe, "tokenizer", None) or getattr(self.pipe, "tokenizer_2", None)
+        prompt = arguments.get("prompt")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else None
+        if prompts is not None and len(prompts) * per_prompt != run.batch:
+            prompts = None  # embeddings were given alongside; their count wins
+        if prompts is not None and tokenizer is not None:
+            tokens = [tokenize_prompt(tokenizer, p, max_length=run.context_length, warn=True) for p in prompts]
+            run.prompts = [p for p in prompts for _ in range(per_prompt)]
+            run.prompt_tokens = [t for t in tokens for _ in range(per_prompt)]
+        if run.guided and self.negative:
+            neg = arguments.get("negative_prompt")
+            n_prompts = run.batch // per_prompt
+            if neg is None or isinstance(neg, str):
+                negs = [neg or ""] * n_prompts
+            else:
+                negs = list(neg)
+            if len(negs) == n_prompts and tokenizer is not None and arguments.get("negative_prompt_embeds") is None:
+                tokens = [tokenize_prompt(tokenizer, p, max_length=run.context_length, warn=False) for p in negs]
+                run.negative_prompts = [p for p in negs for _ in range(per_prompt)]
+                run.negative_tokens = [t for t in tokens for _ in range(per_prompt)]
+        self._run = run
+
+    def _new_accumulator(self, tokens: list[PromptTokens], context_length: int, layers: bool) -> StepAccumulator:
+        keep = max((len(t.tokens) for t in tokens), default=context_length)
+        return StepAccumulator(
+            latent_size=self._run.latent_size,
+            tokens=None if self.full_context else min(keep, context_length),
+            keep_layers=layers and self.keep_layers is True,
+            keep_resolutions=layers and self.keep_layers == "resolution",
+            store_dtype=self.store_dtype,
+        )
+
+    def _before_unet(self, module, args, kwargs):
+        sample = args[0] if args else kwargs.get("sample")
+        context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        if sample is None or context is None:
+            return None
+        if self._run is None:
+            self._run = _Run(batch=None, context_length=int(context.shape[1]))
+        run = self._run
+        rows = int(sample.shape[0])
+        if run.batch is None:
+            guided = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and rows % 2 == 0
+            run.batch = rows // 2 if guided else rows
+            run.guided = guided
+        if rows == 2 * run.batch:
+            run.cond_or_uncond = [UNCOND, COND]  # diffusers' classifier-free guidance order
+        elif rows == run.batch:
+            run.cond_or_uncond = [COND]
+        else:
+            raise RuntimeError(
+                f"the UNet got a batch of {rows} latents for {run.batch} images; the tap understands "
+                "[uncond, cond] (guidance) or [cond] (no guidance) batches only (edit pipelines such as "
+                "InstructPix2Pix are not supported)"
+            )
+        size = (int(sample.shape[-2]), int(sample.shape[-1]))
+        if run.cond is None or run.latent_size != size:
+            run.latent_size = size
+            run.cond = self._new_accumulator(run.prompt_tokens, run.context_length, layers=True)
+            if run.guided and self.negative:
+                run.negative = self._new_accumulator(run.negative_tokens, run.context_length, layers=False)
+        run.model_calls += 1
+        return None
+
+    def _record_attention(self, name: str, probs: torch.Tensor, grid) -> None:
+        run = self._run
+        if run is None or run.cond is None or run.cond_or_uncond is None:
+            return
+        rows = probs.shape[0]
+        run.cond.add(name, probs[branch_rows(run.cond_or_uncond, rows, COND)], grid)
+        if run.negative is not None and UNCOND in run.cond_or_uncond:
+            run.negative.add(name, probs[branch_rows(run.cond_or_uncond, rows, UNCOND)], grid)
+
+    def _wrap_step(self, scheduler):
+        original = scheduler.step
+        # Bind against the class's method: ``original`` may itself be someone's (*args, **kwargs) wrapper.
+        signature = inspect.signature(type(scheduler).step)
+
+        def step(*args, **kwargs):
+            starts_step = _call_starts_step(scheduler)
+            out = original(*args, **kwargs)
+            bound = signature.bind_partial(scheduler, *args, **kwargs).arguments
+            self._after_step(scheduler, bound, out, starts_step)
+            return out
+
+        return step
+
+    def _after_step(self, scheduler, arguments: dict, out, starts_step: bool) -> None:
+        run = self._run
+        if run is None or run.cond is None:
+            return
+        prev = out[0] if isinstance(out, tuple) else out.prev_sample
+        run.final_latent = prev.detach()
+        if not starts_step:
+            run.cond.discard_step()
+            if run.negative is not None:
+                run.negative.discard_step()
+            return
+        model_output, timestep, sample = arguments["model_output"], arguments["timestep"], arguments["sample"]
+        sigma = _sigma_of_call(scheduler, timestep)
+        space = latent_space(scheduler)
+        x_vp = sample.float() / math.sqrt(1.0 + sigma * sigma) if space == "sigma" else sample.float()
+        prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        x0 = x0_from_model_output(x_vp, model_output.float(), 1.0 / (1.0 + sigma * sigma), prediction_type)
+        run.x_t.append(sample.detach().float().clone())
+        run.x0.append(x0.detach())
+        run.timesteps.append(float(timestep))
+        run.sigmas.append(sigma)
+        run.cond.end_step()
+        if run.negative is not None:
+            if run.negative.pending:
+                run.negative.end_step()
+            else:
+                run.negative.discard_step()
+
+    def _wrap_decode(self, original):
+        def decode(*args, **kwargs):
+            out = original(*args, **kwargs)
+            if not self._decoding and self._run is not None and self._run.x_t:
+                sample = out[0] if isinstance(out, tuple) else out.sample
+                self._run.images = _to_uint8(sample.detach())
+            return out
+
+        return decode
+
+    # ------------------------------------------------------------------ building the trace
+    def _finish_run(self) -> None:
+        run, self._run = self._run, None
+        if run is None or not run.x_t:
+            return
+        self.traces.append(self._build(run))
+
+    def _build(self, run: _Run) -> Trace:
+        steps = len(run.x_t)
+        attention = run.cond.records()
+        if attention is None or attention.shape[0] != steps:
+            raise RuntimeError(f"attention was recorded for {0 if attention is None else attention.shape[0]} of {steps} steps")
+        t_len = attention.shape[2]
+        tokens, words, prompts = self._token_lists(run.prompt_tokens, run.prompts, run.batch, t_len)
+        trace = Trace(
+            prompts=prompts,
+            tokens=tokens,
+            words=words,
+            timesteps=torch.tensor(run.timesteps, dtype=torch.float64),
+            sigmas=torch.tensor(run.sigmas, dtype=torch.float64),
+            x_t=torch.stack(run.x_t).cpu(),
+            x0=torch.stack(run.x0).cpu(),
+            attention=attention,
+            attention_layers=run.cond.layer_records(),
+            final_latent=run.final_latent.float().cpu() if run.final_latent is not None else None,
+            images=run.images.cpu() if run.images is not None else None,
+            meta=self._meta(run, steps),
+        )
+        if run.negative is not None:
+            negative = run.negative.records()
+            if negative is not None and negative.shape[0] == steps:
+                trace.attention_negative = negative
+                n_len = negative.shape[2]
+                trace.negative_tokens, trace.negative_words, trace.negative_prompts = self._token_lists(
+                    run.negative_tokens, run.negative_prompts, run.batch, n_len
+                )
+        if self.previews and getattr(self.pipe, "vae", None) is not None:
+            self._decoding = True
+            try:
+                trace.x0_previews = self._decode_previews(trace.x0, None)
+                trace.x_t_previews = self._decode_previews(trace.x_t, trace.sigmas if trace.meta["latent_space"] == "sigma" else None)
+            finally:
+                self._decoding = False
+        return trace.validate()
+
+    @staticmethod
+    def _token_lists(prompt_tokens: list[PromptTokens], prompts: list[str] | None, batch: int, length: int):
+        if prompt_tokens:
+            tokens = [pad_token_list(t.tokens, length) for t in prompt_tokens]
+            words = [[w for w in t.words if max(w.token_indices) < length] for t in prompt_tokens]
+            return tokens, words, list(prompts)
+        # Embeddings were passed without text: positions have no names.
+        tokens = [[f"<position {i}>" for i in range(length)] for _ in range(batch)]
+        return tokens, [[] for _ in range(batch)], ["" for _ in range(batch)]
+
+    def _meta(self, run: _Run, steps: int) -> dict[str, Any]:
+        pipe = self.pipe
+        scheduler = pipe.scheduler
+        h, w = run.latent_size
+        factor = int(getattr(pipe, "vae_scale_factor", 8))
+        guidance = getattr(pipe, "_guidance_scale", None)
+        meta: dict[str, Any] = {
+            "source": "diffusers",
+            "model": _model_name(pipe),
+            "pipeline": type(pipe).__name__,
+            "scheduler": type(scheduler).__name__,
+            "prediction_type": scheduler.config.get("prediction_type", "epsilon"),
+            "latent_space": latent_space(scheduler),
+            "height": h * factor,
+            "width": w * factor,
+            "vae_scale_factor": factor,
+            "steps": steps,
+            "model_calls": run.model_calls,
+            "guided": bool(run.guided),
+            "attention_layers": "per layer" if self.keep_layers is True else "per resolution" if self.keep_layers else "none",
+        }
+        if guidance is not None:
+            meta["guidance_scale"] = float(guidance)
+            meta["guidance"] = float(guidance)
+        if self.seed is not None:
+            meta["seed"] = int(self.seed)
+        if run.negative_prompts:
+            meta["negative_prompt"] = run.negative_prompts[0]
+        dropped = sorted({word for t in run.prompt_tokens for word in t.dropped_words})
+        if dropped:
+            meta["truncated_words"] = dropped
+        return meta
+
+    @torch.no_grad()
+    def _decode_previews(self, latents: torch.Tensor, sigmas: torch.Tensor | None, chunk: int = 8) -> torch.Tensor:
+        """[S, B, C, h, w] latents → [S, B, Hp, Wp, 3] uint8 through the pipeline's VAE."""
+        s, b = latents.shape[:2]
+        flat = latents.reshape(s * b, *latents.shape[2:])
+        if sigmas is not None:  # x0 + σε → the unit-variance latent the VAE can read
+            scale = (1.0 + sigmas.double() ** 2).rsqrt().float().repeat_interleave(b).view(-1, 1, 1, 1)
+            flat = flat * scale
+        images = [_to_uint8(self._decode(flat[i : i + chunk]), self.preview_size) for i in range(0, flat.shape[0], chunk)]
+        out = torch.cat(images)
+        return out.view(s, b, *out.shape[1:])
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        param = next(vae.parameters())
+        config = vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        x = latents.to(device=param.device, dtype=torch.float32)
+        if mean is not None and std is not None:
+            c = x.shape[1]
+            x = x * torch.tensor(std, device=x.device).view(1, c, 1, 1) / config.scaling_factor + torch.tensor(mean, device=x.device).view(1, c, 1, 1)
+        else:
+            x = x / config.scaling_factor
+        # fp16 VAEs that need it (SDXL) decode in float32, as the pipeline does; restored after.
+        upcast = param.dtype == torch.float16 and getattr(config, "force_upcast", False)
+        dtype = torch.float32 if upcast else param.dtype
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            return vae.decode(x.to(dtype), return_dict=False)[0].float()
+        finally:
+            if upcast:
+                vae.to(param.dtype)
+
+
+# ---------------------------------------------------------------------------- helpers
+def latent_space(scheduler) -> str:
+    """"sigma" for schedulers whose latents are x0 + σε (init_noise_sigma > 1), else "vp"."""
+    try:
+        return "sigma" if float(scheduler.init_noise_sigma) > 1.0 + 1e-4 else "vp"
+    except (AttributeError, TypeError, ValueError):
+        return "vp"
+
+
+def _call_starts_step(scheduler) -> bool:
+    """Whether this ``scheduler.step`` call is the one that starts a denoising step from the
+    latent entering it (False for Heun's/KDPM2's second-order call and PNDM's correction)."""
+    if hasattr(scheduler, "state_in_first_order"):
+        return bool(scheduler.state_in_first_order)
+    if hasattr(scheduler, "prk_timesteps") and hasattr(scheduler, "counter"):
+        counter = int(scheduler.counter)
+        if not scheduler.config.skip_prk_steps and counter < len(scheduler.prk_timesteps):
+            return counter % 4 == 0  # Runge-Kutta warm-up: four model calls per step
+        # Linear multistep: the second call redoes the first step with an averaged derivative.
+        return not (scheduler.config.skip_prk_steps and counter == 1)
+    return True
+
+
+def _sigma_of_call(scheduler, timestep) -> float:
+    """σ = sqrt((1-ᾱ)/ᾱ) of the step just taken, from the scheduler's own table when it has one
+    (Euler, Heun, DPM-Solver: ``sigmas[step_index - 1]`` after the call), else from ᾱ at the
+    timestep (interpolated for fractional timesteps)."""
+    index = getattr(scheduler, "step_index", None)
+    sigmas = getattr(scheduler, "sigmas", None)
+    if index is not None and isinstance(sigmas, torch.Tensor) and 0 < int(index) <= sigmas.shape[0]:
+        return float(sigmas[int(index) - 1])
+    ac = scheduler.alphas_cumprod.double().cpu()
+    t = float(timestep)
+    lo = int(math.floor(t))
+    hi = min(lo + 1, ac.shape[0] - 1)
+    frac = t - lo
+    log_sigma = lambda a: 0.5 * math.log((1 - a) / a)  # noqa: E731
+    ls = (1 - frac) * log_sigma(float(ac[lo])) + frac * log_sigma(float(ac[hi]))
+    return math.exp(ls)
+
+
+def _to_uint8(images: torch.Tensor, max_side: int | None = None) -> torch.Tensor:
+    """VAE output [N, 3, H, W] in [-1, 1] → [N, H', W', 3] uint8 on the CPU, the longer side at
+    most ``max_side`` (area-averaged)."""
+    x = (images.float() / 2 + 0.5).clamp(0, 1)
+    if max_side is not None and max(x.shape[-2:]) > max_side:
+        h, w = x.shape[-2:]
+        f = max_side / max(h, w)
+        x = F.interpolate(x, size=(max(1, round(h * f)), max(1, round(w * f))), mode="area")
+    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
+
+
+def _model_name(pipe) -> str:
+    for source in (getattr(pipe, "name_or_path", None), getattr(getattr(pipe, "config", None), "_name_or_path", None)):
+        if source:
+            return str(source)
+    unet_name = getattr(getattr(pipe.unet, "config", None), "_name_or_path", None)
+    return str(unet_name) if unet_name else type(pipe).__name__
+
+
+# ---------------------------------------------------------------------------- public API
+@contextmanager
+def trace(
+    pipe,
+    keep_layers: bool | str = False,
+    previews: bool = True,
+    negative: bool = True,
+    preview_size: int = DEFAULT_PREVIEW_SIZE,
+    seed: int | None = None,
+    store_dtype: torch.dtype = torch.float32,
+    full_context: bool = False,
+):
+    """Trace every call of ``pipe`` inside the block; ``tr.trace`` is the last call's `Trace`.
+
+    ``keep_layers``: also keep each cross-attention layer's own maps (True, keyed by module
+    path) or each resolution's (``"resolution"``, keyed like ``"16x16"``) in
+    ``trace.attention_layers``. ``previews``: decode x0 and x_t of every step (longer side at
+    most ``preview_size``) after generation. ``negative``: record the unconditional branch's maps
+    as ``attention_negative``. ``seed`` is only written to ``meta``. ``full_context`` keeps every
+    context position (padding included, 77 for CLIP) instead of cutting after the last end
+    token. ``store_dtype`` is the attention maps' dtype in the trace."""
+    tap = DiffusersTap(pipe, keep_layers, previews, negative, preview_size, seed, store_dtype, full_context)
+    tap.install()
+    try:
+        yield tap
+    except BaseException:
+        tap._run = None
+        tap.remove()
+        raise
+    else:
+        try:
+            tap.remove()
+        finally:
+            tap._finish_run()
+
+
+def generate(
+    pipe,
+    prompt: str | list[str],
+    negative_prompt: str | list[str] | None = None,
+    steps: int = 20,
+    guidance: float = 7.5,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    schedule: str = "uniform",
+    lam: int = 60,
+    previews: bool = True,
+    keep_layers: bool | str = False,
+    **pipe_kwargs,
+):
+    """Generate with ``pipe`` under a tap; returns ``(trace, images)`` (PIL images, or whatever
+    ``output_type`` asks for). ``schedule`` is "uniform", "early" or "latter" (the paper's
+    exponential time steps with shift ``lam``; needs a scheduler that takes custom timesteps)."""
+    from explain.schedules import diffusers_timesteps, normalize_schedule
+
+    schedule = normalize_schedule(schedule)
+    step_kwargs = diffusers_timesteps(pipe.scheduler, int(steps), schedule, int(lam))
+    generator = torch.Generator("cpu").manual_seed(int(seed))  # the same noise on every device
+    with trace(pipe, keep_layers=keep_layers, previews=previews, seed=seed) as tap:
+        out = pipe(
+            prompt,
+            negative_prompt=negative_prompt,
+            guidance_scale=float(guidance),
+            height=height,
+            width=width,
+            generator=generator,
+            **step_kwargs,
+            **pipe_kwargs,
+        )
+    result = tap.trace
+    result.meta.update(schedule=schedule, lam=int(lam), seed=int(seed))
+    images = out.images if hasattr(out, "images") else out[0]
+    return result, images
