@@ -226,6 +226,8 @@ def from_pipeline(
             guidance_scale = float(trace.meta["guidance_scale"])
         if image_size is None:
             image_size = trace.image_size
+        if latent_space is None and trace.meta.get("latent_space") in LATENT_SPACES:
+            latent_space = trace.meta["latent_space"]
     if prompt is None:
         raise ValueError("from_pipeline needs a prompt: pass a trace or prompt=...")
     if guidance_scale is None:
