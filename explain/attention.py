@@ -180,9 +180,11 @@ class StepAccumulator:
         self.store_dtype = store_dtype
         self.store_device = torch.device(store_device)
         self.offload_each_step = offload_each_step
-        self._sum: torch.Tensor | None = None
+        self._sums: dict[tuple[int, int], torch.Tensor] = {}  # layer resolution -> sum of this step's maps
+        self._counts: dict[tuple[int, int], int] = {}
+        self._shape: tuple[int, int] | None = None  # (rows, tokens) of this step
         self._count = 0
-        self._layer_maps: dict[str, list[torch.Tensor]] = {}  # name -> maps of this step (summed if repeated)
+        self._layer_maps: dict[str, list[torch.Tensor]] = {}  # name -> maps of this step
         self._steps: list[torch.Tensor] = []
         self._layer_steps: dict[str, list[torch.Tensor]] = {}
 
@@ -202,30 +204,33 @@ class StepAccumulator:
         layer_size: tuple[int, int] | None = None,
         heads: int | None = None,
     ) -> None:
-        avg = head_mean(probs, heads)
         if self.tokens is not None:
-            avg = avg[..., : self.tokens]
-        avg = avg.float()
+            probs = probs[..., : self.tokens]
+        avg = head_mean(probs, heads).float()
         if self.latent_size is None:
             raise ValueError("the accumulator does not know the latent size yet; pass latent_size=")
         if layer_size is None:
             layer_size = layer_grid(avg.shape[1], self.latent_size)
+        layer_size = (int(layer_size[0]), int(layer_size[1]))
         maps = to_maps(avg, layer_size)  # [B, T, hl, wl]
-        resized = resize_maps(maps, self.latent_size)
-        if self._sum is None:
-            self._sum = resized.clone()
+        shape = (maps.shape[0], maps.shape[1])
+        if self._shape is not None and self._shape != shape:
+            raise ValueError(
+                f"layer {name!r} gives maps for {shape[0]} rows × {shape[1]} tokens but earlier layers of this "
+                f"step gave {self._shape[0]} × {self._shape[1]}; every layer of one step must see the same batch and context"
+            )
+        self._shape = shape
+        # Bilinear resizing is linear, so summing per resolution and resizing each sum once at
+        # end_step equals the mean of the resized layers, at a fraction of the interpolations.
+        if layer_size in self._sums:
+            self._sums[layer_size] += maps
+            self._counts[layer_size] += 1
         else:
-            if self._sum.shape != resized.shape:
-                raise ValueError(
-                    f"layer {name!r} gives maps of shape {tuple(resized.shape)} but earlier layers of this step "
-                    f"gave {tuple(self._sum.shape)}; every layer of one step must see the same batch and context"
-                )
-            self._sum += resized
+            self._sums[layer_size] = maps.clone()
+            self._counts[layer_size] = 1
         self._count += 1
         if self.keep_layers:
             self._layer_maps.setdefault(name, []).append(maps)
-        if self.keep_resolutions:
-            self._layer_maps.setdefault(f"{layer_size[0]}x{layer_size[1]}", []).append(maps)
 
     def end_step(self) -> None:
         """Close the step: store the mean over the layers added since the last call."""
@@ -234,14 +239,23 @@ class StepAccumulator:
                 "no cross-attention was recorded during this step; is another attention processor "
                 "replacing the tap's, or does the model have no cross-attention?"
             )
-        self._steps.append(self._finish(self._sum / self._count))
+        total = None
+        for size, summed in self._sums.items():
+            resized = resize_maps(summed, self.latent_size)
+            total = resized if total is None else total + resized
+        self._steps.append(self._finish(total / self._count))
+        if self.keep_resolutions:
+            for size, summed in self._sums.items():
+                self._layer_steps.setdefault(f"{size[0]}x{size[1]}", []).append(self._finish(summed / self._counts[size]))
         for name, maps in self._layer_maps.items():
             mean = torch.stack(maps).mean(0) if len(maps) > 1 else maps[0]
             self._layer_steps.setdefault(name, []).append(self._finish(mean))
         self.discard_step()
 
     def discard_step(self) -> None:
-        self._sum = None
+        self._sums = {}
+        self._counts = {}
+        self._shape = None
         self._count = 0
         self._layer_maps = {}
 
