@@ -162,7 +162,7 @@ def comfy_prompt_tokens(
                     f"chunk {c} has an entry {tuple(entry)!r} without a word id; "
                     "tokenize with clip.tokenize(text, return_word_ids=True)"
                 )
-            token, _weight, word_id = entry[0], entry[1], int(entry[2])
+            token, word_id = entry[0], int(entry[2])
             flat.append((_comfy_token_string(token, word_id, lookup), word_id, False))
 
     # Keep positions through the last non-padding token of the last chunk (its end token).

@@ -136,10 +136,13 @@ class _Run:
     negative: StepAccumulator | None = None
     cond_or_uncond: list[int] | None = None
     latent_size: tuple[int, int] | None = None
+    # Per step, kept as the pipeline's own (device) tensors until the trace is built, so that
+    # recording needs no device-to-host sync: x_t, the guided model output, the timestep, and
+    # σ (a float from the scheduler's CPU table, a tensor, or None = look it up from ᾱ).
     x_t: list[torch.Tensor] = field(default_factory=list)
-    x0: list[torch.Tensor] = field(default_factory=list)
-    timesteps: list[float] = field(default_factory=list)
-    sigmas: list[float] = field(default_factory=list)
+    model_outputs: list[torch.Tensor] = field(default_factory=list)
+    timesteps: list[Any] = field(default_factory=list)
+    sigmas: list[Any] = field(default_factory=list)
     final_latent: torch.Tensor | None = None
     images: torch.Tensor | None = None
     model_calls: int = 0
@@ -383,15 +386,10 @@ class DiffusersTap:
                 run.negative.discard_step()
             return
         model_output, timestep, sample = arguments["model_output"], arguments["timestep"], arguments["sample"]
-        sigma = _sigma_of_call(scheduler, timestep)
-        space = latent_space(scheduler)
-        x_vp = sample.float() / math.sqrt(1.0 + sigma * sigma) if space == "sigma" else sample.float()
-        prediction_type = scheduler.config.get("prediction_type", "epsilon")
-        x0 = x0_from_model_output(x_vp, model_output.float(), 1.0 / (1.0 + sigma * sigma), prediction_type)
-        run.x_t.append(sample.detach().float().clone())
-        run.x0.append(x0.detach())
-        run.timesteps.append(float(timestep))
-        run.sigmas.append(sigma)
+        run.x_t.append(sample.detach().clone())
+        run.model_outputs.append(model_output.detach().clone())
+        run.timesteps.append(timestep.detach().clone() if isinstance(timestep, torch.Tensor) else timestep)
+        run.sigmas.append(_table_sigma(scheduler))
         run.cond.end_step()
         if run.negative is not None:
             if run.negative.pending:
@@ -418,6 +416,15 @@ class DiffusersTap:
 
     def _build(self, run: _Run) -> Trace:
         steps = len(run.x_t)
+        scheduler = self.pipe.scheduler
+        timesteps = [float(t) for t in run.timesteps]
+        sigmas = [float(sg) if sg is not None else _sigma_from_alphas(scheduler, t) for sg, t in zip(run.sigmas, timesteps)]
+        space = latent_space(scheduler)
+        prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        x0 = []
+        for sample, output, sigma in zip(run.x_t, run.model_outputs, sigmas):
+            x_vp = sample.float() / math.sqrt(1.0 + sigma * sigma) if space == "sigma" else sample.float()
+            x0.append(x0_from_model_output(x_vp, output.float(), 1.0 / (1.0 + sigma * sigma), prediction_type).cpu())
         attention = run.cond.records()
         if attention is None or attention.shape[0] != steps:
             raise RuntimeError(f"attention was recorded for {0 if attention is None else attention.shape[0]} of {steps} steps")
@@ -427,10 +434,10 @@ class DiffusersTap:
             prompts=prompts,
             tokens=tokens,
             words=words,
-            timesteps=torch.tensor(run.timesteps, dtype=torch.float64),
-            sigmas=torch.tensor(run.sigmas, dtype=torch.float64),
-            x_t=torch.stack(run.x_t).cpu(),
-            x0=torch.stack(run.x0).cpu(),
+            timesteps=torch.tensor(timesteps, dtype=torch.float64),
+            sigmas=torch.tensor(sigmas, dtype=torch.float64),
+            x_t=torch.stack([x.float().cpu() for x in run.x_t]),
+            x0=torch.stack(x0),
             attention=attention,
             attention_layers=run.cond.layer_records(),
             final_latent=run.final_latent.float().cpu() if run.final_latent is not None else None,
@@ -555,22 +562,26 @@ def _call_starts_step(scheduler) -> bool:
     return True
 
 
-def _sigma_of_call(scheduler, timestep) -> float:
-    """σ = sqrt((1-ᾱ)/ᾱ) of the step just taken, from the scheduler's own table when it has one
-    (Euler, Heun, DPM-Solver: ``sigmas[step_index - 1]`` after the call), else from ᾱ at the
-    timestep (interpolated for fractional timesteps)."""
+def _table_sigma(scheduler):
+    """σ of the step just taken from the scheduler's own table, read right after ``step`` (Euler,
+    Heun, DPM-Solver: ``sigmas[step_index - 1]``); a float when the table is on the CPU (no
+    sync), a 0-d tensor otherwise, None for schedulers without one (DDIM, DDPM, PNDM)."""
     index = getattr(scheduler, "step_index", None)
     sigmas = getattr(scheduler, "sigmas", None)
-    if index is not None and isinstance(sigmas, torch.Tensor) and 0 < int(index) <= sigmas.shape[0]:
-        return float(sigmas[int(index) - 1])
+    if index is None or not isinstance(sigmas, torch.Tensor) or not 0 < int(index) <= sigmas.shape[0]:
+        return None
+    value = sigmas[int(index) - 1]
+    return float(value) if value.device.type == "cpu" else value.detach().clone()
+
+
+def _sigma_from_alphas(scheduler, timestep: float) -> float:
+    """σ = sqrt((1-ᾱ)/ᾱ) at ``timestep`` (log-σ interpolated between integer timesteps)."""
     ac = scheduler.alphas_cumprod.double().cpu()
-    t = float(timestep)
-    lo = int(math.floor(t))
+    lo = min(max(int(math.floor(timestep)), 0), ac.shape[0] - 1)
     hi = min(lo + 1, ac.shape[0] - 1)
-    frac = t - lo
+    frac = timestep - lo
     log_sigma = lambda a: 0.5 * math.log((1 - a) / a)  # noqa: E731
-    ls = (1 - frac) * log_sigma(float(ac[lo])) + frac * log_sigma(float(ac[hi]))
-    return math.exp(ls)
+    return math.exp((1 - frac) * log_sigma(float(ac[lo])) + frac * log_sigma(float(ac[hi])))
 
 
 def _to_uint8(images: torch.Tensor, max_side: int | None = None) -> torch.Tensor:

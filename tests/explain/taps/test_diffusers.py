@@ -1,12 +1,10 @@
 """The diffusers tap on tiny random-weight pipelines (SD-shaped and SDXL-shaped)."""
 
-import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from explain.noise import x0_from_model_output
 from explain.schedules import exponential_timesteps
 from explain.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 from explain.tokens import PromptTruncatedWarning
