@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One prepared GPU session: continue training the embedded model for TRAIN_MINUTES, then the GPU
+# benchmarks (DF-RISE, DF-CAM, tap overhead), each under its own time limit, everything logged to
+# $OUT (or ./out). Run from the repository root on a CUDA machine that has torch and transformers;
+# diffusers may come as wheels in .whl/ (installed into /tmp/site).
+set -u
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+TRAIN_MINUTES=${TRAIN_MINUTES:-4}
+if [ "$TRAIN_MINUTES" != "0" ]; then
+  python3 scripts/train_embedded.py --init-from explain/models/shapes-64 --out /tmp/shapes-64 \
+    --archive "$OUT/model" --log "$OUT/train.log" --pool 200000 --unet-steps 50000 --batch 256 \
+    --lr 3e-4 --text-lr 2e-4 --warmup 100 --max-minutes "$TRAIN_MINUTES" 2>&1 \
+    | grep -v -i "warn\|shards\|Loading\|float32"
+fi
+for bench in "bench_rise.py --device cuda" "bench_cam.py --device cuda" "bench_tap_overhead.py --device cuda"; do
+  script=${bench%% *}
+  [ -f "benchmarks/$script" ] || { echo "skip $script (missing)"; continue; }
+  echo "=== $bench"
+  timeout 100 python3 benchmarks/$bench 2>&1 | grep -v -i "warn\|Loading\|float32" | tee -a "$OUT/benchmarks.txt"
+done
