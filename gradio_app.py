@@ -595,56 +595,46 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
     models = models or MODELS
 
     # ------------------------------------------------------------------ handlers
-    def views(session: Session, word_chip=None, typed="", kind="normalized", tol=0.25):
-        """Every view of a freshly made or opened trace."""
+    def first_views(session: Session):
+        """What a new trace shows first: the image and its settings."""
+        return [session, final_view(session.require_trace()), summary(session)]
+
+    @_ui
+    def on_views(state, kind):
+        """The step, word and concept views of a new trace, and the pickers sized to it."""
+        session = _session(state)
         trace = session.require_trace()
         last = trace.num_steps - 1
-        word = default_word(trace) if trace.attention is not None else None
         x_t, x0, step_caption = step_view(trace, last)
-        out = [
-            final_view(trace),
-            summary(session),
-            gr.update(maximum=max(last, 1), value=last, interactive=last > 0),
-            x_t,
-            x0,
-            step_caption,
-        ]
+        # one update object per component: Gradio consumes an update as it applies it
+        step_range = lambda value: gr.update(maximum=max(last, 1), value=value, interactive=last > 0)  # noqa: E731
+        out = [step_range(last), x_t, x0, step_caption]
         if trace.attention is not None:
+            word = default_word(trace)
             single, grid, caption = word_view(trace, word, "", 0, last)
             frame, table = concept_frame(trace, kind)
-            out += [
-                gr.update(choices=content_words(trace), value=word),
-                gr.update(maximum=max(last, 1), value=0, interactive=last > 0),
-                gr.update(maximum=max(last, 1), value=last, interactive=last > 0),
-                single,
-                grid,
-                caption,
-                frame,
-                table,
-            ]
+            out += [gr.update(choices=content_words(trace), value=word), step_range(0), step_range(last), single, grid, caption, frame, table]
         else:
             out += [gr.update(choices=[], value=None), gr.update(), gr.update(), None, None, "this trace has no cross-attention", None, None]
-        grid_r, curves_r = recovery_views(trace, tol)
         pipe = models.get(session.model)[0] if session.model else None
-        out += [grid_r, curves_r]
-        # one update object per component: Gradio consumes an update as it applies it
-        out += [gr.update(maximum=max(last, 1), value=last // 2, interactive=last > 0) for _ in range(2)]
-        out += [gr.update(choices=cam_layer_choices(pipe), value="paper")]
+        out += [step_range(last // 2), step_range(last // 2), gr.update(choices=cam_layer_choices(pipe), value="paper")]
         return out
 
     @_ui
-    def on_generate(prompt, negative, seed, steps, guidance, size, schedule, lam, model, kind, tol, progress=gr.Progress(track_tqdm=True)):
+    def on_generate(state, prompt, negative, seed, steps, guidance, size, schedule, lam, model, progress=gr.Progress(track_tqdm=True)):
         session = _generate_on_gpu(prompt, negative, seed, steps, guidance, size, schedule, lam, model if allow_model_choice else default_model, models=_custom(models), progress=progress)
+        close_session(state)
         for note in session.notes:
             gr.Warning(note)
-        return [session] + views(session, kind=kind, tol=tol)
+        return first_views(session)
 
     @_ui
-    def on_open(file, kind, tol):
+    def on_open(state, file):
         session = open_trace(file)
+        close_session(state)
         for note in session.notes:
             gr.Warning(note)
-        return [session] + views(session, kind=kind, tol=tol)
+        return first_views(session)
 
     @_ui
     def on_step(state, step):
@@ -770,18 +760,25 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
                 cam_x0 = gr.Image(label="on the x0 prediction at the step", format="png", interactive=False)
             cam_caption = gr.Markdown()
 
-        view_outputs = [final, info, step, x_t, x0, step_caption, chips, start, end, word_image, words_grid, word_caption, plot, table, recovery_grid, recovery_curves, rise_step, cam_step, layer]
+        first_outputs = [state, final, info]
+        view_outputs = [step, x_t, x0, step_caption, chips, start, end, word_image, words_grid, word_caption, plot, table, rise_step, cam_step, layer]
 
         # ------------------------------------------------------------------ events
-        run.click(
+        # Only the model run holds the model; the views of its trace follow as separate events, so
+        # the image shows first and other users' generations need not wait for our pictures.
+        generated = run.click(
             on_generate,
-            [prompt, negative, seed, steps, guidance, size, schedule, lam, model, kind, tol],
-            [state] + view_outputs,
+            [state, prompt, negative, seed, steps, guidance, size, schedule, lam, model],
+            first_outputs,
             concurrency_limit=1,
             concurrency_id="model",
             api_name="generate",
         )
-        trace_file.upload(on_open, [trace_file, kind, tol], [state] + view_outputs, api_name="open_trace")
+        opened = trace_file.upload(on_open, [state, trace_file], first_outputs, api_name="open_trace")
+        for event in (generated, opened):
+            event.success(on_views, [state, kind], view_outputs, api_name=False).success(
+                on_tol, [state, tol], [recovery_grid, recovery_curves], api_name=False
+            )
         step.change(on_step, [state, step], [x_t, x0, step_caption], show_progress="hidden", api_name="step")
         word_inputs = [state, chips, typed, start, end]
         word_outputs = [word_image, words_grid, word_caption]
