@@ -1,0 +1,22 @@
+"""The ComfyUI adapter of diffusion-explain: node classes and the tap that records into the
+core's `explain.trace.Trace`. Nothing here imports ComfyUI at import time."""
+
+from .sigmas import ExplainExponentialSigmas
+from .tap_node import ExplainTap
+from .trace_io import ExplainLoadTrace, ExplainSaveTrace
+
+NODE_CLASS_MAPPINGS = {
+    "DiffusionExplainTap": ExplainTap,
+    "DiffusionExplainExponentialSigmas": ExplainExponentialSigmas,
+    "DiffusionExplainSaveTrace": ExplainSaveTrace,
+    "DiffusionExplainLoadTrace": ExplainLoadTrace,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DiffusionExplainTap": "Explain Tap (attention + x0 per step)",
+    "DiffusionExplainExponentialSigmas": "Explain Exponential Sigmas (early / latter)",
+    "DiffusionExplainSaveTrace": "Explain Save Trace",
+    "DiffusionExplainLoadTrace": "Explain Load Trace",
+}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

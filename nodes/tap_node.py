@@ -1,0 +1,89 @@
+"""The Explain Tap node: MODEL in, tapped MODEL clone and a trace handle out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from .runs import TraceHandle
+from .taps import PromptInfo, TapRecorder, install_tap, prompt_info_from_clip
+
+CATEGORY = "diffusion-explain"
+TRACE_TYPE = "EXPLAIN_TRACE"
+
+
+def tap_key(unique_id, prompt: str, negative_prompt: str, record_negative: bool, per_resolution: bool) -> str:
+    """The Tap's identity: the same node with the same settings keeps its key when ComfyUI
+    re-executes it, so a cached sampler's run can still be found (runs are matched by latent,
+    so sharing a key never mixes runs)."""
+    payload = json.dumps([str(unique_id), prompt, negative_prompt, bool(record_negative), bool(per_resolution)])
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
+
+
+class ExplainTap:
+    DESCRIPTION = (
+        "Records what the model does while a stock sampler runs: per-token cross-attention of every UNet "
+        "cross-attention block and the predicted clean latent (x0) at every step. Put it between the model "
+        "loader and the sampler; connect CLIP and the prompt text to name the prompt's words. The model you "
+        "loaded stays unpatched (the Tap patches a clone)."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "tap"
+    RETURN_TYPES = ("MODEL", TRACE_TYPE)
+    RETURN_NAMES = ("model", "trace")
+    OUTPUT_TOOLTIPS = (
+        "The tapped model: connect it to the sampler.",
+        "The recordings: connect it to explanation or Save Trace nodes, together with the sampler's LATENT.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "A UNet model (SD1.x, SD2.x, SDXL), e.g. from Load Checkpoint."}),
+            },
+            "optional": {
+                "clip": ("CLIP", {"tooltip": "The CLIP the prompt was encoded with; names the prompt's words."}),
+                "prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": "The positive prompt text (link the same text node as the CLIP Text Encode). "
+                        "Empty: tokens are shown by position only.",
+                    },
+                ),
+                "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "The negative prompt text."}),
+                "record_negative": (
+                    "BOOLEAN",
+                    {"default": True, "tooltip": "Also record the negative (unconditional) branch's attention."},
+                ),
+                "per_resolution_maps": (
+                    "BOOLEAN",
+                    {"default": False, "tooltip": "Also keep the attention of each UNet resolution separately."},
+                ),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def tap(self, model, clip=None, prompt="", negative_prompt="", record_negative=True, per_resolution_maps=False, unique_id=None):
+        prompt = prompt or ""
+        negative_prompt = negative_prompt or ""
+        if (prompt.strip() or negative_prompt.strip()) and clip is None:
+            raise ValueError(
+                "the Tap got prompt text but no CLIP: connect the CLIP output of your loader (the one your CLIP Text "
+                "Encode uses) so the prompt's words can be named, or clear the prompt fields"
+            )
+        positive = prompt_info_from_clip(clip, prompt) if prompt.strip() else None
+        negative = prompt_info_from_clip(clip, negative_prompt, verify=False) if negative_prompt.strip() else None
+        if positive is None and prompt:
+            positive = PromptInfo(text=prompt)
+        key = tap_key(unique_id, prompt, negative_prompt, record_negative, per_resolution_maps)
+        recorder = TapRecorder(
+            tap_key=key,
+            positive=positive,
+            negative=negative,
+            record_negative=bool(record_negative),
+            keep_resolutions=bool(per_resolution_maps),
+        )
+        return (install_tap(model, recorder), TraceHandle(tap_key=key))
