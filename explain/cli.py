@@ -186,7 +186,10 @@ def cmd_report(args) -> int:
         previews=not args.no_previews,
     )
     gen_s = time.perf_counter() - t
-    for key, value in (("model", model_name), ("steps", args.steps), ("guidance", guidance), ("seed", args.seed),
+    if trace.meta.get("model") not in (None, model_name):
+        trace.meta["model_source"] = trace.meta["model"]
+    trace.meta["model"] = model_name
+    for key, value in (("steps", args.steps), ("guidance", guidance), ("seed", args.seed),
                        ("schedule", args.schedule), ("lam", args.lam)):
         trace.meta.setdefault(key, value)
     timings = {"time: load model (s)": round(load_s, 2), "time: generate + trace (s)": round(gen_s, 2)}

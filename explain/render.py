@@ -208,6 +208,12 @@ def labeled_grid(
     return figure_to_array(fig)
 
 
+def _integer_steps(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def pick_steps(num_steps: int, count: int) -> list[int]:
     """``count`` steps spread evenly over a run, always with the first and the last."""
     if count >= num_steps:
@@ -285,6 +291,7 @@ def concept_curves(scores, kind: str = "normalized", title: str | None = None, d
         if e in scores.steps:
             k = scores.steps.index(e)
             ax.plot([e], [data[k, j]], marker="*", markersize=9, color=color, markeredgecolor="black", markeredgewidth=0.5)
+    _integer_steps(ax)
     ax.set_xlabel("step", fontsize=8)
     ylabel = {"normalized": "per-step min-max (paper)", "share": "share of prompt-word attention", "mass": "attention mass"}[kind]
     ax.set_ylabel(ylabel, fontsize=8)
@@ -336,6 +343,7 @@ def recovery_curves(view, item: int = 0, dpi: int = 100) -> np.ndarray:
     s = np.arange(view.num_steps)
     ax.plot(s, view.recovered_fraction[:, item].numpy(), marker="o", markersize=3, color="tab:green", label="recovered (matches final)")
     ax.set_ylim(-0.02, 1.02)
+    _integer_steps(ax)
     ax.set_xlabel("step", fontsize=8)
     ax.set_ylabel("fraction of pixels", fontsize=8)
     ax.tick_params(labelsize=7)

@@ -70,3 +70,32 @@ def test_bad_numbers_are_refused_by_the_parser(capsys):
         main(["report", "a red circle", "--steps", "0"])
     assert exc.value.code == 2
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_report_runs_the_whole_job_on_a_tiny_pipeline(tmp_path, capsys):
+    from explain.schedules import early_timesteps
+    from explain.trace import Trace
+
+    out = tmp_path / "rep"
+    code = main(["report", "a red circle above a blue square", "--model", "tiny", "--steps", "3", "--seed", "3",
+                 "--guidance", "4", "--schedule", "early", "--lam", "10", "--negative", "green triangle",
+                 "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    err = capsys.readouterr().err
+    for phase in ("loading the model (tiny)", "generating 3 steps, seed 3, guidance 4.0, schedule early", "report written to"):
+        assert phase in err
+    trace = Trace.load(out / "trace.safetensors")
+    assert trace.num_steps == 3 and trace.prompts == ["a red circle above a blue square"]
+    assert [int(t) for t in trace.timesteps] == early_timesteps(3, 10)
+    assert trace.meta["schedule"] == "early" and trace.meta["lam"] == 10 and trace.meta["seed"] == 3
+    assert trace.negative_prompts == ["green triangle"] and trace.attention_negative is not None
+    assert trace.x0_previews is not None and trace.images is not None
+    page = (out / "index.html").read_text()
+    assert "a red circle above a blue square" in page and "negative prompt: green triangle" in page
+    assert "tiny (random weights, test only)" in page and "time: generate + trace (s)" in page
+    for name in ("final.png", "step_grid.png", "heatmaps.png", "negative_heatmaps.png", "concepts.png", "recovery.png"):
+        assert (out / name).stat().st_size > 500, name
+    assert sorted(p.name for p in (out / "words").iterdir()) == ["00_red.png", "01_circle.png", "02_above.png", "03_blue.png", "04_square.png"]
+    scores = json.loads((out / "concepts.json").read_text())
+    assert scores["labels"] == ["a", "red", "circle", "above", "a (2)", "blue", "square"]
+    assert json.loads((out / "recovery.json").read_text())["space"] == "preview"
