@@ -37,15 +37,23 @@ def attention_probs(
 
     ``mask`` is additive (0 keeps, -inf or a large negative drops) or boolean (True keeps),
     broadcastable to ``[..., N, T]``. ``scale`` defaults to 1/√d. With ``upcast`` the scores and
-    softmax are computed in float32 (cheap for T ≤ 77 keys, and what fp16 models need to keep
-    rows summing to 1); the result is float32 then, else in the query's dtype."""
+    softmax are computed in float32 and returned as float32 (diffusers' ``upcast_attention``);
+    without, in the query's dtype (PyTorch's half-precision softmax still accumulates in
+    float32, so rows sum to 1 within fp16 rounding)."""
     if query.shape[-1] != key.shape[-1]:
         raise ValueError(f"query and key feature sizes differ: {query.shape[-1]} vs {key.shape[-1]}")
+    if query.shape[:-2] != key.shape[:-2]:
+        raise ValueError(f"query and key batch/head axes differ: {tuple(query.shape[:-2])} vs {tuple(key.shape[:-2])}")
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     if upcast:
         query, key = query.float(), key.float()
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    # One fused batched GEMM with the scale folded in (as diffusers' get_attention_scores does).
+    lead, n, t = query.shape[:-2], query.shape[-2], key.shape[-2]
+    q3 = query.reshape(-1, n, query.shape[-1])
+    k3 = key.reshape(-1, t, key.shape[-1])
+    empty = torch.empty(q3.shape[0], n, t, dtype=q3.dtype, device=q3.device)
+    scores = torch.baddbmm(empty, q3, k3.transpose(-1, -2), beta=0, alpha=scale).view(*lead, n, t)
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
@@ -73,18 +81,19 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-def head_mean(probs: torch.Tensor, heads: int | None = None) -> torch.Tensor:
+def head_mean(probs: torch.Tensor, heads: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Mean over heads: ``[B, heads, N, T]`` or batch-major ``[B·heads, N, T]`` (give ``heads``)
-    → ``[B, N, T]``. A 3-D tensor without ``heads`` is taken as already averaged."""
+    → ``[B, N, T]``, accumulated and returned in ``dtype`` (default: the input's). A 3-D tensor
+    without ``heads`` is taken as already averaged."""
+    if probs.ndim == 3 and heads not in (None, 1):
+        if probs.shape[0] % heads:
+            raise ValueError(f"batch·heads axis {probs.shape[0]} is not a multiple of {heads} heads")
+        probs = probs.view(probs.shape[0] // heads, heads, *probs.shape[1:])
     if probs.ndim == 4:
-        return probs.mean(dim=1)
+        return probs.mean(dim=1, dtype=dtype)
     if probs.ndim != 3:
         raise ValueError(f"attention probabilities must be [B, heads, N, T] or [B*heads, N, T], got {tuple(probs.shape)}")
-    if heads is None or heads == 1:
-        return probs
-    if probs.shape[0] % heads:
-        raise ValueError(f"batch·heads axis {probs.shape[0]} is not a multiple of {heads} heads")
-    return probs.view(probs.shape[0] // heads, heads, *probs.shape[1:]).mean(dim=1)
+    return probs if dtype is None else probs.to(dtype)
 
 
 # ---------------------------------------------------------------------------- conditional / unconditional rows
@@ -184,7 +193,7 @@ class StepAccumulator:
         self._counts: dict[tuple[int, int], int] = {}
         self._shape: tuple[int, int] | None = None  # (rows, tokens) of this step
         self._count = 0
-        self._layer_maps: dict[str, list[torch.Tensor]] = {}  # name -> maps of this step
+        self._layer_maps: dict[str, list[tuple[torch.Tensor, tuple[int, int]]]] = {}  # name -> this step's maps
         self._steps: list[torch.Tensor] = []
         self._layer_steps: dict[str, list[torch.Tensor]] = {}
 
@@ -206,31 +215,35 @@ class StepAccumulator:
     ) -> None:
         if self.tokens is not None:
             probs = probs[..., : self.tokens]
-        avg = head_mean(probs, heads).float()
+        avg = head_mean(probs, heads, dtype=torch.float32)  # [B, N, T]
         if self.latent_size is None:
             raise ValueError("the accumulator does not know the latent size yet; pass latent_size=")
         if layer_size is None:
             layer_size = layer_grid(avg.shape[1], self.latent_size)
         layer_size = (int(layer_size[0]), int(layer_size[1]))
-        maps = to_maps(avg, layer_size)  # [B, T, hl, wl]
-        shape = (maps.shape[0], maps.shape[1])
+        if layer_size[0] * layer_size[1] != avg.shape[1]:
+            raise ValueError(f"layer {name!r}: {avg.shape[1]} image positions do not fill a {layer_size[0]}×{layer_size[1]} grid")
+        shape = (avg.shape[0], avg.shape[2])
         if self._shape is not None and self._shape != shape:
             raise ValueError(
                 f"layer {name!r} gives maps for {shape[0]} rows × {shape[1]} tokens but earlier layers of this "
                 f"step gave {self._shape[0]} × {self._shape[1]}; every layer of one step must see the same batch and context"
             )
         self._shape = shape
-        # Bilinear resizing is linear, so summing per resolution and resizing each sum once at
-        # end_step equals the mean of the resized layers, at a fraction of the interpolations.
+        # Sums stay in the [B, N, T] layout and per resolution until end_step: bilinear resizing
+        # is linear, so resizing each resolution's sum once equals the mean of resized layers,
+        # at a fraction of the work per layer (one reduction and one addition).
+        if avg.data_ptr() == probs.data_ptr():
+            avg = avg.clone()  # never keep (or add into) the caller's tensor
         if layer_size in self._sums:
-            self._sums[layer_size] += maps
+            self._sums[layer_size] += avg
             self._counts[layer_size] += 1
         else:
-            self._sums[layer_size] = maps.clone()
+            self._sums[layer_size] = avg.clone() if self.keep_layers else avg
             self._counts[layer_size] = 1
         self._count += 1
         if self.keep_layers:
-            self._layer_maps.setdefault(name, []).append(maps)
+            self._layer_maps.setdefault(name, []).append((avg, layer_size))
 
     def end_step(self) -> None:
         """Close the step: store the mean over the layers added since the last call."""
@@ -241,15 +254,17 @@ class StepAccumulator:
             )
         total = None
         for size, summed in self._sums.items():
-            resized = resize_maps(summed, self.latent_size)
+            resized = resize_maps(to_maps(summed, size), self.latent_size)
             total = resized if total is None else total + resized
         self._steps.append(self._finish(total / self._count))
         if self.keep_resolutions:
             for size, summed in self._sums.items():
-                self._layer_steps.setdefault(f"{size[0]}x{size[1]}", []).append(self._finish(summed / self._counts[size]))
-        for name, maps in self._layer_maps.items():
-            mean = torch.stack(maps).mean(0) if len(maps) > 1 else maps[0]
-            self._layer_steps.setdefault(name, []).append(self._finish(mean))
+                mean = to_maps(summed / self._counts[size], size)
+                self._layer_steps.setdefault(f"{size[0]}x{size[1]}", []).append(self._finish(mean))
+        for name, entries in self._layer_maps.items():
+            size = entries[0][1]
+            mean = torch.stack([e[0] for e in entries]).mean(0) if len(entries) > 1 else entries[0][0]
+            self._layer_steps.setdefault(name, []).append(self._finish(to_maps(mean, size)))
         self.discard_step()
 
     def discard_step(self) -> None:

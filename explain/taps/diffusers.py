@@ -106,11 +106,14 @@ class CaptureCrossAttnProcessor:
         if getattr(attn, "norm_k", None) is not None:
             key = attn.norm_k(key)
 
-        probs = attention_probs(query, key, scale=attn.scale, mask=attention_mask)  # [B, heads, N, T] float32
+        # Half-precision models keep half-precision scores unless the layer asks for upcasting,
+        # exactly like diffusers' own explicit path (the softmax accumulates in float32 anyway).
+        upcast = bool(getattr(attn, "upcast_attention", False) or getattr(attn, "upcast_softmax", False))
+        probs = attention_probs(query, key, scale=attn.scale, mask=attention_mask, upcast=upcast)  # [B, heads, N, T]
         hidden_states = attention_output(probs, value)
         self.tap._record_attention(self.name, probs, grid)
 
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(value.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:
