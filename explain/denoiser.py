@@ -12,6 +12,10 @@ diffusers adapter raw ε or v.
 A probe is a pure function of its input: no scheduler is stepped, so a sampler's state (the
 multistep history of DPM-Solver++, say) is never touched (this fixes the official code's B9).
 
+For DF-CAM, `model_fn` must run with gradients when asked (it is called under
+``torch.enable_grad()``), and a hooked module must see the branches as ``[uncond; cond]``: one
+batch with the unconditional half first, or two calls, the unconditional one first.
+
 Latent scaling: ``latent_space="vp"`` means x = √ᾱ·x0 + √(1-ᾱ)·ε (DDIM, DPM-Solver, PNDM in
 diffusers); ``"sigma"`` means x = x0 + σ·ε (k-diffusion, ComfyUI, diffusers' Euler and Heun).
 `model_fn` always receives x in the denoiser's own latent space.
