@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.t
 TRAIN_MINUTES=${TRAIN_MINUTES:-4}
 if [ "$TRAIN_MINUTES" != "0" ]; then
   python3 scripts/train_embedded.py --init-from explain/models/shapes-64 --out /tmp/shapes-64 \
-    --archive "$OUT/model" --log "$OUT/train.log" --pool 200000 --unet-steps 50000 --batch 256 \
+    --archive "$OUT/model" --log "$OUT/train.log" --pool 150000 --unet-steps 50000 --batch 256 \
     --lr 3e-4 --text-lr 2e-4 --warmup 100 --max-minutes "$TRAIN_MINUTES" 2>&1 \
     | grep -v -i "warn\|shards\|Loading\|float32"
 fi
@@ -23,5 +23,5 @@ for bench in "bench_rise.py --device cuda" "bench_cam.py --device cuda" "bench_t
   script=${bench%% *}
   [ -f "benchmarks/$script" ] || { echo "skip $script (missing)"; continue; }
   echo "=== $bench"
-  timeout 100 python3 benchmarks/$bench 2>&1 | grep -v -i "warn\|Loading\|float32" | tee -a "$OUT/benchmarks.txt"
+  timeout 75 python3 benchmarks/$bench 2>&1 | grep -v -i "warn\|Loading\|float32" | tee -a "$OUT/benchmarks.txt"
 done
