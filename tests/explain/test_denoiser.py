@@ -156,3 +156,17 @@ def test_latent_space_detection():
     assert latent_space_of(make_scheduler("heun")) == "sigma"
     assert latent_space_of(make_scheduler("pndm")) == "vp"
     assert latent_space_of(make_scheduler("ddpm")) == "vp"
+
+
+@pytest.mark.parametrize("scheduler", ["dpm++", "euler_a"])
+def test_agrees_with_the_diffusers_tap(scheduler):
+    from explain.taps.diffusers import generate
+
+    pipe = tiny_sd_pipeline(scheduler)
+    trace, _ = generate(pipe, "a red circle", negative_prompt="blue", steps=3, guidance=4.0, seed=1, previews=False, output_type="latent")
+    denoiser = from_pipeline(pipe, trace)
+    assert denoiser.latent_space == trace.meta["latent_space"] == ("sigma" if scheduler == "euler_a" else "vp")
+    for step in range(trace.num_steps):
+        x0 = denoiser.predict(trace.x_t[step], NoiseLevel.from_trace(trace, step))
+        scale = max(float(trace.x0[step].abs().max()), 1.0)
+        assert float((x0 - trace.x0[step]).abs().max()) < 1e-3 * scale, step
