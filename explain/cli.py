@@ -113,16 +113,20 @@ def _quiet_loading() -> None:
         pass
 
 
+def _pipeline_class():
+    from diffusers import AutoPipelineForText2Image
+
+    return AutoPipelineForText2Image
+
+
 def _from_pretrained(source: str, device: str, dtype: str, local: bool):
     import warnings
-
-    from diffusers import AutoPipelineForText2Image
 
     kwargs = {"local_files_only": True} if local else {}
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*safety_checker.*")
-            pipe = AutoPipelineForText2Image.from_pretrained(source, **kwargs)
+            pipe = _pipeline_class().from_pretrained(source, **kwargs)
     except Exception as exc:  # the hub client raises many kinds; all mean "cannot load this"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if local:
@@ -238,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--lam", type=int, default=60, help="λ of the early/latter schedules (default 60)")
     rep.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps (default: cuda when available)")
     rep.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto", help="weights dtype (default: float16 on CUDA for external models, else float32)")
+    rep.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     rep.add_argument("--no-previews", action="store_true", help="do not decode x_t/x0 previews (faster on large models; grids show latents)")
     rep.add_argument("--quiet", action="store_true", help="print only the report's path")
     rep.set_defaults(func=cmd_report)
@@ -268,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
+        if getattr(args, "threads", None):
+            torch.set_num_threads(args.threads)
         with torch.no_grad():
             return args.func(args)
     except (CommandError, TraceFormatError, ValueError, KeyError, IndexError, FileNotFoundError) as exc:

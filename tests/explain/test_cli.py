@@ -53,12 +53,15 @@ def test_report_says_what_is_wrong_with_the_model(tmp_path, capsys, model, messa
 
 
 def test_unreachable_hub_id_gets_a_clear_message(tmp_path, capsys, monkeypatch):
-    import diffusers
+    from explain import cli
 
-    def offline(*args, **kwargs):
-        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    class Offline:  # stands in for diffusers' AutoPipelineForText2Image without a network
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
-    monkeypatch.setattr(diffusers.AutoPipelineForText2Image, "from_pretrained", offline)
+    monkeypatch.setattr(cli, "_pipeline_class", lambda: Offline)
+    monkeypatch.setattr(cli, "_quiet_loading", lambda: None)
     assert main(["report", "a red circle", "--model", "someone/some-model", "--out", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "could not load 'someone/some-model' from the Hugging Face hub" in err
