@@ -252,14 +252,22 @@ def df_cam(
             missing = [n for n in names if not captured[n]]
             if missing:
                 raise ValueError(f"module(s) {missing} did not take part in the forward pass (or gave no feature map)")
-            # a model_fn that runs the branches as separate calls must run the unconditional one first
-            activations = [torch.cat(captured[n]) if len(captured[n]) > 1 else captured[n][0] for n in names]
-            grads = torch.autograd.grad(y, activations, allow_unused=True)
+            # a model_fn that runs the branches as separate calls must run the unconditional one first.
+            # Gradients are taken w.r.t. each captured tensor and concatenated afterwards: a tensor
+            # made by torch.cat is not in y's graph, so its gradient would be None (all-zero maps).
+            flat = [t for n in names for t in captured[n]]
+            flat_grads = torch.autograd.grad(y, flat, allow_unused=True)
+            activations, grads, k = [], [], 0
+            for n in names:
+                parts = captured[n]
+                part_grads = [torch.zeros_like(t) if g is None else g for t, g in zip(parts, flat_grads[k : k + len(parts)])]
+                k += len(parts)
+                activations.append(torch.cat(parts) if len(parts) > 1 else parts[0])
+                grads.append(torch.cat(part_grads) if len(part_grads) > 1 else part_grads[0])
             maps: dict[str, torch.Tensor] = {}
             for name, a, g in zip(names, activations, grads):
                 if a.ndim != 4:
                     raise ValueError(f"module {name!r} gives {tuple(a.shape)}, not a feature map [B, C, h, w]; pick a block, not a sub-layer")
-                g = torch.zeros_like(a) if g is None else g
                 maps[name] = grad_cam(a.detach(), g.detach(), denoiser.guidance_scale, has_uncond)[0].cpu()
     finally:
         for h in handles:
