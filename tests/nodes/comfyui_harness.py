@@ -252,10 +252,10 @@ class Runner:
             "error": {k: errors[0].get(k) for k in ("node_id", "node_type", "exception_type", "exception_message")} if errors else None,
         }
 
-    def cached_output(self, prompt: dict, node_id: str):
-        """The cached Python output of ``node_id`` from the last run (e.g. the loaded MODEL)."""
-        value = self.executor.caches.outputs.get(node_id)
-        return None if value is None else value.outputs
+    def cached_output(self, node_id: str, slot: int = 0):
+        """The Python value of output ``slot`` of ``node_id`` from the last run (e.g. a MODEL)."""
+        value = self.executor.caches.outputs.get(str(node_id))
+        return None if value is None else value[slot][0]
 
 
 def _jsonable(value):

@@ -3,28 +3,51 @@ test_comfyui_integration.py asserts on. Imported only inside the harness (ComfyU
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
+import torch
 from comfyui_harness import CHECKPOINT_NAME, load_workflow, pack_module, workflow_to_prompt
 
 PROMPT = "a red circle above a blue square"
 NEGATIVE = "blurry"
+TEST_OVERRIDES = {
+    "CheckpointLoaderSimple": {"ckpt_name": CHECKPOINT_NAME},
+    "EmptyLatentImage": {"width": 64, "height": 64},
+    "KSampler": {"steps": 4},
+    "DiffusionExplainRise": {"n_masks": 8, "step": 1},
+    "DiffusionExplainCam": {"step": 1},
+    "DiffusionExplainStepPreviews": {"count": 3},
+    "DiffusionExplainExponentialSigmas": {"steps": 4, "lam": 2},
+}
+
+
+def _output_dir() -> Path:
+    import folder_paths
+
+    return Path(folder_paths.get_output_directory())
+
+
+def _trace(path: str):
+    from explain.trace import Trace
+
+    return Trace.load(path)
 
 
 def _trace_facts(path: str) -> dict:
-    from explain.trace import Trace
-
-    trace = Trace.load(path)
+    trace = _trace(path)
     return {
+        "path": path,
         "steps": trace.num_steps,
         "batch": trace.batch_size,
         "latent_size": list(trace.latent_size),
         "image_size": list(trace.image_size),
         "tokens": trace.tokens[0],
         "words": [w.text for w in trace.words[0]],
+        "negative_words": [w.text for w in trace.negative_words[0]] if trace.negative_words else [],
         "attention_shape": list(trace.attention.shape) if trace.attention is not None else None,
         "attention_negative_shape": list(trace.attention_negative.shape) if trace.attention_negative is not None else None,
-        "attention_row_sums": [float(trace.attention.sum(2).min()), float(trace.attention.sum(2).max())],
+        "attention_finite": bool(torch.isfinite(trace.attention).all()) if trace.attention is not None else None,
         "sigmas": trace.sigmas.tolist(),
         "timesteps": trace.timesteps.tolist(),
         "meta": trace.meta,
@@ -34,11 +57,12 @@ def _trace_facts(path: str) -> dict:
     }
 
 
-def _saved_paths(result: dict, node_id: str) -> list[str]:
-    return list(result.get("outputs", {}).get(node_id, {}).get("text", []))
+def _saved(result: dict, node_id: str) -> str | None:
+    paths = result.get("outputs", {}).get(str(node_id), {}).get("text", [])
+    return str(_output_dir() / paths[0]) if paths else None
 
 
-def basic_prompt(sampler="euler", steps=3, cfg=5.0, width=64, height=64, batch=1, seed=1) -> dict:
+def basic_prompt(sampler="euler", steps=3, cfg=5.0, width=64, height=64, batch=1, seed=1, prefix="explain-test/basic") -> dict:
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT_NAME}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["1", 1]}},
@@ -55,30 +79,258 @@ def basic_prompt(sampler="euler", steps=3, cfg=5.0, width=64, height=64, batch=1
                 "scheduler": "normal", "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["5", 0], "denoise": 1.0,
             },
         },  # fmt: skip
-        "7": {
-            "class_type": "DiffusionExplainSaveTrace",
-            "inputs": {"trace": ["4", 1], "latent": ["6", 0], "filename_prefix": "explain-test/basic"},
-        },
+        "7": {"class_type": "DiffusionExplainSaveTrace", "inputs": {"trace": ["4", 1], "latent": ["6", 0], "filename_prefix": prefix}},
     }
 
 
-def _run_and_read(runner, prompt: dict, save_node: str = "7") -> dict:
+def _run(runner, prompt: dict, save_node: str = "7") -> dict:
     result = runner.run(prompt)
     facts = {"result": result}
-    if result["ok"]:
-        paths = _saved_paths(result, save_node)
-        if paths:
-            import folder_paths
-
-            facts["trace"] = _trace_facts(str(Path(folder_paths.get_output_directory()) / paths[0]))
+    path = _saved(result, save_node) if result["ok"] else None
+    if path:
+        facts["trace"] = _trace_facts(path)
     return facts
 
 
+def _latent(runner, node_id: str, slot: int = 0) -> torch.Tensor:
+    return runner.cached_output(node_id, slot)["samples"].float().cpu()
+
+
+def _final_matches(runner, trace_path: str, sampler_node: str) -> float:
+    """Largest difference between a trace's final latent and the sampler's LATENT (model space)."""
+    trace = _trace(trace_path)
+    latent = _latent(runner, sampler_node)
+    scale = float(trace.meta["latent_scale_factor"])
+    return float((trace.final_latent - latent * scale).abs().max())
+
+
 # ---------------------------------------------------------------------------- scenarios
-def smoke(runner, nodes_module, work) -> dict:
-    return _run_and_read(runner, basic_prompt())
+def txt2img_workflow(runner, nodes_module, work) -> dict:
+    """The shipped txt2img example, every explanation node, on the tiny checkpoint."""
+    workflow = load_workflow("txt2img_explain.json")
+    prompt = workflow_to_prompt(nodes_module, workflow, TEST_OVERRIDES)
+    result = runner.run(prompt)
+    facts = {"result": result, "class_types": {k: v["class_type"] for k, v in prompt.items()}}
+    if not result["ok"]:
+        return facts
+    by_type = {v["class_type"]: k for k, v in prompt.items()}
+    facts["outputs_by_type"] = {t: result["outputs"].get(k) for t, k in by_type.items()}
+    path = _saved(result, by_type["DiffusionExplainSaveTrace"])
+    facts["trace"] = _trace_facts(path)
+    facts["final_latent_diff"] = _final_matches(runner, path, by_type["KSampler"])
+    heat = runner.cached_output(by_type["DiffusionExplainWordHeatmaps"], 1)
+    facts["heatmap_masks_shape"] = list(heat.shape)
+    facts["heatmap_masks_range"] = [float(heat.min()), float(heat.max())]
+    facts["rise_aucs"] = [runner.cached_output(by_type["DiffusionExplainRise"], 2), runner.cached_output(by_type["DiffusionExplainRise"], 3)]
+    facts["rise_mask_shape"] = list(runner.cached_output(by_type["DiffusionExplainRise"], 1).shape)
+    cam_mask = runner.cached_output(by_type["DiffusionExplainCam"], 1)
+    facts["cam_mask_shape"] = list(cam_mask.shape)
+    facts["cam_mask_max"] = float(cam_mask.max())
+    facts["x0_previews_shape"] = list(runner.cached_output(by_type["DiffusionExplainStepPreviews"], 0).shape)
+    loaded = runner.cached_output(by_type["CheckpointLoaderSimple"], 0)
+    options = loaded.model_options.get("transformer_options", {})
+    facts["loaded_model_attn2_patches"] = len(options.get("patches_replace", {}).get("attn2", {}))
+    facts["loaded_model_wrappers"] = {k: list(v) for k, v in loaded.wrappers.items() if v}
+    tapped = runner.cached_output(by_type["DiffusionExplainTap"], 0)
+    facts["tapped_model_attn2_patches"] = len(tapped.model_options["transformer_options"]["patches_replace"]["attn2"])
+    return facts
+
+
+def sampler_custom_workflow(runner, nodes_module, work) -> dict:
+    """The shipped SamplerCustom + exponential sigmas example."""
+    workflow = load_workflow("sampler_custom_exponential_sigmas.json")
+    prompt = workflow_to_prompt(nodes_module, workflow, TEST_OVERRIDES)
+    result = runner.run(prompt)
+    facts = {"result": result}
+    if not result["ok"]:
+        return facts
+    by_type = {v["class_type"]: k for k, v in prompt.items()}
+    path = _saved(result, by_type["DiffusionExplainSaveTrace"])
+    facts["trace"] = _trace_facts(path)
+    sigmas = runner.cached_output(by_type["DiffusionExplainExponentialSigmas"], 0)
+    facts["sigmas_node"] = [float(s) for s in sigmas]
+    from explain import schedules
+
+    loaded = runner.cached_output(by_type["CheckpointLoaderSimple"], 0)
+    ac = 1.0 / (1.0 + loaded.model.model_sampling.sigmas.double() ** 2)
+    facts["sigmas_expected"] = [float(s) for s in schedules.exponential_sigmas(4, "early", 2, alphas_cumprod=ac, warn=False)]
+    facts["final_latent_diff"] = _final_matches(runner, path, by_type["SamplerCustom"])
+    return facts
+
+
+def heun(runner, nodes_module, work) -> dict:
+    return _run(runner, basic_prompt(sampler="heun", steps=3, prefix="explain-test/heun"))
+
+
+def dpm_2(runner, nodes_module, work) -> dict:
+    return _run(runner, basic_prompt(sampler="dpm_2", steps=3, prefix="explain-test/dpm2"))
+
+
+def cfg_one(runner, nodes_module, work) -> dict:
+    return _run(runner, basic_prompt(cfg=1.0, prefix="explain-test/cfg1"))
+
+
+def batch_nonsquare(runner, nodes_module, work) -> dict:
+    facts = _run(runner, basic_prompt(batch=2, width=64, height=96, prefix="explain-test/batch"))
+    if facts["result"]["ok"]:
+        facts["final_latent_diff"] = _final_matches(runner, facts["trace"]["path"], "6")
+    return facts
+
+
+def same_output_as_untapped(runner, nodes_module, work) -> dict:
+    """A tapped and an untapped KSampler with the same seed return the same latent."""
+    prompt = basic_prompt(steps=3, prefix="explain-test/same")
+    prompt["8"] = copy.deepcopy(prompt["6"])
+    prompt["8"]["inputs"]["model"] = ["1", 0]
+    prompt["9"] = {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": "explain-test/untapped"}}
+    result = runner.run(prompt)
+    facts = {"result": result}
+    if result["ok"]:
+        tapped, plain = _latent(runner, "6"), _latent(runner, "8")
+        facts["max_abs_diff"] = float((tapped - plain).abs().max())
+        facts["scale"] = float(plain.abs().max())
+    return facts
+
+
+def ksampler_advanced(runner, nodes_module, work) -> dict:
+    """KSamplerAdvanced running steps 1..3 of a 4-step schedule records 2 steps."""
+    prompt = basic_prompt(prefix="explain-test/advanced")
+    prompt["6"] = {
+        "class_type": "KSamplerAdvanced",
+        "inputs": {
+            "model": ["4", 0], "add_noise": "enable", "noise_seed": 3, "steps": 4, "cfg": 5.0, "sampler_name": "euler",
+            "scheduler": "normal", "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["5", 0],
+            "start_at_step": 1, "end_at_step": 3, "return_with_leftover_noise": "disable",
+        },
+    }  # fmt: skip
+    return _run(runner, prompt)
+
+
+def sampler_custom_advanced(runner, nodes_module, work) -> dict:
+    prompt = basic_prompt(prefix="explain-test/custom-advanced")
+    del prompt["6"]
+    prompt.update(
+        {
+            "10": {"class_type": "CFGGuider", "inputs": {"model": ["4", 0], "positive": ["2", 0], "negative": ["3", 0], "cfg": 4.0}},
+            "11": {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}},
+            "12": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "dpmpp_2m"}},
+            "13": {"class_type": "BasicScheduler", "inputs": {"model": ["4", 0], "scheduler": "karras", "steps": 3, "denoise": 1.0}},
+            "6": {
+                "class_type": "SamplerCustomAdvanced",
+                "inputs": {"noise": ["11", 0], "guider": ["10", 0], "sampler": ["12", 0], "sigmas": ["13", 0], "latent_image": ["5", 0]},
+            },
+        }
+    )
+    facts = _run(runner, prompt)
+    if facts["result"]["ok"]:
+        facts["final_latent_diff"] = _final_matches(runner, facts["trace"]["path"], "6")
+        # the denoised_output of SamplerCustom(Advanced) is accepted too
+        prompt["14"] = {
+            "class_type": "DiffusionExplainSaveTrace",
+            "inputs": {"trace": ["4", 1], "latent": ["6", 1], "filename_prefix": "explain-test/denoised"},
+        }
+        again = runner.run(prompt)
+        facts["denoised_output_result"] = again
+    return facts
+
+
+def caching(runner, nodes_module, work) -> dict:
+    """Cached samplers, evicted runs and re-runs: never a stale or empty trace."""
+    runs = pack_module("nodes.runs")
+    facts = {}
+    first = basic_prompt(seed=11, prefix="explain-test/cache-a")
+    facts["first"] = _run(runner, first)
+    # 1. only the Save node changes: ComfyUI keeps the sampler cached, the held run is found
+    second = copy.deepcopy(first)
+    second["7"]["inputs"]["filename_prefix"] = "explain-test/cache-b"
+    facts["second"] = _run(runner, second)
+    # 2. the held runs are gone (restart, eviction) but the sampler is still cached: clear error
+    runs.REGISTRY.clear()
+    third = copy.deepcopy(first)
+    third["7"]["inputs"]["filename_prefix"] = "explain-test/cache-c"
+    facts["evicted"] = _run(runner, third)
+    # 3. a new seed re-runs the sampler: the trace is the new run's
+    fourth = copy.deepcopy(third)
+    fourth["6"]["inputs"]["seed"] = 12
+    facts["reseeded"] = _run(runner, fourth)
+    if facts["reseeded"]["result"]["ok"]:
+        facts["reseeded_final_latent_diff"] = _final_matches(runner, facts["reseeded"]["trace"]["path"], "6")
+    # 4. the Tap re-executes (new prompt text), the sampler with it: a fresh run, new words
+    fifth = copy.deepcopy(fourth)
+    fifth["2"]["inputs"]["text"] = fifth["4"]["inputs"]["prompt"] = "a green triangle"
+    facts["new_prompt"] = _run(runner, fifth)
+    return facts
+
+
+def two_runs_one_tap(runner, nodes_module, work) -> dict:
+    """Two samplers share one tapped model: each explanation gets its own sampler's run, and a
+    latent from an untapped sampler gets a clear error."""
+    prompt = basic_prompt(seed=21, prefix="explain-test/run-a")
+    prompt["8"] = copy.deepcopy(prompt["6"])
+    prompt["8"]["inputs"]["seed"] = 22
+    prompt["8"]["inputs"]["steps"] = 2
+    prompt["9"] = {"class_type": "DiffusionExplainSaveTrace", "inputs": {"trace": ["4", 1], "latent": ["8", 0], "filename_prefix": "explain-test/run-b"}}
+    result = runner.run(prompt)
+    facts = {"result": result}
+    if result["ok"]:
+        a, b = _saved(result, "7"), _saved(result, "9")
+        facts["steps"] = [_trace(a).num_steps, _trace(b).num_steps]
+        facts["final_latent_diff"] = [_final_matches(runner, a, "6"), _final_matches(runner, b, "8")]
+    untapped = basic_prompt(seed=23, prefix="explain-test/untapped")
+    untapped["6"]["inputs"]["model"] = ["1", 0]
+    facts["untapped"] = runner.run(untapped)
+    return facts
+
+
+def chained_patch(runner, nodes_module, work) -> dict:
+    """Another pack's attn2 replace stays in charge of the output; the Tap chains to it."""
+    import comfy.sample
+    import comfy.samplers
+    import latent_preview  # noqa: F401
+    import nodes as comfy_nodes
+
+    taps = pack_module("nodes.taps")
+    tap_node = pack_module("nodes.tap_node")
+    runs = pack_module("nodes.runs")
+    calls = {"n": 0}
+    with torch.inference_mode():
+        model, clip, _vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT_NAME)[:3]
+
+        def other_pack(q, k, v, extra_options):
+            from comfy.ldm.modules.attention import optimized_attention
+
+            calls["n"] += 1
+            return optimized_attention(q, k, v, extra_options["n_heads"])
+
+        other = model.clone()
+        other.set_model_attn2_replace(other_pack, "input", 1, 0)
+        tapped, handle = tap_node.ExplainTap().tap(other, clip=clip, prompt=PROMPT, unique_id="chain")
+        positive = comfy_nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
+        negative = comfy_nodes.CLIPTextEncode().encode(clip, NEGATIVE)[0]
+        latent = {"samples": torch.zeros(1, 4, 8, 8)}
+        (out,) = comfy_nodes.common_ksampler(tapped, 3, 2, 5.0, "euler", "normal", positive, negative, latent)
+        trace = handle.resolve(out)
+    return {
+        "other_pack_calls": calls["n"],
+        "steps": trace.num_steps,
+        "chained": trace.meta.get("chained_attention_patches"),
+        "original_untouched": len(model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})),
+        "registry_runs": len(runs.REGISTRY),
+        "taps_module": taps.__name__,
+    }
 
 
 SCENARIOS = {
-    "smoke": smoke,
+    "txt2img_workflow": txt2img_workflow,
+    "sampler_custom_workflow": sampler_custom_workflow,
+    "heun": heun,
+    "dpm_2": dpm_2,
+    "cfg_one": cfg_one,
+    "batch_nonsquare": batch_nonsquare,
+    "same_output_as_untapped": same_output_as_untapped,
+    "ksampler_advanced": ksampler_advanced,
+    "sampler_custom_advanced": sampler_custom_advanced,
+    "caching": caching,
+    "two_runs_one_tap": two_runs_one_tap,
+    "chained_patch": chained_patch,
 }

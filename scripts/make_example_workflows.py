@@ -1,0 +1,247 @@
+"""Write the ComfyUI example workflows in ``example_workflows/`` (UI format, as the front end
+saves them, so they open by drag-and-drop and appear under the pack's templates).
+
+    python scripts/make_example_workflows.py
+
+Socket and widget lists of this pack's nodes come from their ``INPUT_TYPES``; those of the
+stock nodes used are written out below (ComfyUI a125cd84). The integration tests load the
+files through ComfyUI's own node definitions, so a mismatch fails there.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+# Stock nodes: (sockets [(name, type)], widgets [names, with control values after seeds], outputs [(name, type)])
+STOCK = {
+    "CheckpointLoaderSimple": ([], ["ckpt_name"], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "PrimitiveStringMultiline": ([], ["value"], [("STRING", "STRING")]),
+    "CLIPTextEncode": ([("clip", "CLIP")], ["text"], [("CONDITIONING", "CONDITIONING")]),
+    "EmptyLatentImage": ([], ["width", "height", "batch_size"], [("LATENT", "LATENT")]),
+    "KSampler": (
+        [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
+        ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+        [("LATENT", "LATENT")],
+    ),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [], [("IMAGE", "IMAGE")]),
+    "SaveImage": ([("images", "IMAGE")], ["filename_prefix"], []),
+    "KSamplerSelect": ([], ["sampler_name"], [("SAMPLER", "SAMPLER")]),
+    "SamplerCustom": (
+        [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("sampler", "SAMPLER"),
+         ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
+        ["add_noise", "noise_seed", "control_after_generate", "cfg"],
+        [("output", "LATENT"), ("denoised_output", "LATENT")],
+    ),  # fmt: skip
+}
+
+
+def pack_node_spec(class_type: str):
+    """(sockets, widgets, outputs, defaults) of one of this pack's nodes, from its INPUT_TYPES."""
+    from nodes import NODE_CLASS_MAPPINGS
+
+    cls = NODE_CLASS_MAPPINGS[class_type]
+    sockets, widgets, defaults = [], [], {}
+    spec = cls.INPUT_TYPES()
+    for section in ("required", "optional"):
+        for name, entry in (spec.get(section) or {}).items():
+            kind = entry[0]
+            options = entry[1] if len(entry) > 1 else {}
+            if isinstance(kind, (list, tuple)) or (kind in WIDGETS and not options.get("forceInput")):
+                widgets.append(name)
+                defaults[name] = options.get("default", kind[0] if isinstance(kind, (list, tuple)) else None)
+            else:
+                sockets.append((name, kind))
+    names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+    outputs = list(zip(names, cls.RETURN_TYPES))
+    return sockets, widgets, outputs, defaults
+
+
+class Workflow:
+    def __init__(self):
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def add(self, class_type: str, pos, widgets: dict | None = None, size=(320, 160), title: str | None = None) -> dict:
+        widgets = dict(widgets or {})
+        if class_type in STOCK:
+            sockets, widget_names, outputs = STOCK[class_type]
+            defaults = {}
+        else:
+            sockets, widget_names, outputs, defaults = pack_node_spec(class_type)
+        values = []
+        for name in widget_names:
+            if name == "control_after_generate":
+                values.append("fixed")
+            elif name in widgets:
+                values.append(widgets.pop(name))
+            elif name in defaults:
+                values.append(defaults[name])
+            else:
+                raise KeyError(f"{class_type}: no value for widget {name!r}")
+        if widgets:
+            raise KeyError(f"{class_type} has no widgets {sorted(widgets)}")
+        node = {
+            "id": len(self.nodes) + 1,
+            "type": class_type,
+            "pos": list(pos),
+            "size": list(size),
+            "flags": {},
+            "order": len(self.nodes),
+            "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": None} for n, t in sockets],
+            "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
+            "properties": {"Node name for S&R": class_type},
+            "widgets_values": values,
+        }
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        return node
+
+    def connect(self, src: dict, slot: int, dst: dict, name: str) -> None:
+        kind = src["outputs"][slot]["type"]
+        link_id = len(self.links) + 1
+        target = next((i for i in dst["inputs"] if i["name"] == name), None)
+        if target is None:  # a widget turned into an input socket
+            target = {"name": name, "type": kind, "widget": {"name": name}, "link": None}
+            dst["inputs"].append(target)
+        target["link"] = link_id
+        src["outputs"][slot]["links"].append(link_id)
+        self.links.append([link_id, src["id"], slot, dst["id"], dst["inputs"].index(target), kind])
+
+    def to_json(self) -> dict:
+        return {
+            "last_node_id": len(self.nodes),
+            "last_link_id": len(self.links),
+            "nodes": self.nodes,
+            "links": self.links,
+            "groups": [],
+            "config": {},
+            "extra": {"ds": {"scale": 0.7, "offset": [0, 0]}},
+            "version": 0.4,
+        }
+
+
+PROMPT = "a photo of a red apple on a wooden table, blue sky in the background"
+NEGATIVE = "blurry, low quality"
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+
+
+def _prompting(wf: Workflow):
+    ckpt = wf.add("CheckpointLoaderSimple", (0, 0), {"ckpt_name": CHECKPOINT}, size=(320, 100))
+    text = wf.add("PrimitiveStringMultiline", (0, 160), {"value": PROMPT}, title="Prompt", size=(320, 120))
+    negative_text = wf.add("PrimitiveStringMultiline", (0, 320), {"value": NEGATIVE}, title="Negative prompt", size=(320, 100))
+    positive = wf.add("CLIPTextEncode", (360, 160), {"text": ""}, size=(300, 80))
+    negative = wf.add("CLIPTextEncode", (360, 320), {"text": ""}, size=(300, 80))
+    for enc, source in ((positive, text), (negative, negative_text)):
+        wf.connect(ckpt, 1, enc, "clip")
+        wf.connect(source, 0, enc, "text")
+    tap = wf.add("DiffusionExplainTap", (360, -260), size=(320, 200))
+    wf.connect(ckpt, 0, tap, "model")
+    wf.connect(ckpt, 1, tap, "clip")
+    wf.connect(text, 0, tap, "prompt")
+    wf.connect(negative_text, 0, tap, "negative_prompt")
+    return ckpt, positive, negative, tap
+
+
+def txt2img_explain() -> dict:
+    """Stock txt2img (KSampler) with the Tap and every explanation node."""
+    wf = Workflow()
+    ckpt, positive, negative, tap = _prompting(wf)
+    latent = wf.add("EmptyLatentImage", (360, 460), {"width": 512, "height": 512, "batch_size": 1}, size=(300, 110))
+    sampler = wf.add(
+        "KSampler", (720, 0),
+        {"seed": 42, "steps": 20, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
+        size=(300, 270),
+    )  # fmt: skip
+    wf.connect(tap, 0, sampler, "model")
+    wf.connect(positive, 0, sampler, "positive")
+    wf.connect(negative, 0, sampler, "negative")
+    wf.connect(latent, 0, sampler, "latent_image")
+    decode = wf.add("VAEDecode", (1060, 0), size=(220, 50))
+    wf.connect(sampler, 0, decode, "samples")
+    wf.connect(ckpt, 2, decode, "vae")
+    save = wf.add("SaveImage", (1060, 100), {"filename_prefix": "diffusion-explain/image"}, size=(300, 300))
+    wf.connect(decode, 0, save, "images")
+
+    def explanation(class_type, pos, widgets=None, size=(340, 330)):
+        node = wf.add(class_type, pos, widgets, size=size)
+        wf.connect(tap, 1, node, "trace")
+        wf.connect(sampler, 0, node, "latent")
+        return node
+
+    heat = explanation("DiffusionExplainWordHeatmaps", (1400, -400))
+    wf.connect(decode, 0, heat, "image")
+    steps = explanation("DiffusionExplainStepPreviews", (1400, 0), {"count": 8})
+    wf.connect(ckpt, 2, steps, "vae")
+    explanation("DiffusionExplainConceptScores", (1400, 400))
+    recovery = explanation("DiffusionExplainRecovery", (1800, 400))
+    wf.connect(ckpt, 2, recovery, "vae")
+    for class_type, pos, widgets in (
+        ("DiffusionExplainRise", (1800, -400), {"step": 10, "n_masks": 256}),
+        ("DiffusionExplainCam", (1800, 0), {"step": 10}),
+    ):
+        node = explanation(class_type, pos, widgets, size=(340, 420))
+        wf.connect(tap, 0, node, "model")
+        wf.connect(positive, 0, node, "positive")
+        wf.connect(negative, 0, node, "negative")
+        wf.connect(decode, 0, node, "image")
+    saver = explanation("DiffusionExplainSaveTrace", (1060, 460), {"filename_prefix": "diffusion-explain/trace"}, size=(300, 130))
+    wf.connect(ckpt, 2, saver, "vae")
+    return wf.to_json()
+
+
+def sampler_custom_exponential() -> dict:
+    """SamplerCustom driven by the paper's exponential sigmas, tapped and explained."""
+    wf = Workflow()
+    ckpt, positive, negative, tap = _prompting(wf)
+    latent = wf.add("EmptyLatentImage", (360, 460), {"width": 512, "height": 512, "batch_size": 1}, size=(300, 110))
+    select = wf.add("KSamplerSelect", (360, 600), {"sampler_name": "dpmpp_2m"}, size=(300, 60))
+    sigmas = wf.add("DiffusionExplainExponentialSigmas", (360, 700), {"steps": 20, "schedule": "early", "lam": 60}, size=(300, 130))
+    wf.connect(ckpt, 0, sigmas, "model")
+    sampler = wf.add("SamplerCustom", (720, 0), {"add_noise": True, "noise_seed": 42, "cfg": 7.0}, size=(300, 250))
+    wf.connect(tap, 0, sampler, "model")
+    wf.connect(positive, 0, sampler, "positive")
+    wf.connect(negative, 0, sampler, "negative")
+    wf.connect(select, 0, sampler, "sampler")
+    wf.connect(sigmas, 0, sampler, "sigmas")
+    wf.connect(latent, 0, sampler, "latent_image")
+    decode = wf.add("VAEDecode", (1060, 0), size=(220, 50))
+    wf.connect(sampler, 0, decode, "samples")
+    wf.connect(ckpt, 2, decode, "vae")
+    save = wf.add("SaveImage", (1060, 100), {"filename_prefix": "diffusion-explain/early"}, size=(300, 300))
+    wf.connect(decode, 0, save, "images")
+    concept = wf.add("DiffusionExplainConceptScores", (1400, 0), size=(340, 330))
+    heat = wf.add("DiffusionExplainWordHeatmaps", (1400, 380), size=(340, 330))
+    saver = wf.add("DiffusionExplainSaveTrace", (1060, 460), {"filename_prefix": "diffusion-explain/early-trace"}, size=(300, 130))
+    for node in (concept, heat, saver):
+        wf.connect(tap, 1, node, "trace")
+        wf.connect(sampler, 0, node, "latent")
+    wf.connect(decode, 0, heat, "image")
+    wf.connect(ckpt, 2, saver, "vae")
+    return wf.to_json()
+
+
+WORKFLOWS = {
+    "txt2img_explain.json": txt2img_explain,
+    "sampler_custom_exponential_sigmas.json": sampler_custom_exponential,
+}
+
+
+def main() -> None:
+    folder = REPO / "example_workflows"
+    folder.mkdir(exist_ok=True)
+    for name, build in WORKFLOWS.items():
+        (folder / name).write_text(json.dumps(build(), indent=1) + "\n")
+        print(folder / name)
+
+
+if __name__ == "__main__":
+    main()
