@@ -115,6 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--width-div", type=int, default=1, help="divide the SD1.5 UNet's channels (quick CPU check)")
     ap.add_argument("--keep-layers", action="store_true", help="also keep per-layer maps")
+    ap.add_argument("--method", default="auto", choices=("auto", "explicit", "sdpa"), help="how the tap computes probabilities")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
     def traced(previews=False):
         sync()
         t0 = time.perf_counter()
-        with trace(pipe, keep_layers=args.keep_layers, previews=previews) as tr:
+        with trace(pipe, keep_layers=args.keep_layers, previews=previews, method=args.method) as tr:
             call()
         sync()
         return time.perf_counter() - t0, tr.trace
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
     print(f"model: {name}; device: {torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}"
           f" ({torch.get_num_threads()} CPU threads); torch {torch.__version__}; load {load_s:.1f} s")
     print(f"run: {steps} steps, {last.meta['height']}x{last.meta['width']} px, latent {tuple(last.x_t.shape[-2:])}, "
-          f"guidance {args.guidance}, {last.meta['scheduler']}, keep_layers={args.keep_layers}")
+          f"guidance {args.guidance}, {last.meta['scheduler']}, keep_layers={args.keep_layers}, method={args.method}")
     print(f"plain  : median {p:.3f} s  ({', '.join(f'{x:.3f}' for x in plain_times)})")
     print(f"traced : median {q:.3f} s  ({', '.join(f'{x:.3f}' for x in traced_times)})")
     print(f"overhead: ratio {q / p:.3f} ({(q / p - 1) * 100:+.1f} %), target <= +3 %")

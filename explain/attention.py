@@ -48,12 +48,8 @@ def attention_probs(
         scale = 1.0 / math.sqrt(query.shape[-1])
     if upcast:
         query, key = query.float(), key.float()
-    # One fused batched GEMM with the scale folded in (as diffusers' get_attention_scores does).
-    lead, n, t = query.shape[:-2], query.shape[-2], key.shape[-2]
-    q3 = query.reshape(-1, n, query.shape[-1])
-    k3 = key.reshape(-1, t, key.shape[-1])
-    empty = torch.empty(q3.shape[0], n, t, dtype=q3.dtype, device=q3.device)
-    scores = torch.baddbmm(empty, q3, k3.transpose(-1, -2), beta=0, alpha=scale).view(*lead, n, t)
+    # Scaling the queries first keeps half-precision scores in range (and is one op less).
+    scores = torch.matmul(query * scale, key.transpose(-1, -2))
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
@@ -64,7 +60,46 @@ def attention_probs(
 
 def attention_output(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """probs @ value, in the value's dtype (what the attention layer returns before ``to_out``)."""
-    return torch.matmul(probs.to(value.dtype), value)
+    return torch.matmul(probs if probs.dtype == value.dtype else probs.to(value.dtype), value)
+
+
+CAPTURE_METHODS = ("explicit", "sdpa")
+_IDENTITY_CACHE: dict = {}
+
+
+def attention_with_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    method: str = "explicit",
+    upcast: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention output ``[..., N, d]`` and the probabilities ``[..., N, T]`` in one go.
+
+    ``"explicit"``: `attention_probs` then `attention_output`. ``"sdpa"``: one fused
+    ``scaled_dot_product_attention`` call on the values with a T×T identity appended
+    (softmax(·)·[V | I] = [softmax(·)·V | softmax(·)]), zero-padded to a multiple of 8 features
+    so flash / memory-efficient kernels take it: the probabilities come out of the fast kernel,
+    with fewer operations to launch (what matters when a GPU waits on Python). ``upcast``
+    computes in float32 (explicit method only; SDPA kernels accumulate in float32 anyway)."""
+    if method == "explicit":
+        probs = attention_probs(query, key, scale=scale, mask=mask, upcast=upcast)
+        return attention_output(probs, value), probs
+    if method != "sdpa":
+        raise ValueError(f"unknown capture method {method!r}; choose one of {CAPTURE_METHODS}")
+    t, d = key.shape[-2], value.shape[-1]
+    cache_key = (t, d, value.dtype, value.device)
+    eye = _IDENTITY_CACHE.get(cache_key)
+    if eye is None:
+        eye = torch.zeros(t, t + (-(d + t)) % 8, dtype=value.dtype, device=value.device)
+        eye[:, :t] = torch.eye(t, dtype=value.dtype, device=value.device)
+        _IDENTITY_CACHE.clear()  # one model at a time: keep the cache from growing
+        _IDENTITY_CACHE[cache_key] = eye
+    extended = torch.cat([value, eye.expand(*value.shape[:-2], *eye.shape)], dim=-1)
+    out = F.scaled_dot_product_attention(query, key, extended, attn_mask=mask, scale=scale)
+    return out[..., :d], out[..., d : d + t]
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -189,8 +224,8 @@ class StepAccumulator:
         self.store_dtype = store_dtype
         self.store_device = torch.device(store_device)
         self.offload_each_step = offload_each_step
-        self._sums: dict[tuple[int, int], torch.Tensor] = {}  # layer resolution -> sum of this step's maps
-        self._counts: dict[tuple[int, int], int] = {}
+        self._sums: dict[tuple[int, int, int], torch.Tensor] = {}  # (h, w, heads) -> this step's summed probabilities
+        self._counts: dict[tuple[int, int, int], int] = {}
         self._shape: tuple[int, int] | None = None  # (rows, tokens) of this step
         self._count = 0
         self._layer_maps: dict[str, list[tuple[torch.Tensor, tuple[int, int]]]] = {}  # name -> this step's maps
@@ -213,59 +248,91 @@ class StepAccumulator:
         layer_size: tuple[int, int] | None = None,
         heads: int | None = None,
     ) -> None:
-        if self.tokens is not None:
-            probs = probs[..., : self.tokens]
-        avg = head_mean(probs, heads, dtype=torch.float32)  # [B, N, T]
-        if self.latent_size is None:
-            raise ValueError("the accumulator does not know the latent size yet; pass latent_size=")
+        # Called once per layer per model call, so it does as little as possible: one in-place
+        # float32 addition of the raw probabilities into a per-(resolution, heads) sum on the
+        # device. Head means, token cuts and resizing wait for end_step, once per resolution
+        # (bilinear resizing is linear, so this equals the mean of the resized layers).
+        if probs.ndim == 3:
+            if heads not in (None, 1):
+                if probs.shape[0] % heads:
+                    raise ValueError(f"batch·heads axis {probs.shape[0]} is not a multiple of {heads} heads")
+                probs = probs.view(probs.shape[0] // heads, heads, *probs.shape[1:])
+            else:
+                probs = probs.unsqueeze(1)
+        elif probs.ndim != 4:
+            raise ValueError(f"attention probabilities must be [B, heads, N, T] or [B*heads, N, T], got {tuple(probs.shape)}")
         if layer_size is None:
-            layer_size = layer_grid(avg.shape[1], self.latent_size)
-        layer_size = (int(layer_size[0]), int(layer_size[1]))
-        if layer_size[0] * layer_size[1] != avg.shape[1]:
-            raise ValueError(f"layer {name!r}: {avg.shape[1]} image positions do not fill a {layer_size[0]}×{layer_size[1]} grid")
-        shape = (avg.shape[0], avg.shape[2])
-        if self._shape is not None and self._shape != shape:
+            if self.latent_size is None:
+                raise ValueError("the accumulator does not know the latent size yet; pass latent_size=")
+            layer_size = layer_grid(probs.shape[2], self.latent_size)
+        key = (int(layer_size[0]), int(layer_size[1]), probs.shape[1])
+        summed = self._sums.get(key)
+        if summed is None:
+            if key[0] * key[1] != probs.shape[2]:
+                raise ValueError(f"layer {name!r}: {probs.shape[2]} image positions do not fill a {key[0]}×{key[1]} grid")
+            shape = (probs.shape[0], probs.shape[3])
+            if self._shape is None:
+                self._shape = shape
+            elif self._shape != shape:
+                raise ValueError(
+                    f"layer {name!r} gives maps for {shape[0]} rows × {shape[1]} tokens but earlier layers of this "
+                    f"step gave {self._shape[0]} × {self._shape[1]}; every layer of one step must see the same batch and context"
+                )
+            self._sums[key] = probs.to(torch.float32, copy=True)
+            self._counts[key] = 1
+        elif summed.shape != probs.shape:
             raise ValueError(
-                f"layer {name!r} gives maps for {shape[0]} rows × {shape[1]} tokens but earlier layers of this "
-                f"step gave {self._shape[0]} × {self._shape[1]}; every layer of one step must see the same batch and context"
+                f"layer {name!r} gives probabilities of shape {tuple(probs.shape)} but earlier layers of this step at "
+                f"its resolution gave {tuple(summed.shape)}; every layer of one step must see the same batch and context"
             )
-        self._shape = shape
-        # Sums stay in the [B, N, T] layout and per resolution until end_step: bilinear resizing
-        # is linear, so resizing each resolution's sum once equals the mean of resized layers,
-        # at a fraction of the work per layer (one reduction and one addition).
-        if avg.data_ptr() == probs.data_ptr():
-            avg = avg.clone()  # never keep (or add into) the caller's tensor
-        if layer_size in self._sums:
-            self._sums[layer_size] += avg
-            self._counts[layer_size] += 1
         else:
-            self._sums[layer_size] = avg.clone() if self.keep_layers else avg
-            self._counts[layer_size] = 1
+            summed.add_(probs)
+            self._counts[key] += 1
         self._count += 1
         if self.keep_layers:
-            self._layer_maps.setdefault(name, []).append((avg, layer_size))
+            self._layer_maps.setdefault(name, []).append((self._head_mean(probs), key[:2]))
 
-    def end_step(self) -> None:
-        """Close the step: store the mean over the layers added since the last call."""
+    def _head_mean(self, summed: torch.Tensor, count: int = 1) -> torch.Tensor:
+        """[B, heads, N, T] sum over ``count`` layers → [B, N, T'] float32 mean (tokens cut)."""
+        if self.tokens is not None:
+            summed = summed[..., : self.tokens]
+        mean = summed.mean(dim=1, dtype=torch.float32)
+        return mean / count if count != 1 else mean
+
+    def end_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Close the step: store the mean over the layers added since the last call; return it
+        (``[B, T, h, w]``) and this step's per-layer / per-resolution maps."""
         if self._count == 0:
             raise RuntimeError(
                 "no cross-attention was recorded during this step; is another attention processor "
                 "replacing the tap's, or does the model have no cross-attention?"
             )
+        if self.latent_size is None:
+            raise ValueError("the accumulator does not know the latent size; pass latent_size=")
         total = None
-        for size, summed in self._sums.items():
-            resized = resize_maps(to_maps(summed, size), self.latent_size)
+        by_size: dict[tuple[int, int], list] = {}
+        for (h, w, _heads), summed in self._sums.items():
+            layer_sum = self._head_mean(summed)  # sum over layers of head means
+            entry = by_size.setdefault((h, w), [None, 0])
+            entry[0] = layer_sum if entry[0] is None else entry[0] + layer_sum
+            entry[1] += self._counts[(h, w, _heads)]
+        for size, (layer_sum, _) in by_size.items():
+            resized = resize_maps(to_maps(layer_sum, size), self.latent_size)
             total = resized if total is None else total + resized
-        self._steps.append(self._finish(total / self._count))
+        record = self._finish(total / self._count)
+        self._steps.append(record)
+        layers: dict[str, torch.Tensor] = {}
         if self.keep_resolutions:
-            for size, summed in self._sums.items():
-                mean = to_maps(summed / self._counts[size], size)
-                self._layer_steps.setdefault(f"{size[0]}x{size[1]}", []).append(self._finish(mean))
+            for size, (layer_sum, count) in by_size.items():
+                layers[f"{size[0]}x{size[1]}"] = self._finish(to_maps(layer_sum / count, size))
         for name, entries in self._layer_maps.items():
             size = entries[0][1]
             mean = torch.stack([e[0] for e in entries]).mean(0) if len(entries) > 1 else entries[0][0]
-            self._layer_steps.setdefault(name, []).append(self._finish(to_maps(mean, size)))
+            layers[name] = self._finish(to_maps(mean, size))
+        for name, t in layers.items():
+            self._layer_steps.setdefault(name, []).append(t)
         self.discard_step()
+        return record, layers
 
     def discard_step(self) -> None:
         self._sums = {}

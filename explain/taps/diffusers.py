@@ -48,7 +48,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from explain.attention import COND, UNCOND, StepAccumulator, attention_output, attention_probs, branch_rows
+from explain.attention import CAPTURE_METHODS, COND, UNCOND, StepAccumulator, attention_with_probs, branch_rows
 from explain.noise import x0_from_model_output
 from explain.tokens import PromptTokens, pad_token_list, tokenize_prompt
 from explain.trace import Trace
@@ -109,8 +109,10 @@ class CaptureCrossAttnProcessor:
         # Half-precision models keep half-precision scores unless the layer asks for upcasting,
         # exactly like diffusers' own explicit path (the softmax accumulates in float32 anyway).
         upcast = bool(getattr(attn, "upcast_attention", False) or getattr(attn, "upcast_softmax", False))
-        probs = attention_probs(query, key, scale=attn.scale, mask=attention_mask, upcast=upcast)  # [B, heads, N, T]
-        hidden_states = attention_output(probs, value)
+        method = self.tap.method if self.tap.method != "auto" else ("sdpa" if query.is_cuda and not upcast else "explicit")
+        hidden_states, probs = attention_with_probs(
+            query, key, value, scale=attn.scale, mask=attention_mask, method=method, upcast=upcast
+        )  # probs: [B, heads, N, T]
         self.tap._record_attention(self.name, probs, grid)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(value.dtype)
@@ -135,9 +137,11 @@ class _Run:
     batch: int | None = None
     guided: bool | None = None
     context_length: int | None = None
-    cond: StepAccumulator | None = None
-    negative: StepAccumulator | None = None
+    attention: StepAccumulator | None = None  # every row of the model batch, split at step end
     cond_or_uncond: list[int] | None = None
+    cond_maps: list[torch.Tensor] = field(default_factory=list)
+    negative_maps: list[torch.Tensor | None] = field(default_factory=list)
+    layer_maps: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     latent_size: tuple[int, int] | None = None
     # Per step, kept as the pipeline's own (device) tensors until the trace is built, so that
     # recording needs no device-to-host sync: x_t, the guided model output, the timestep, and
@@ -164,7 +168,10 @@ class DiffusersTap:
         seed: int | None = None,
         store_dtype: torch.dtype = torch.float32,
         full_context: bool = False,
+        method: str = "auto",
     ):
+        if method not in ("auto", *CAPTURE_METHODS):
+            raise ValueError(f"method must be 'auto' or one of {CAPTURE_METHODS}, got {method!r}")
         if getattr(pipe, "unet", None) is None or getattr(pipe, "scheduler", None) is None:
             raise TypeError(
                 f"trace() needs a diffusers UNet pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline); "
@@ -180,6 +187,7 @@ class DiffusersTap:
         self.seed = seed
         self.store_dtype = store_dtype
         self.full_context = full_context
+        self.method = method
         self.traces: list[Trace] = []
         self._run: _Run | None = None
         self._undo: list = []
@@ -312,13 +320,15 @@ class DiffusersTap:
                 run.negative_tokens = [t for t in tokens for _ in range(per_prompt)]
         self._run = run
 
-    def _new_accumulator(self, tokens: list[PromptTokens], context_length: int, layers: bool) -> StepAccumulator:
-        keep = max((len(t.tokens) for t in tokens), default=context_length)
+    def _new_accumulator(self, run: _Run) -> StepAccumulator:
+        lengths = [len(t.tokens) for t in run.prompt_tokens + run.negative_tokens]
+        unnamed = not run.prompt_tokens or (run.guided and self.negative and not run.negative_tokens)
+        keep = run.context_length if unnamed or self.full_context else max(lengths)
         return StepAccumulator(
-            latent_size=self._run.latent_size,
-            tokens=None if self.full_context else min(keep, context_length),
-            keep_layers=layers and self.keep_layers is True,
-            keep_resolutions=layers and self.keep_layers == "resolution",
+            latent_size=run.latent_size,
+            tokens=min(keep, run.context_length),
+            keep_layers=self.keep_layers is True,
+            keep_resolutions=self.keep_layers == "resolution",
             store_dtype=self.store_dtype,
         )
 
@@ -346,22 +356,16 @@ class DiffusersTap:
                 "InstructPix2Pix are not supported)"
             )
         size = (int(sample.shape[-2]), int(sample.shape[-1]))
-        if run.cond is None or run.latent_size != size:
+        if run.attention is None or run.latent_size != size:
             run.latent_size = size
-            run.cond = self._new_accumulator(run.prompt_tokens, run.context_length, layers=True)
-            if run.guided and self.negative:
-                run.negative = self._new_accumulator(run.negative_tokens, run.context_length, layers=False)
+            run.attention = self._new_accumulator(run)
         run.model_calls += 1
         return None
 
     def _record_attention(self, name: str, probs: torch.Tensor, grid) -> None:
         run = self._run
-        if run is None or run.cond is None or run.cond_or_uncond is None:
-            return
-        rows = probs.shape[0]
-        run.cond.add(name, probs[branch_rows(run.cond_or_uncond, rows, COND)], grid)
-        if run.negative is not None and UNCOND in run.cond_or_uncond:
-            run.negative.add(name, probs[branch_rows(run.cond_or_uncond, rows, UNCOND)], grid)
+        if run is not None and run.attention is not None:
+            run.attention.add(name, probs, grid)
 
     def _wrap_step(self, scheduler):
         original = scheduler.step
@@ -379,26 +383,26 @@ class DiffusersTap:
 
     def _after_step(self, scheduler, arguments: dict, out, starts_step: bool) -> None:
         run = self._run
-        if run is None or run.cond is None:
+        if run is None or run.attention is None:
             return
         prev = out[0] if isinstance(out, tuple) else out.prev_sample
         run.final_latent = prev.detach()
         if not starts_step:
-            run.cond.discard_step()
-            if run.negative is not None:
-                run.negative.discard_step()
+            run.attention.discard_step()
             return
         model_output, timestep, sample = arguments["model_output"], arguments["timestep"], arguments["sample"]
         run.x_t.append(sample.detach().clone())
         run.model_outputs.append(model_output.detach().clone())
         run.timesteps.append(timestep.detach().clone() if isinstance(timestep, torch.Tensor) else timestep)
         run.sigmas.append(_table_sigma(scheduler))
-        run.cond.end_step()
-        if run.negative is not None:
-            if run.negative.pending:
-                run.negative.end_step()
-            else:
-                run.negative.discard_step()
+        record, layers = run.attention.end_step()  # [rows, T, h, w]; rows as in the model batch
+        rows = record.shape[0]
+        cond = branch_rows(run.cond_or_uncond, rows, COND)
+        run.cond_maps.append(record[cond])
+        uncond = branch_rows(run.cond_or_uncond, rows, UNCOND)
+        run.negative_maps.append(record[uncond] if self.negative and uncond != [] else None)
+        for name, maps in layers.items():
+            run.layer_maps.setdefault(name, []).append(maps[cond])
 
     def _wrap_decode(self, original):
         def decode(*args, **kwargs):
@@ -428,10 +432,12 @@ class DiffusersTap:
         for sample, output, sigma in zip(run.x_t, run.model_outputs, sigmas):
             x_vp = sample.float() / math.sqrt(1.0 + sigma * sigma) if space == "sigma" else sample.float()
             x0.append(x0_from_model_output(x_vp, output.float(), 1.0 / (1.0 + sigma * sigma), prediction_type).cpu())
-        attention = run.cond.records()
-        if attention is None or attention.shape[0] != steps:
-            raise RuntimeError(f"attention was recorded for {0 if attention is None else attention.shape[0]} of {steps} steps")
-        t_len = attention.shape[2]
+        if len(run.cond_maps) != steps:
+            raise RuntimeError(f"attention was recorded for {len(run.cond_maps)} of {steps} steps")
+        t_len = max((len(t.tokens) for t in run.prompt_tokens), default=run.context_length)
+        if self.full_context:
+            t_len = run.context_length
+        attention = _stack_cpu(run.cond_maps, t_len, self.store_dtype)
         tokens, words, prompts = self._token_lists(run.prompt_tokens, run.prompts, run.batch, t_len)
         trace = Trace(
             prompts=prompts,
@@ -442,19 +448,21 @@ class DiffusersTap:
             x_t=torch.stack([x.float().cpu() for x in run.x_t]),
             x0=torch.stack(x0),
             attention=attention,
-            attention_layers=run.cond.layer_records(),
+            attention_layers={
+                name: _stack_cpu(maps, t_len, self.store_dtype) for name, maps in run.layer_maps.items() if len(maps) == steps
+            },
             final_latent=run.final_latent.float().cpu() if run.final_latent is not None else None,
             images=run.images.cpu() if run.images is not None else None,
             meta=self._meta(run, steps),
         )
-        if run.negative is not None:
-            negative = run.negative.records()
-            if negative is not None and negative.shape[0] == steps:
-                trace.attention_negative = negative
-                n_len = negative.shape[2]
-                trace.negative_tokens, trace.negative_words, trace.negative_prompts = self._token_lists(
-                    run.negative_tokens, run.negative_prompts, run.batch, n_len
-                )
+        if run.negative_maps and all(m is not None for m in run.negative_maps):
+            n_len = max((len(t.tokens) for t in run.negative_tokens), default=run.context_length)
+            if self.full_context:
+                n_len = run.context_length
+            trace.attention_negative = _stack_cpu(run.negative_maps, n_len, self.store_dtype)
+            trace.negative_tokens, trace.negative_words, trace.negative_prompts = self._token_lists(
+                run.negative_tokens, run.negative_prompts, run.batch, n_len
+            )
         if self.previews and getattr(self.pipe, "vae", None) is not None:
             self._decoding = True
             try:
@@ -565,6 +573,11 @@ def _call_starts_step(scheduler) -> bool:
     return True
 
 
+def _stack_cpu(maps: list[torch.Tensor], tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """Per-step ``[B, T, h, w]`` maps → ``[S, B, tokens, h, w]`` on the CPU (one transfer)."""
+    return torch.stack([m[:, :tokens] for m in maps]).to(device="cpu", dtype=dtype)
+
+
 def _table_sigma(scheduler):
     """σ of the step just taken from the scheduler's own table, read right after ``step`` (Euler,
     Heun, DPM-Solver: ``sigmas[step_index - 1]``); a float when the table is on the CPU (no
@@ -617,6 +630,7 @@ def trace(
     seed: int | None = None,
     store_dtype: torch.dtype = torch.float32,
     full_context: bool = False,
+    method: str = "auto",
 ):
     """Trace every call of ``pipe`` inside the block; ``tr.trace`` is the last call's `Trace`.
 
@@ -626,8 +640,11 @@ def trace(
     most ``preview_size``) after generation. ``negative``: record the unconditional branch's maps
     as ``attention_negative``. ``seed`` is only written to ``meta``. ``full_context`` keeps every
     context position (padding included, 77 for CLIP) instead of cutting after the last end
-    token. ``store_dtype`` is the attention maps' dtype in the trace."""
-    tap = DiffusersTap(pipe, keep_layers, previews, negative, preview_size, seed, store_dtype, full_context)
+    token. ``store_dtype`` is the attention maps' dtype in the trace. ``method`` picks how
+    probabilities are computed (`explain.attention.attention_with_probs`): "explicit" softmax,
+    "sdpa" (fused kernel with an identity appended to the values), or "auto" (sdpa on CUDA
+    unless the layer upcasts, explicit elsewhere)."""
+    tap = DiffusersTap(pipe, keep_layers, previews, negative, preview_size, seed, store_dtype, full_context, method)
     tap.install()
     try:
         yield tap

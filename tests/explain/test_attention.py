@@ -158,3 +158,21 @@ def test_accumulator_discard_step_and_errors():
     assert StepAccumulator().records() is None
     with pytest.raises(ValueError, match="latent size"):
         StepAccumulator().add("x", torch.rand(1, 4, 3))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_sdpa_identity_method_equals_explicit(masked):
+    from explain.attention import attention_with_probs
+
+    q, k, v = _qkv(t=9, d=8)
+    mask = None
+    if masked:
+        mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+        mask[..., 7:] = False
+    out_e, probs_e = attention_with_probs(q, k, v, mask=mask, method="explicit")
+    out_s, probs_s = attention_with_probs(q, k, v, mask=mask, method="sdpa")
+    assert probs_s.shape == probs_e.shape == (2, 4, 12, 9) and out_s.shape == out_e.shape == (2, 4, 12, 8)
+    assert torch.allclose(probs_s, probs_e, atol=1e-5) and torch.allclose(out_s, out_e, atol=1e-5)
+    assert torch.allclose(out_s, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-5)
+    with pytest.raises(ValueError, match="capture method"):
+        attention_with_probs(q, k, v, method="fast")

@@ -191,9 +191,10 @@ def test_sdxl_non_square_with_layers_and_both_text_encoders():
     assert np.array_equal(before, _run(pipe, ["a red circle", "blue square"], height=32, width=48))
 
 
-def test_rows_sum_to_one_over_the_full_context():
+@pytest.mark.parametrize("method", ["explicit", "sdpa"])
+def test_rows_sum_to_one_over_the_full_context(method):
     pipe = tiny_sd_pipeline("dpm++")
-    with trace(pipe, previews=False, full_context=True) as tr:
+    with trace(pipe, previews=False, full_context=True, method=method) as tr:
         _run(pipe, height=32, width=24)
     t = tr.trace
     assert t.attention.shape[2] == 77 and len(t.tokens[0]) == 77
@@ -279,3 +280,15 @@ def test_conditional_and_negative_maps_come_from_the_right_rows():
     assert torch.allclose(g.attention[0], cond_only.trace.attention[0], atol=1e-5)
     assert torch.allclose(g.attention_negative[0], neg_only.trace.attention[0], atol=1e-5)
     assert not torch.allclose(g.attention[0, :, :4], g.attention_negative[0, :, :4], atol=1e-3)
+
+
+def test_capture_methods_agree():
+    pipe = tiny_sd_pipeline("euler")
+    traces = {}
+    for method in ("explicit", "sdpa"):
+        with trace(pipe, previews=False, keep_layers="resolution", method=method) as tr:
+            _run(pipe, steps=2)
+        traces[method] = tr.trace
+    e, s = traces["explicit"], traces["sdpa"]
+    assert torch.allclose(e.attention, s.attention, atol=1e-5) and torch.allclose(e.x0, s.x0, atol=1e-4)
+    assert set(e.attention_layers) == {"16x16", "8x8"} and torch.allclose(e.attention_layers["8x8"], s.attention_layers["8x8"], atol=1e-5)
