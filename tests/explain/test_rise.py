@@ -206,3 +206,11 @@ def test_per_token_rise_on_a_pipeline(tiny):
     no_tokens = GuidedDenoiser(lambda x, lv: (None, x), "sample", 1.0)
     with pytest.raises(ValueError, match="token_model_fn"):
         df_rise_tokens(no_tokens, _token_trace(), 0, n_masks=2)
+
+
+def test_df_rise_inside_inference_mode(tiny):
+    _, trace, denoiser = tiny
+    outside = df_rise(denoiser, trace, 1, n_masks=4, batch_size=4)
+    with torch.inference_mode():
+        inside = df_rise(denoiser, trace, 1, n_masks=4, batch_size=4)
+    assert torch.allclose(outside.saliency, inside.saliency, atol=1e-5)
