@@ -44,16 +44,18 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
 
 
-def add_decoded_images(trace: Trace, vae, previews: bool = True) -> Trace:
-    """Fill ``images`` (final) and, with ``previews``, ``x0_previews``/``x_t_previews`` by
-    decoding with ``vae``, so viewers without a VAE (the Gradio app) can show pictures."""
+def add_decoded_images(trace: Trace, vae, previews: bool = True, noisy: bool = True) -> Trace:
+    """Fill ``images`` (final) and, with ``previews``, ``x0_previews`` (and, with ``noisy``,
+    ``x_t_previews``) by decoding with ``vae``, so viewers without a VAE (the Gradio app) can
+    show pictures."""
     s, b = trace.num_steps, trace.batch_size
     final = trace.final_latent if trace.final_latent is not None else trace.x0[-1]
     trace.images = to_uint8(decode(vae, vae_space(trace, final)))
     if previews:
-        flat_sigmas = trace.sigmas.repeat_interleave(b)
         x0 = decode(vae, vae_space(trace, trace.x0.reshape(s * b, *trace.x0.shape[2:])))
-        xt = decode(vae, vae_space(trace, trace.x_t.reshape(s * b, *trace.x_t.shape[2:]), flat_sigmas))
         trace.x0_previews = to_uint8(x0).reshape(s, b, *x0.shape[1:])
+    if previews and noisy:
+        flat_sigmas = trace.sigmas.repeat_interleave(b)
+        xt = decode(vae, vae_space(trace, trace.x_t.reshape(s * b, *trace.x_t.shape[2:]), flat_sigmas))
         trace.x_t_previews = to_uint8(xt).reshape(s, b, *xt.shape[1:])
     return trace

@@ -237,7 +237,7 @@ class ExplainRecovery:
         item = check_item(tr, item)
         space = "latent"
         if vae is not None:
-            tr = add_decoded_images(_copy_trace(tr), vae, previews=True)
+            tr = add_decoded_images(_copy_trace(tr), vae, previews=True, noisy=False)
             space = "preview"
         view = recovery.trace_recovery(tr, space=space, tol=float(tolerance))
         grid = as_image(render.recovery_grid(view, tr, item=item, count=count))
@@ -317,7 +317,7 @@ class ExplainRise:
         shown = result.display()
         base = base_image(tr, item, image)
         size = tuple(render.as_uint8_image(base).shape[:2])
-        mask = heatmaps.upsample(shown, size).clamp(0, 1)
+        mask = heatmaps.normalize_map(heatmaps.upsample(shown, size), "minmax")
         overlay = as_image(render.overlay(base, mask))
         aucs = {mode: game.latent_auc for mode, game in played.items()}
         info = {
@@ -384,7 +384,7 @@ class ExplainCam:
             return cam.df_cam(denoiser, tr, step, item, layers=layers, target=target, quantity=quantity, image_size=size)
 
         result = run_with_denoiser(model, positive, negative, tr, step, scale, work, separate_branches=True)
-        mask = result.display().float().clamp(0, 1)
+        mask = heatmaps.normalize_map(result.display().float(), "minmax")
         overlay = as_image(render.overlay(base, mask))
         info = {"step": step, "timestep": float(tr.timesteps[step]), "layers": layers, "modules": len(result.layers),
                 "target": target, "quantity": quantity, "cfg": scale, "item": item}  # fmt: skip

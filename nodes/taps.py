@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 
-from explain.attention import COND, UNCOND, StepAccumulator, attention_output, attention_probs, branch_rows, merge_heads, select_rows, split_heads
+from explain.attention import COND, UNCOND, StepAccumulator, attention_probs, attention_with_probs, branch_rows, merge_heads, select_rows, split_heads
 from explain.tokens import PromptTokens, comfy_prompt_tokens, pad_token_list
 from explain.trace import Trace
 
@@ -115,12 +115,17 @@ class AttentionTap:
         if run is None or _probing:
             return self._plain(q, k, v, extra_options, heads)
         dim_head = q.shape[-1] // heads
-        probs = attention_probs(split_heads(q, heads), split_heads(k, heads), scale=dim_head**-0.5)  # [B, H, N, T] fp32
+        qh, kh = split_heads(q, heads), split_heads(k, heads)
         if self.previous is not None:
             out = self.previous(q, k, v, extra_options)
+            probs = attention_probs(qh, kh, scale=dim_head**-0.5)
         else:
-            out = merge_heads(attention_output(probs, split_heads(v, heads)))
-        run.add_attention(self.name, probs, extra_options)
+            # On a GPU the probabilities come out of the fused SDPA kernel (the same kernel ComfyUI
+            # uses by default); on a CPU the explicit float32 softmax is as fast and exact.
+            method = "sdpa" if q.is_cuda else "explicit"
+            out, probs = attention_with_probs(qh, kh, split_heads(v, heads), scale=dim_head**-0.5, method=method, upcast=True)
+            out = merge_heads(out)
+        run.add_attention(self.name, probs, extra_options)  # [B, H, N, T]
         return out
 
     def _plain(self, q, k, v, extra_options, heads):

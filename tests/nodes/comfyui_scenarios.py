@@ -314,7 +314,9 @@ def chained_patch(runner, nodes_module, work) -> dict:
         "other_pack_calls": calls["n"],
         "steps": trace.num_steps,
         "chained": trace.meta.get("chained_attention_patches"),
-        "original_untouched": len(model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})),
+        "loaded_attn2_patches": len(model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})),
+        "other_attn2_patches": len(other.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})),
+        "other_patch_kept": other.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)] is other_pack,
         "registry_runs": len(runs.REGISTRY),
         "taps_module": taps.__name__,
     }

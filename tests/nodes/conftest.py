@@ -1,0 +1,9 @@
+import pytest
+
+from tests.nodes.stubs import install_folder_paths
+
+
+@pytest.fixture(autouse=True)
+def folder_paths(monkeypatch, tmp_path):
+    """ComfyUI's folder_paths, with output and temp folders in the test's tmp_path."""
+    return install_folder_paths(monkeypatch, tmp_path)

@@ -1,0 +1,185 @@
+"""The node pack inside the real ComfyUI: its own node loading, prompt validation and
+PromptExecutor, on the shipped example workflows and on hand-made graphs, with a tiny
+random-weight SD1 checkpoint built by the harness.
+
+Opt-in: set ``COMFYUI_PATH`` to a ComfyUI checkout (whose requirements, minus torch, are
+installed). All scenarios run in one ComfyUI subprocess (``comfyui_harness.py``); each test
+asserts on what one scenario reported. See the README for how to run them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+COMFYUI = os.environ.get("COMFYUI_PATH", "")
+
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not COMFYUI or not (Path(COMFYUI) / "execution.py").is_file(),
+        reason="set COMFYUI_PATH to a ComfyUI checkout to run the ComfyUI integration tests",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    work = tmp_path_factory.mktemp("comfyui")
+    out = work / "results.json"
+    cache = Path(os.environ.get("EXPLAIN_TEST_CACHE", Path(tempfile.gettempdir()) / "diffusion-explain-test-cache"))
+    cache.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, str(HERE / "comfyui_harness.py"),
+        "--comfyui", COMFYUI, "--work", str(work), "--out", str(out), "--checkpoint-cache", str(cache),
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=1800)
+    if not out.is_file():
+        pytest.fail(f"the ComfyUI harness wrote no results (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+    return json.loads(out.read_text())
+
+
+def scenario(report, name: str) -> dict:
+    facts = report.get(name)
+    assert facts is not None, f"scenario {name} did not run"
+    assert "crashed" not in facts, facts.get("traceback", facts.get("crashed"))
+    return facts
+
+
+def ok(result: dict) -> dict:
+    assert result["ok"], json.dumps(result.get("error") or result, indent=1)[:4000]
+    return result
+
+
+def test_comfyui_loads_every_node_of_the_pack(report):
+    from nodes import NODE_CLASS_MAPPINGS
+
+    assert report["loaded_pack"] == sorted(NODE_CLASS_MAPPINGS)
+
+
+def test_txt2img_example_runs_every_explanation_node(report):
+    facts = scenario(report, "txt2img_workflow")
+    ok(facts["result"])
+    outputs = facts["outputs_by_type"]
+    for node in ("DiffusionExplainWordHeatmaps", "DiffusionExplainStepPreviews", "DiffusionExplainConceptScores",
+                 "DiffusionExplainRise", "DiffusionExplainCam", "DiffusionExplainRecovery"):  # fmt: skip
+        assert outputs[node] and outputs[node]["images"], f"{node} showed no preview"
+    trace = facts["trace"]
+    assert trace["steps"] == 4 and trace["batch"] == 1 and trace["latent_size"] == [8, 8]
+    assert trace["words"][:6] == ["a", "photo", "of", "a", "red", "apple"]
+    assert trace["attention_shape"] == [4, 1, len(trace["tokens"]), 8, 8]
+    assert trace["meta"]["prompt_matches_conditioning"] is True
+    assert trace["has_images"] and trace["has_previews"]
+    assert facts["final_latent_diff"] == 0.0
+    assert facts["heatmap_masks_shape"] == [len(trace["words"]), 64, 64]
+    assert facts["heatmap_masks_range"] == [0.0, 1.0]
+    assert all(a == a for a in facts["rise_aucs"])  # not NaN: both games were played
+    assert facts["rise_mask_shape"] == [1, 64, 64] and facts["cam_mask_shape"] == [1, 64, 64]
+    assert facts["cam_mask_max"] > 0, "DF-CAM gave an all-zero map"
+    assert facts["x0_previews_shape"] == [3, 64, 64, 3]
+
+
+def test_the_loaded_model_stays_unpatched(report):
+    facts = scenario(report, "txt2img_workflow")
+    assert facts["loaded_model_attn2_patches"] == 0
+    assert facts["loaded_model_wrappers"] == {}
+    assert facts["tapped_model_attn2_patches"] == 7  # every cross-attention block of the tiny UNet
+
+
+def test_sampler_custom_with_exponential_sigmas(report):
+    facts = scenario(report, "sampler_custom_workflow")
+    ok(facts["result"])
+    assert facts["sigmas_node"] == pytest.approx(facts["sigmas_expected"])
+    assert facts["trace"]["sigmas"] == pytest.approx(facts["sigmas_expected"][:-1], rel=1e-5)
+    assert facts["trace"]["meta"]["sampler"] == "dpmpp_2m"
+    assert facts["final_latent_diff"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["heun", "dpm_2"])
+def test_multi_call_samplers_give_one_record_per_step(report, name):
+    facts = scenario(report, name)
+    ok(facts["result"])
+    trace = facts["trace"]
+    assert trace["steps"] == 3
+    assert trace["attention_shape"][0] == 3
+    assert trace["meta"]["model_calls"] == 5  # two evaluations per step, one for the last
+    assert len(trace["sigmas"]) == 3
+
+
+def test_cfg_one_records_no_negative_branch(report):
+    facts = scenario(report, "cfg_one")
+    ok(facts["result"])
+    assert facts["trace"]["attention_negative_shape"] is None
+    assert facts["trace"]["meta"]["guided"] is False
+    assert facts["trace"]["attention_shape"][0] == 3
+
+
+def test_batch_of_two_non_square(report):
+    facts = scenario(report, "batch_nonsquare")
+    ok(facts["result"])
+    trace = facts["trace"]
+    assert trace["batch"] == 2 and trace["latent_size"] == [12, 8] and trace["image_size"] == [96, 64]
+    assert trace["attention_shape"] == [3, 2, len(trace["tokens"]), 12, 8]
+    assert trace["attention_negative_shape"][:2] == [3, 2]
+    assert facts["final_latent_diff"] == 0.0
+
+
+def test_tapped_sampling_equals_untapped(report):
+    facts = scenario(report, "same_output_as_untapped")
+    ok(facts["result"])
+    assert facts["max_abs_diff"] <= 1e-4 * max(facts["scale"], 1.0)
+
+
+def test_ksampler_advanced_records_its_step_range(report):
+    facts = scenario(report, "ksampler_advanced")
+    ok(facts["result"])
+    assert facts["trace"]["steps"] == 2
+
+
+def test_sampler_custom_advanced_and_its_denoised_output(report):
+    facts = scenario(report, "sampler_custom_advanced")
+    ok(facts["result"])
+    assert facts["trace"]["steps"] == 3 and facts["final_latent_diff"] == 0.0
+    ok(facts["denoised_output_result"])
+
+
+def test_cached_sampler_never_gives_a_stale_or_empty_trace(report):
+    facts = scenario(report, "caching")
+    ok(facts["first"]["result"])
+    second = ok(facts["second"]["result"])
+    assert "6" in second["cached"], "the sampler should have been cached"
+    assert facts["second"]["trace"]["sigmas"] == facts["first"]["trace"]["sigmas"]
+    evicted = facts["evicted"]["result"]
+    assert not evicted["ok"] and "6" in evicted["cached"]
+    assert evicted["error"]["node_type"] == "DiffusionExplainSaveTrace"
+    assert "re-run" in evicted["error"]["exception_message"]
+    ok(facts["reseeded"]["result"])
+    assert facts["reseeded_final_latent_diff"] == 0.0
+    ok(facts["new_prompt"]["result"])
+    assert facts["new_prompt"]["trace"]["words"] == ["a", "green", "triangle"]
+
+
+def test_runs_never_leak_between_samplers(report):
+    facts = scenario(report, "two_runs_one_tap")
+    ok(facts["result"])
+    assert facts["steps"] == [3, 2]
+    assert facts["final_latent_diff"] == [0.0, 0.0]
+    untapped = facts["untapped"]
+    assert not untapped["ok"] and "was not produced by any run" in untapped["error"]["exception_message"]
+
+
+def test_another_packs_attn2_replace_is_chained(report):
+    facts = scenario(report, "chained_patch")
+    assert facts["other_pack_calls"] >= 2  # its function made the block's output at both steps
+    assert facts["chained"] == ["input.1.0"]
+    assert facts["steps"] == 2
+    assert facts["loaded_attn2_patches"] == 0
+    assert facts["other_attn2_patches"] == 1 and facts["other_patch_kept"]  # the Tap patched a clone
