@@ -204,8 +204,9 @@ class StepAccumulator:
     ``keep_layers`` also keeps each layer's own map per step (keyed by ``name``);
     ``keep_resolutions`` keeps the mean per layer resolution (keyed ``"16x16"`` etc.).
     ``tokens`` cuts the context axis to its first positions before anything is stored.
-    Records stay on the device they were computed on until `records` / `layer_records` move
-    them to ``store_device`` as ``store_dtype``, so a GPU run does not sync once per layer."""
+    Per step only a small ``[B, N_l, T]`` sum per resolution is kept, on the device it was
+    computed on; `step_maps` / `records` / `layer_records` resize and move it to
+    ``store_device`` as ``store_dtype`` after the run, so a GPU run never syncs per layer or step."""
 
     def __init__(
         self,
@@ -215,7 +216,6 @@ class StepAccumulator:
         keep_resolutions: bool = False,
         store_dtype: torch.dtype = torch.float32,
         store_device: str | torch.device = "cpu",
-        offload_each_step: bool = False,
     ):
         self.latent_size = tuple(latent_size) if latent_size is not None else None
         self.tokens = tokens
@@ -223,7 +223,6 @@ class StepAccumulator:
         self.keep_resolutions = keep_resolutions
         self.store_dtype = store_dtype
         self.store_device = torch.device(store_device)
-        self.offload_each_step = offload_each_step
         self._sums: dict[tuple[int, int, int], torch.Tensor] = {}  # (h, w, heads) -> this step's summed probabilities
         self._counts: dict[tuple[int, int, int], int] = {}
         self._shape: tuple[int, int] | None = None  # (rows, tokens) of this step
@@ -299,39 +298,48 @@ class StepAccumulator:
         mean = summed.mean(dim=1, dtype=torch.float32)
         return mean / count if count != 1 else mean
 
-    def end_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Close the step: store the mean over the layers added since the last call; return it
-        (``[B, T, h, w]``) and this step's per-layer / per-resolution maps."""
+    def end_step(self) -> int:
+        """Close the step and return its index. Only reduces each resolution's sum over heads
+        (and cuts the context); resizing to the latent grid waits for `step_maps` / `records`,
+        after the run, so a step costs a couple of operations per resolution."""
         if self._count == 0:
             raise RuntimeError(
                 "no cross-attention was recorded during this step; is another attention processor "
                 "replacing the tap's, or does the model have no cross-attention?"
             )
+        by_size: dict[tuple[int, int], list] = {}
+        for (h, w, heads), summed in self._sums.items():
+            layer_sum = self._head_mean(summed)  # [B, N, T]: sum over layers of head means
+            entry = by_size.get((h, w))
+            if entry is None:
+                by_size[(h, w)] = [layer_sum, self._counts[(h, w, heads)]]
+            else:
+                entry[0] = entry[0] + layer_sum
+                entry[1] += self._counts[(h, w, heads)]
+        layers = {name: entries for name, entries in self._layer_maps.items()}
+        self._steps.append((by_size, self._count, layers))
+        self.discard_step()
+        return len(self._steps) - 1
+
+    def step_maps(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Step ``index``'s mean map ``[B, T, h, w]`` at latent resolution, and its per-layer /
+        per-resolution maps at their own resolutions (as ``store_dtype`` on ``store_device``)."""
         if self.latent_size is None:
             raise ValueError("the accumulator does not know the latent size; pass latent_size=")
+        by_size, count, layer_entries = self._steps[index]
         total = None
-        by_size: dict[tuple[int, int], list] = {}
-        for (h, w, _heads), summed in self._sums.items():
-            layer_sum = self._head_mean(summed)  # sum over layers of head means
-            entry = by_size.setdefault((h, w), [None, 0])
-            entry[0] = layer_sum if entry[0] is None else entry[0] + layer_sum
-            entry[1] += self._counts[(h, w, _heads)]
         for size, (layer_sum, _) in by_size.items():
             resized = resize_maps(to_maps(layer_sum, size), self.latent_size)
             total = resized if total is None else total + resized
-        record = self._finish(total / self._count)
-        self._steps.append(record)
+        record = self._finish(total / count)
         layers: dict[str, torch.Tensor] = {}
         if self.keep_resolutions:
-            for size, (layer_sum, count) in by_size.items():
-                layers[f"{size[0]}x{size[1]}"] = self._finish(to_maps(layer_sum / count, size))
-        for name, entries in self._layer_maps.items():
+            for size, (layer_sum, n) in by_size.items():
+                layers[f"{size[0]}x{size[1]}"] = self._finish(to_maps(layer_sum / n, size))
+        for name, entries in layer_entries.items():
             size = entries[0][1]
             mean = torch.stack([e[0] for e in entries]).mean(0) if len(entries) > 1 else entries[0][0]
             layers[name] = self._finish(to_maps(mean, size))
-        for name, t in layers.items():
-            self._layer_steps.setdefault(name, []).append(t)
-        self.discard_step()
         return record, layers
 
     def discard_step(self) -> None:
@@ -342,19 +350,18 @@ class StepAccumulator:
         self._layer_maps = {}
 
     def _finish(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach().to(dtype=self.store_dtype)
-        return t.to(self.store_device) if self.offload_each_step else t
+        return t.detach().to(device=self.store_device, dtype=self.store_dtype)
 
     def records(self) -> torch.Tensor | None:
         """``[S, B, T, h, w]`` on ``store_device``, or None before the first step."""
         if not self._steps:
             return None
-        return torch.stack(self._steps).to(device=self.store_device, dtype=self.store_dtype)
+        return torch.stack([self.step_maps(i)[0] for i in range(len(self._steps))])
 
     def layer_records(self) -> dict[str, torch.Tensor]:
         """name → ``[S, B, T, h_l, w_l]`` for layers (or resolutions) seen in every step."""
-        out = {}
-        for name, steps in self._layer_steps.items():
-            if len(steps) == len(self._steps):
-                out[name] = torch.stack(steps).to(device=self.store_device, dtype=self.store_dtype)
-        return out
+        per_step = [self.step_maps(i)[1] for i in range(len(self._steps))]
+        names = set(per_step[0]) if per_step else set()
+        for layers in per_step[1:]:
+            names &= set(layers)
+        return {name: torch.stack([layers[name] for layers in per_step]) for name in sorted(names)}

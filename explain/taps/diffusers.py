@@ -109,7 +109,7 @@ class CaptureCrossAttnProcessor:
         # Half-precision models keep half-precision scores unless the layer asks for upcasting,
         # exactly like diffusers' own explicit path (the softmax accumulates in float32 anyway).
         upcast = bool(getattr(attn, "upcast_attention", False) or getattr(attn, "upcast_softmax", False))
-        method = self.tap.method if self.tap.method != "auto" else ("sdpa" if query.is_cuda and not upcast else "explicit")
+        method = "explicit" if self.tap.method == "auto" else self.tap.method
         hidden_states, probs = attention_with_probs(
             query, key, value, scale=attn.scale, mask=attention_mask, method=method, upcast=upcast
         )  # probs: [B, heads, N, T]
@@ -137,11 +137,12 @@ class _Run:
     batch: int | None = None
     guided: bool | None = None
     context_length: int | None = None
-    attention: StepAccumulator | None = None  # every row of the model batch, split at step end
+    attention: StepAccumulator | None = None  # every row of the model batch
     cond_or_uncond: list[int] | None = None
-    cond_maps: list[torch.Tensor] = field(default_factory=list)
-    negative_maps: list[torch.Tensor | None] = field(default_factory=list)
-    layer_maps: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    # Per step: (accumulator, its step index, the model batch's cond_or_uncond), split into
+    # conditional / negative rows when the trace is built (the batch may change mid-run, e.g.
+    # when a callback switches guidance off).
+    attention_steps: list[tuple[StepAccumulator, int, list[int]]] = field(default_factory=list)
     latent_size: tuple[int, int] | None = None
     # Per step, kept as the pipeline's own (device) tensors until the trace is built, so that
     # recording needs no device-to-host sync: x_t, the guided model output, the timestep, and
@@ -391,18 +392,12 @@ class DiffusersTap:
             run.attention.discard_step()
             return
         model_output, timestep, sample = arguments["model_output"], arguments["timestep"], arguments["sample"]
-        run.x_t.append(sample.detach().clone())
-        run.model_outputs.append(model_output.detach().clone())
-        run.timesteps.append(timestep.detach().clone() if isinstance(timestep, torch.Tensor) else timestep)
+        # The pipeline rebinds, never mutates, these tensors, so references suffice (no copies).
+        run.x_t.append(sample)
+        run.model_outputs.append(model_output)
+        run.timesteps.append(timestep)
         run.sigmas.append(_table_sigma(scheduler))
-        record, layers = run.attention.end_step()  # [rows, T, h, w]; rows as in the model batch
-        rows = record.shape[0]
-        cond = branch_rows(run.cond_or_uncond, rows, COND)
-        run.cond_maps.append(record[cond])
-        uncond = branch_rows(run.cond_or_uncond, rows, UNCOND)
-        run.negative_maps.append(record[uncond] if self.negative and uncond != [] else None)
-        for name, maps in layers.items():
-            run.layer_maps.setdefault(name, []).append(maps[cond])
+        run.attention_steps.append((run.attention, run.attention.end_step(), list(run.cond_or_uncond)))
 
     def _wrap_decode(self, original):
         def decode(*args, **kwargs):
@@ -431,13 +426,23 @@ class DiffusersTap:
         x0 = []
         for sample, output, sigma in zip(run.x_t, run.model_outputs, sigmas):
             x_vp = sample.float() / math.sqrt(1.0 + sigma * sigma) if space == "sigma" else sample.float()
-            x0.append(x0_from_model_output(x_vp, output.float(), 1.0 / (1.0 + sigma * sigma), prediction_type).cpu())
-        if len(run.cond_maps) != steps:
-            raise RuntimeError(f"attention was recorded for {len(run.cond_maps)} of {steps} steps")
+            x0.append(x0_from_model_output(x_vp, output.float(), 1.0 / (1.0 + sigma * sigma), prediction_type))
+        if len(run.attention_steps) != steps:
+            raise RuntimeError(f"attention was recorded for {len(run.attention_steps)} of {steps} steps")
+        cond_maps, negative_maps, layer_maps = [], [], {}
+        for accumulator, index, cond_or_uncond in run.attention_steps:
+            record, layers = accumulator.step_maps(index)  # rows as in the model batch
+            rows = record.shape[0]
+            cond = branch_rows(cond_or_uncond, rows, COND)
+            uncond = branch_rows(cond_or_uncond, rows, UNCOND)
+            cond_maps.append(record[cond])
+            negative_maps.append(record[uncond] if self.negative and UNCOND in cond_or_uncond else None)
+            for name, maps in layers.items():
+                layer_maps.setdefault(name, []).append(maps[cond])
         t_len = max((len(t.tokens) for t in run.prompt_tokens), default=run.context_length)
-        if self.full_context:
+        if self.full_context or not run.prompt_tokens:
             t_len = run.context_length
-        attention = _stack_cpu(run.cond_maps, t_len, self.store_dtype)
+        attention = _stack_cpu(cond_maps, t_len, self.store_dtype)
         tokens, words, prompts = self._token_lists(run.prompt_tokens, run.prompts, run.batch, t_len)
         trace = Trace(
             prompts=prompts,
@@ -445,21 +450,21 @@ class DiffusersTap:
             words=words,
             timesteps=torch.tensor(timesteps, dtype=torch.float64),
             sigmas=torch.tensor(sigmas, dtype=torch.float64),
-            x_t=torch.stack([x.float().cpu() for x in run.x_t]),
-            x0=torch.stack(x0),
+            x_t=torch.stack(run.x_t).float().cpu(),
+            x0=torch.stack(x0).cpu(),
             attention=attention,
             attention_layers={
-                name: _stack_cpu(maps, t_len, self.store_dtype) for name, maps in run.layer_maps.items() if len(maps) == steps
+                name: _stack_cpu(maps, t_len, self.store_dtype) for name, maps in layer_maps.items() if len(maps) == steps
             },
             final_latent=run.final_latent.float().cpu() if run.final_latent is not None else None,
             images=run.images.cpu() if run.images is not None else None,
             meta=self._meta(run, steps),
         )
-        if run.negative_maps and all(m is not None for m in run.negative_maps):
+        if negative_maps and all(m is not None for m in negative_maps):
             n_len = max((len(t.tokens) for t in run.negative_tokens), default=run.context_length)
-            if self.full_context:
+            if self.full_context or not run.negative_tokens:
                 n_len = run.context_length
-            trace.attention_negative = _stack_cpu(run.negative_maps, n_len, self.store_dtype)
+            trace.attention_negative = _stack_cpu(negative_maps, n_len, self.store_dtype)
             trace.negative_tokens, trace.negative_words, trace.negative_prompts = self._token_lists(
                 run.negative_tokens, run.negative_prompts, run.batch, n_len
             )
@@ -642,8 +647,8 @@ def trace(
     context position (padding included, 77 for CLIP) instead of cutting after the last end
     token. ``store_dtype`` is the attention maps' dtype in the trace. ``method`` picks how
     probabilities are computed (`explain.attention.attention_with_probs`): "explicit" softmax,
-    "sdpa" (fused kernel with an identity appended to the values), or "auto" (sdpa on CUDA
-    unless the layer upcasts, explicit elsewhere)."""
+    "sdpa" (fused kernel with an identity appended to the values), or "auto" (explicit, which
+    dispatches the fewest operations)."""
     tap = DiffusersTap(pipe, keep_layers, previews, negative, preview_size, seed, store_dtype, full_context, method)
     tap.install()
     try:
