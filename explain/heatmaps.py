@@ -206,6 +206,18 @@ def attention_maps(
     return torch.stack(maps).mean(0)
 
 
+def relative_to_words(maps: torch.Tensor, word_positions: Sequence[int]) -> torch.Tensor:
+    """Divide each pixel's attention ``[T, h, w]`` by that pixel's summed attention over the
+    prompt's word tokens (DAAM's ``normalize=True``): what a word gets *relative to the other
+    words*, without the start / end / padding tokens' share, which varies over the image."""
+    total = maps[list(word_positions)].sum(0, keepdim=True)
+    return maps / total.clamp_min(1e-12)
+
+
+def _word_positions(trace: Trace, item: int, negative: bool) -> list[int]:
+    return sorted({i for w in prompt_words(trace, item, negative) for i in w.token_indices})
+
+
 def merge_tokens(maps: torch.Tensor, positions: Sequence[int], merge: str = "mean") -> torch.Tensor:
     """One map ``[h, w]`` from the maps ``[T, h, w]`` of a word's tokens."""
     picked = maps[list(positions)]
@@ -271,14 +283,20 @@ def word_heatmap(
     normalize: str = "minmax",
     size="image",
     mode: str = "bilinear",
+    relative: bool = False,
 ) -> torch.Tensor:
     """The heatmap ``[H, W]`` of one prompt word (or several, merged) over the selected steps.
+
+    ``relative`` divides by the summed attention of all prompt words at each pixel first
+    (`relative_to_words`).
 
     ``size`` is ``"image"`` (default), ``"latent"``, an int or ``(H, W)``. The map is normalised
     after upsampling, as DAAM and the paper do, so a min-max map spans exactly 0..1.
     """
     _, positions = resolve_words(trace, word, item, negative)
     maps = attention_maps(trace, steps, item=item, layers=layers, resolutions=resolutions, negative=negative)
+    if relative:
+        maps = relative_to_words(maps, _word_positions(trace, item, negative))
     heat = upsample(merge_tokens(maps, positions, merge), _target_size(trace, size), mode)
     return normalize_map(heat, normalize)
 
@@ -297,6 +315,7 @@ def word_heatmaps(
     size="image",
     mode: str = "bilinear",
     skip: Sequence[str] = (),
+    relative: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Heatmaps of several words (default: every prompt word not in ``skip``), keyed by a label
     that is unique even when a word occurs twice ("a", "a (2)")."""
@@ -306,6 +325,8 @@ def word_heatmaps(
         if not words:
             raise ValueError("no prompt words are left to map once the skipped ones are removed")
     maps = attention_maps(trace, steps, item=item, layers=layers, resolutions=resolutions, negative=negative)
+    if relative:
+        maps = relative_to_words(maps, _word_positions(trace, item, negative))
     target = _target_size(trace, size)
     out: dict[str, torch.Tensor] = {}
     for spec in words:

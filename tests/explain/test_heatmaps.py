@@ -151,3 +151,16 @@ def test_pointing_and_iou_against_masks():
     big = torch.zeros(32, 32, dtype=torch.bool)
     big[:16, :16] = True
     assert heatmaps.pointing_hit(heat, big)
+
+
+def test_relative_maps_divide_by_the_words_total_at_each_pixel():
+    tr = synthetic_trace()
+    maps = heatmaps.attention_maps(tr)
+    words = [1, 2, 3, 4, 5, 6, 7, 8]
+    rel = word_heatmap(tr, "red", size="latent", normalize="none", relative=True)
+    assert torch.allclose(rel, maps[2] / maps[words].sum(0))
+    # relative maps of all words sum to one at every pixel (sub-word tokens summed)
+    total = sum(word_heatmap(tr, w, size="latent", normalize="none", relative=True, merge="sum") for w in range(7))
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-5)
+    both = word_heatmaps(tr, ["red", "blue"], relative=True)
+    assert quadrant_of_max(both["red"]) == (0, 0) and quadrant_of_max(both["blue"]) == (1, 1)
