@@ -270,7 +270,10 @@ def _load_scenarios():
     """tests/nodes/comfyui_scenarios.py, by file: ComfyUI's own ``tests`` package shadows ours."""
     import importlib.util
 
-    sys.modules.setdefault("comfyui_harness", sys.modules[__name__])
+    if "comfyui_harness" not in sys.modules:  # run as a script (or under a profiler): expose our globals
+        harness = types.ModuleType("comfyui_harness")
+        harness.__dict__.update(globals())
+        sys.modules["comfyui_harness"] = harness
     spec = importlib.util.spec_from_file_location("comfyui_scenarios", Path(__file__).with_name("comfyui_scenarios.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -13,7 +13,7 @@ PROMPT = "a red circle above a blue square"
 NEGATIVE = "blurry"
 TEST_OVERRIDES = {
     "CheckpointLoaderSimple": {"ckpt_name": CHECKPOINT_NAME},
-    "EmptyLatentImage": {"width": 64, "height": 64},
+    "EmptyLatentImage": {"width": 32, "height": 32},  # 4×4 latents: VAE decodes dominate the run time
     "KSampler": {"steps": 4},
     "DiffusionExplainRise": {"n_masks": 8, "step": 1},
     "DiffusionExplainCam": {"step": 1},
@@ -62,7 +62,7 @@ def _saved(result: dict, node_id: str) -> str | None:
     return str(_output_dir() / paths[0]) if paths else None
 
 
-def basic_prompt(sampler="euler", steps=3, cfg=5.0, width=64, height=64, batch=1, seed=1, prefix="explain-test/basic") -> dict:
+def basic_prompt(sampler="euler", steps=3, cfg=5.0, width=32, height=32, batch=1, seed=1, prefix="explain-test/basic") -> dict:
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT_NAME}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["1", 1]}},
@@ -171,7 +171,7 @@ def cfg_one(runner, nodes_module, work) -> dict:
 
 
 def batch_nonsquare(runner, nodes_module, work) -> dict:
-    facts = _run(runner, basic_prompt(batch=2, width=64, height=96, prefix="explain-test/batch"))
+    facts = _run(runner, basic_prompt(batch=2, width=32, height=48, prefix="explain-test/batch"))
     if facts["result"]["ok"]:
         facts["final_latent_diff"] = _final_matches(runner, facts["trace"]["path"], "6")
     return facts
@@ -307,7 +307,7 @@ def chained_patch(runner, nodes_module, work) -> dict:
         tapped, handle = tap_node.ExplainTap().tap(other, clip=clip, prompt=PROMPT, unique_id="chain")
         positive = comfy_nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
         negative = comfy_nodes.CLIPTextEncode().encode(clip, NEGATIVE)[0]
-        latent = {"samples": torch.zeros(1, 4, 8, 8)}
+        latent = {"samples": torch.zeros(1, 4, 4, 4)}
         (out,) = comfy_nodes.common_ksampler(tapped, 3, 2, 5.0, "euler", "normal", positive, negative, latent)
         trace = handle.resolve(out)
     return {

@@ -73,18 +73,18 @@ def test_txt2img_example_runs_every_explanation_node(report):
                  "DiffusionExplainRise", "DiffusionExplainCam", "DiffusionExplainRecovery"):  # fmt: skip
         assert outputs[node] and outputs[node]["images"], f"{node} showed no preview"
     trace = facts["trace"]
-    assert trace["steps"] == 4 and trace["batch"] == 1 and trace["latent_size"] == [8, 8]
+    assert trace["steps"] == 4 and trace["batch"] == 1 and trace["latent_size"] == [4, 4]
     assert trace["words"][:6] == ["a", "photo", "of", "a", "red", "apple"]
-    assert trace["attention_shape"] == [4, 1, len(trace["tokens"]), 8, 8]
+    assert trace["attention_shape"] == [4, 1, len(trace["tokens"]), 4, 4]
     assert trace["meta"]["prompt_matches_conditioning"] is True
     assert trace["has_images"] and trace["has_previews"]
     assert facts["final_latent_diff"] == 0.0
-    assert facts["heatmap_masks_shape"] == [len(trace["words"]), 64, 64]
+    assert facts["heatmap_masks_shape"] == [len(trace["words"]), 32, 32]
     assert facts["heatmap_masks_range"] == [0.0, 1.0]
     assert all(a == a for a in facts["rise_aucs"])  # not NaN: both games were played
-    assert facts["rise_mask_shape"] == [1, 64, 64] and facts["cam_mask_shape"] == [1, 64, 64]
+    assert facts["rise_mask_shape"] == [1, 32, 32] and facts["cam_mask_shape"] == [1, 32, 32]
     assert facts["cam_mask_max"] > 0, "DF-CAM gave an all-zero map"
-    assert facts["x0_previews_shape"] == [3, 64, 64, 3]
+    assert facts["x0_previews_shape"] == [3, 32, 32, 3]
 
 
 def test_the_loaded_model_stays_unpatched(report):
@@ -126,8 +126,8 @@ def test_batch_of_two_non_square(report):
     facts = scenario(report, "batch_nonsquare")
     ok(facts["result"])
     trace = facts["trace"]
-    assert trace["batch"] == 2 and trace["latent_size"] == [12, 8] and trace["image_size"] == [96, 64]
-    assert trace["attention_shape"] == [3, 2, len(trace["tokens"]), 12, 8]
+    assert trace["batch"] == 2 and trace["latent_size"] == [6, 4] and trace["image_size"] == [48, 32]
+    assert trace["attention_shape"] == [3, 2, len(trace["tokens"]), 6, 4]
     assert trace["attention_negative_shape"][:2] == [3, 2]
     assert facts["final_latent_diff"] == 0.0
 
