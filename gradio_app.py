@@ -358,9 +358,15 @@ def prompt_notes(pipe, prompt: str, model_name: str) -> list[str]:
     return notes
 
 
-def run_generation(pipe, prompt, negative, steps, guidance, seed, size, schedule, lam) -> Trace:
-    """One traced generation (``explain.taps.diffusers``)."""
+def run_generation(pipe, prompt, negative, steps, guidance, seed, size, schedule, lam, progress=_no_progress) -> Trace:
+    """One traced generation (``explain.taps.diffusers``), reporting each denoising step."""
     from explain.taps.diffusers import generate as traced_generate
+
+    def on_step_end(pipeline, index, timestep, callback_kwargs):
+        # second-order samplers call the model more than once per step: count the calls
+        calls = max(len(getattr(pipeline.scheduler, "timesteps", ())), index + 1)
+        progress(0.05 + 0.85 * (index + 1) / calls, desc=f"denoising: model call {index + 1} of {calls}")
+        return callback_kwargs
 
     trace, _ = traced_generate(
         pipe,
@@ -374,6 +380,7 @@ def run_generation(pipe, prompt, negative, steps, guidance, seed, size, schedule
         schedule=schedule,
         lam=lam,
         previews=True,
+        callback_on_step_end=on_step_end,
     )
     return trace
 
@@ -411,12 +418,14 @@ def generate(prompt, negative="", seed=0, steps=20, guidance=5.0, size="model de
     with models.run_lock, torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", schedules.ScheduleSwapWarning)
         try:
-            trace = run_generation(pipe, prompt, negative, steps, guidance, seed, side, schedule, lam)
+            trace = run_generation(pipe, prompt, negative, steps, guidance, seed, side, schedule, lam, progress)
         except (ValueError, TypeError, IndexError) as exc:  # the tap and the scheduler say what is wrong
             raise InputError(str(exc)) from None
     timings["time: generate + trace"] = time.perf_counter() - t
     notes += [str(w.message) for w in caught if issubclass(w.category, schedules.ScheduleSwapWarning)]
-    for key, value in (("model", model_name), ("steps", steps), ("guidance", guidance), ("seed", seed), ("schedule", schedule)):
+    # the loader's name ("embedded (...)", the hub id) says more to a browser user than a server path
+    trace.meta["model"] = model_name
+    for key, value in (("steps", steps), ("guidance", guidance), ("seed", seed), ("schedule", schedule)):
         trace.meta.setdefault(key, value)
     if schedule != "uniform":
         trace.meta.setdefault("lam", lam)
@@ -621,7 +630,7 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
         return out
 
     @_ui
-    def on_generate(state, prompt, negative, seed, steps, guidance, size, schedule, lam, model, progress=gr.Progress(track_tqdm=True)):
+    def on_generate(state, prompt, negative, seed, steps, guidance, size, schedule, lam, model, progress=gr.Progress()):
         session = _generate_on_gpu(prompt, negative, seed, steps, guidance, size, schedule, lam, model if allow_model_choice else default_model, models=_custom(models), progress=progress)
         close_session(state)
         for note in session.notes:
@@ -707,7 +716,8 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
                 with gr.Row():
                     download_trace = gr.Button("Download trace", size="sm", elem_id="download-trace")
                     download_report = gr.Button("HTML report", size="sm", elem_id="download-report")
-                download = gr.File(label="download", interactive=False, height=90, elem_id="download")
+                with gr.Column(visible=False) as download_box:  # shown once there is a file
+                    download = gr.File(label="download", interactive=False, elem_id="download")
             with gr.Column(scale=2):
                 with gr.Row():
                     final = gr.Image(label="final image", format="png", interactive=False, elem_id="final-image")
@@ -779,19 +789,20 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
             event.success(on_views, [state, kind], view_outputs, api_name=False).success(
                 on_tol, [state, tol], [recovery_grid, recovery_curves], api_name=False
             )
-        step.change(on_step, [state, step], [x_t, x0, step_caption], show_progress="hidden", api_name="step")
+        # .input: only what the user moves; the views set these sliders themselves
+        step.input(on_step, [state, step], [x_t, x0, step_caption], show_progress="hidden", trigger_mode="always_last", api_name="step")
         word_inputs = [state, chips, typed, start, end]
         word_outputs = [word_image, words_grid, word_caption]
         chips.input(on_word, word_inputs, word_outputs, api_name="word")
         typed.submit(on_word, word_inputs, word_outputs, api_name=False)
-        start.release(on_word, word_inputs, word_outputs, api_name=False)
-        end.release(on_word, word_inputs, word_outputs, api_name=False)
+        start.input(on_word, word_inputs, word_outputs, trigger_mode="always_last", api_name=False)
+        end.input(on_word, word_inputs, word_outputs, trigger_mode="always_last", api_name=False)
         kind.input(on_kind, [state, kind], [plot, table], api_name="concepts")
-        tol.release(on_tol, [state, tol], [recovery_grid, recovery_curves], api_name="recovery")
+        tol.input(on_tol, [state, tol], [recovery_grid, recovery_curves], api_name="recovery")
         rise_run.click(on_rise, [state, rise_step, masks, centered, model], [rise_final, rise_x0, games, aucs, rise_caption], concurrency_limit=1, concurrency_id="model", api_name="rise")
         cam_run.click(on_cam, [state, cam_step, layer, model], [cam_final, cam_x0, cam_caption], concurrency_limit=1, concurrency_id="model", api_name="cam")
-        download_trace.click(on_download_trace, [state], [download], api_name="download_trace")
-        download_report.click(on_report, [state], [download], api_name="report")
+        for button, fn, name in ((download_trace, on_download_trace, "download_trace"), (download_report, on_report, "report")):
+            button.click(fn, [state], [download], api_name=name).success(lambda: gr.Column(visible=True), None, download_box, api_name=False)
     demo.queue(default_concurrency_limit=4, max_size=64)
     return demo
 

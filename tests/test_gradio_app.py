@@ -224,6 +224,39 @@ def test_generation_traces_the_prompt_with_the_chosen_settings(tiny_session):
     assert set(tiny_session.timings) == {"time: load model", "time: generate + trace"}
 
 
+def test_generation_reports_progress_step_by_step(models):
+    seen = []
+    app.generate("a red circle", steps=3, model="tiny", models=models, progress=lambda fraction, desc=None: seen.append((fraction, desc)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(0.9)
+    assert [d for _, d in seen][-3:] == [f"denoising: model call {i} of 3" for i in (1, 2, 3)]
+
+
+def test_gpu_work_is_wrapped_for_zerogpu_when_spaces_is_importable(monkeypatch):
+    import importlib.util
+    import sys
+    import types
+
+    wrapped = []
+    fake = types.ModuleType("spaces")
+
+    def GPU(duration=60):  # noqa: N802 - the name the spaces package uses
+        def decorate(fn):
+            wrapped.append((fn.__name__, duration))
+            return fn
+
+        return decorate
+
+    fake.GPU = GPU
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    spec = importlib.util.spec_from_file_location("gradio_app_on_zerogpu", Path(app.__file__))
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    assert sorted(name for name, _ in wrapped) == ["cam_view", "generate", "rise_view"]
+    assert app._spaces is None  # the app imported here, without spaces, wraps nothing
+
+
 def test_overlong_prompts_run_with_a_note_naming_the_cut_words(models):
     prompt = "a red circle above a blue square " * 12 + "green triangle"
     session = app.generate(prompt, steps=2, model="tiny", models=models)
@@ -271,21 +304,27 @@ def test_four_users_at_once_see_only_their_own_results(launched, tmp_path):
     gradio_client = pytest.importorskip("gradio_client", reason="needs gradio_client (installed with gradio)")
     prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle above a purple square"]
     results: dict[int, object] = {}
+    errors: dict[int, Exception] = {}
     barrier = threading.Barrier(len(prompts))
 
     def user_downloads(i: int) -> None:
-        client = gradio_client.Client(launched, verbose=False, download_files=str(tmp_path / f"user{i}"))
-        barrier.wait(timeout=60)
-        out = client.predict(prompts[i], "", i, 2, 5.0, "model default", "uniform", 60, "tiny", api_name="/generate")
-        barrier.wait(timeout=120)  # everyone has generated before anyone reads back: shared state would show
-        path = client.predict(api_name="/download_trace")
-        results[i] = (out[1], Trace.load(path))
+        try:
+            client = gradio_client.Client(launched, verbose=False, download_files=str(tmp_path / f"user{i}"))
+            barrier.wait(timeout=60)
+            out = client.predict(prompts[i], "", i, 2, 5.0, "model default", "uniform", 60, "tiny", api_name="/generate")
+            barrier.wait(timeout=120)  # everyone has generated before anyone reads back: shared state would show
+            path = client.predict(api_name="/download_trace")
+            results[i] = (out[1], Trace.load(path))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors[i] = exc
+            barrier.abort()
 
     threads = [threading.Thread(target=user_downloads, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=240)
+    assert not errors, errors
     assert sorted(results) == list(range(len(prompts))), results
     for i, (summary_text, trace) in results.items():
         assert prompts[i] in summary_text
@@ -340,6 +379,9 @@ def test_browser_generate_explain_and_open_a_trace(launched, tmp_path):
             shot = Path(os.environ.get("GRADIO_APP_SCREENSHOT") or tmp_path / "gradio_app.png")
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
+
+            page.locator("#download-trace").click()
+            sync_api.expect(page.locator("#download a[href$='trace.safetensors']")).to_be_visible(timeout=30_000)
 
             page.get_by_role("tab", name="Open a trace").click()
             page.locator("#trace-file input[type=file]").set_input_files(str(tmp_path / "synthetic.safetensors"))
