@@ -101,9 +101,12 @@ class ModelCache:
     pipeline must not overlap: `run_lock` serialises all model work.
     """
 
-    def __init__(self, loader=None):
+    def __init__(self, loader=None, max_models: int = 2):
+        from collections import OrderedDict
+
         self._loader = loader
-        self._pipes: dict[str, tuple[object, str]] = {}
+        self._pipes: OrderedDict[str, tuple[object, str]] = OrderedDict()
+        self._max_models = max(1, int(max_models))
         self._load_lock = threading.Lock()
         self.run_lock = threading.Lock()
 
@@ -112,6 +115,9 @@ class ModelCache:
         with self._load_lock:
             if spec not in self._pipes:
                 self._pipes[spec] = self._load(spec)
+                while len(self._pipes) > self._max_models:  # the least recently used goes; runs holding it finish
+                    self._pipes.popitem(last=False)
+            self._pipes.move_to_end(spec)
             return self._pipes[spec]
 
     def _load(self, spec: str):

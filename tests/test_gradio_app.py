@@ -89,6 +89,28 @@ def test_generate_checks_input_before_loading_any_model():
         app.generate("a red circle", schedule="sideways", models=lazy)
 
 
+def test_model_cache_loads_once_keeps_the_recent_ones_and_explains_bad_models():
+    loads = []
+
+    def loader(spec):
+        if spec == "missing/folder":
+            from explain.cli import CommandError
+
+            raise CommandError("no model folder at missing/folder; pass an existing diffusers folder with --model")
+        loads.append(spec)
+        return object(), spec
+
+    cache = app.ModelCache(loader=loader, max_models=2)
+    first = cache.get("one")
+    assert cache.get(" one ") is first and cache.get(None)[1] == "embedded"
+    cache.get("one")
+    cache.get("two")  # "embedded" is now the least recently used and goes
+    cache.get("embedded")
+    assert loads == ["one", "embedded", "two", "embedded"]
+    with pytest.raises(app.InputError, match="with the model box"):
+        cache.get("missing/folder")
+
+
 def test_ui_wrapper_shows_errors_as_messages_and_passes_results():
     @app._ui
     def fails(kind):
