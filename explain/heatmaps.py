@@ -86,14 +86,14 @@ def _describe(s: slice) -> str:
 
 
 # ---------------------------------------------------------------------------- words
-def _check_item(trace: Trace, item: int) -> int:
+def check_item(trace: Trace, item: int) -> int:
     if not -trace.batch_size <= item < trace.batch_size:
         raise IndexError(f"item {item} is outside the batch, which has items 0..{trace.batch_size - 1}")
     return item % trace.batch_size
 
 
 def prompt_words(trace: Trace, item: int = 0, negative: bool = False) -> list[Word]:
-    item = _check_item(trace, item)
+    item = check_item(trace, item)
     words = trace.negative_words if negative else trace.words
     if item >= len(words):
         if negative:
@@ -184,7 +184,7 @@ def attention_maps(
 ) -> torch.Tensor:
     """Cross-attention ``[T, h, w]`` at latent resolution, averaged over the selected steps
     (and layers, when a subset is asked for)."""
-    item = _check_item(trace, item)
+    item = check_item(trace, item)
     chosen = select_steps(trace, steps)
     if negative:
         if layers is not None or resolutions is not None:

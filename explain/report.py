@@ -22,6 +22,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def build_report(
     word); ``extra_settings`` are shown with the trace's own settings (timings, say).
     """
     say = progress or (lambda message: None)
-    heatmaps._check_item(trace, item)
+    heatmaps.check_item(trace, item)
     if trace.attention is None:
         raise ValueError("this trace has no cross-attention, so there is nothing to explain; record it with an attention tap")
     out = Path(out_dir)
@@ -97,15 +98,11 @@ def build_report(
     report = Report(html_path=out / "index.html")
     t_all = time.perf_counter()
 
+    @contextmanager
     def timed(name: str):
-        class _T:
-            def __enter__(self_inner):
-                self_inner.t = time.perf_counter()
-
-            def __exit__(self_inner, *exc):
-                report.seconds[name] = time.perf_counter() - self_inner.t
-
-        return _T()
+        start = time.perf_counter()
+        yield
+        report.seconds[name] = time.perf_counter() - start
 
     def save(name: str, image) -> Path:
         path = render.save_png(image, out / name)
