@@ -287,7 +287,8 @@ class ExplainRise:
                 "masks": (list(rise.MASK_KINDS), {"default": "bernoulli"}),
                 "p": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 0.99, "step": 0.01}),
                 "centered": ("BOOLEAN", {"default": True, "tooltip": "Subtract each pixel's mean similarity (less noisy)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
+                # not called "seed": the front end gives inputs of that name a randomize-after-run control
+                "mask_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed of the random masks."}),
                 "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "0 = the sampler's cfg."}),
                 "item": ("INT", {"default": 0, "min": 0, "max": 4096}),
                 "games": ("BOOLEAN", {"default": True, "tooltip": "Play the insertion/deletion games for the AUCs."}),
@@ -295,7 +296,7 @@ class ExplainRise:
             "optional": {"image": ("IMAGE",)},
         }
 
-    def explain(self, trace, latent, model, positive, negative, step, n_masks, similarity, quantity, masks, p, centered, seed, cfg, item, games, image=None):
+    def explain(self, trace, latent, model, positive, negative, step, n_masks, similarity, quantity, masks, p, centered, mask_seed, cfg, item, games, image=None):
         from explain import faithfulness, rise
 
         from .comfy_denoiser import guidance_of, run_with_denoiser
@@ -308,9 +309,9 @@ class ExplainRise:
         def work(denoiser):
             result = rise.df_rise(
                 denoiser, tr, step, item, n_masks=int(n_masks), quantity=quantity, masks=masks, p=float(p),
-                similarity=similarity, centered=bool(centered), seed=int(seed),
+                similarity=similarity, centered=bool(centered), seed=int(mask_seed),
             )  # fmt: skip
-            played = faithfulness.insertion_deletion(denoiser, tr, step, result.saliency, item, seed=int(seed)) if games else {}
+            played = faithfulness.insertion_deletion(denoiser, tr, step, result.saliency, item, seed=int(mask_seed)) if games else {}
             return result, played
 
         result, played = run_with_denoiser(model, positive, negative, tr, step, scale, work)

@@ -42,6 +42,11 @@ STOCK = {
 }
 
 
+def has_control_widget(name: str, options: dict) -> bool:
+    """The front end follows these widgets with a "control after generate" value."""
+    return bool(options.get("control_after_generate")) or name in ("seed", "noise_seed")
+
+
 def pack_node_spec(class_type: str):
     """(sockets, widgets, outputs, defaults) of one of this pack's nodes, from its INPUT_TYPES."""
     from nodes import NODE_CLASS_MAPPINGS
@@ -56,6 +61,8 @@ def pack_node_spec(class_type: str):
             if isinstance(kind, (list, tuple)) or (kind in WIDGETS and not options.get("forceInput")):
                 widgets.append(name)
                 defaults[name] = options.get("default", kind[0] if isinstance(kind, (list, tuple)) else None)
+                if has_control_widget(name, options):
+                    widgets.append("control_after_generate")
             else:
                 sockets.append((name, kind))
     names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
@@ -177,18 +184,18 @@ def txt2img_explain() -> dict:
         wf.connect(sampler, 0, node, "latent")
         return node
 
-    heat = explanation("DiffusionExplainWordHeatmaps", (1400, -400))
+    heat = explanation("DiffusionExplainWordHeatmaps", (1400, -480), size=(360, 440))
     wf.connect(decode, 0, heat, "image")
-    steps = explanation("DiffusionExplainStepPreviews", (1400, 0), {"count": 8})
+    steps = explanation("DiffusionExplainStepPreviews", (1400, 10), {"count": 8}, size=(360, 470))
     wf.connect(ckpt, 2, steps, "vae")
-    explanation("DiffusionExplainConceptScores", (1400, 400))
-    recovery = explanation("DiffusionExplainRecovery", (1800, 400))
+    explanation("DiffusionExplainConceptScores", (1400, 530), size=(360, 450))
+    recovery = explanation("DiffusionExplainRecovery", (1810, 690), size=(360, 470))
     wf.connect(ckpt, 2, recovery, "vae")
     for class_type, pos, widgets in (
-        ("DiffusionExplainRise", (1800, -400), {"step": 10, "n_masks": 256}),
-        ("DiffusionExplainCam", (1800, 0), {"step": 10}),
+        ("DiffusionExplainRise", (1810, -480), {"step": 10, "n_masks": 256}),
+        ("DiffusionExplainCam", (1810, 170), {"step": 10}),
     ):
-        node = explanation(class_type, pos, widgets, size=(340, 420))
+        node = explanation(class_type, pos, widgets, size=(360, 620 if class_type.endswith("Rise") else 470))
         wf.connect(tap, 0, node, "model")
         wf.connect(positive, 0, node, "positive")
         wf.connect(negative, 0, node, "negative")
@@ -218,8 +225,8 @@ def sampler_custom_exponential() -> dict:
     wf.connect(ckpt, 2, decode, "vae")
     save = wf.add("SaveImage", (1060, 100), {"filename_prefix": "diffusion-explain/early"}, size=(300, 300))
     wf.connect(decode, 0, save, "images")
-    concept = wf.add("DiffusionExplainConceptScores", (1400, 0), size=(340, 330))
-    heat = wf.add("DiffusionExplainWordHeatmaps", (1400, 380), size=(340, 330))
+    concept = wf.add("DiffusionExplainConceptScores", (1400, 0), size=(360, 450))
+    heat = wf.add("DiffusionExplainWordHeatmaps", (1400, 500), size=(360, 440))
     saver = wf.add("DiffusionExplainSaveTrace", (1060, 460), {"filename_prefix": "diffusion-explain/early-trace"}, size=(300, 130))
     for node in (concept, heat, saver):
         wf.connect(tap, 1, node, "trace")

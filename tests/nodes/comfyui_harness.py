@@ -199,7 +199,7 @@ def workflow_to_prompt(nodes_module, workflow: dict, overrides: dict | None = No
         for name, kind, options in _input_spec(nodes_module, class_type):
             if _is_widget(kind, options):
                 value = values.pop(0) if values else options.get("default")
-                if options.get("control_after_generate") and values:
+                if (options.get("control_after_generate") or name in ("seed", "noise_seed")) and values:  # as the front end
                     values.pop(0)
                 if name not in linked:
                     inputs[name] = value

@@ -93,6 +93,9 @@ def test_example_workflow_is_a_consistent_graph(path):
         spec = NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()
         entries = {**spec["required"], **spec.get("optional", {})}
         widgets = [n for n, e in entries.items() if isinstance(e[0], (list, tuple)) or e[0] in WIDGETS]
+        # the front end adds a control value after inputs named seed / noise_seed
+        controls = [n for n in widgets if n in ("seed", "noise_seed") or entries[n][1:2] and entries[n][1].get("control_after_generate")]
+        assert not controls, f"{node['type']} has seed-like inputs {controls}; they shift widget values in saved workflows"
         assert len(node["widgets_values"]) == len(widgets), node["type"]
         for value, name in zip(node["widgets_values"], widgets):
             kind = entries[name][0]
