@@ -52,27 +52,7 @@ def embedded_setup(steps: int, step: int):
     return name, pipe.unet, from_pipeline(pipe, trace), trace
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: fp16 on cuda, fp32 on cpu")
-    p.add_argument("--masks", type=int, default=None, help="N, the same for both runs (default 48 on cpu, 96 on cuda)")
-    p.add_argument("--batch", type=int, default=None, help="masks per forward pass (default: from the memory budget, at most 32)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--sd15", action="store_true", help="random SD1.5-shaped UNet (the default on cuda)")
-    p.add_argument("--latent", type=int, default=64, help="latent side of the SD1.5-shaped UNet (64 = 512² images)")
-    p.add_argument("--channels-div", type=int, default=1, help="shrink the SD1.5 widths (dry runs on a CPU)")
-    p.add_argument("--similarity", default="structure")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            print("no CUDA device here")
-            return 1
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-    dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+def bench(device, dtype, args) -> None:
     n = args.masks or (96 if device.type == "cuda" else 48)
 
     import sd15_random as sd
@@ -115,6 +95,38 @@ def main(argv=None) -> int:
         f"the loop {100 * floor_ms / loop_ms:5.1f} %   (target >= 60 %)"
     )
     print(f"  same map either way: max |loop - batched| = {diff:.2e} (map scale {scale:.2e})")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None, help="fp16, bf16 or fp32, or several separated by commas (default: fp16 on cuda, fp32 on cpu)")
+    p.add_argument("--masks", type=int, default=None, help="N, the same for both runs (default 48 on cpu, 96 on cuda)")
+    p.add_argument("--batch", type=int, default=None, help="masks per forward pass (default: from the memory budget, at most 32)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sd15", action="store_true", help="random SD1.5-shaped UNet (the default on cuda)")
+    p.add_argument("--latent", type=int, default=64, help="latent side of the SD1.5-shaped UNet (64 = 512² images)")
+    p.add_argument("--channels-div", type=int, default=1, help="shrink the SD1.5 widths (dry runs on a CPU)")
+    p.add_argument("--similarity", default="structure")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print("no CUDA device here")
+            return 1
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+    names = (args.dtype or ("fp16" if device.type == "cuda" else "fp32")).split(",")
+    unknown = [d for d in names if d not in DTYPES]
+    if unknown:
+        print(f"unknown dtype(s) {unknown}; choose from {', '.join(DTYPES)}")
+        return 2
+    for name in names:
+        bench(device, DTYPES[name], args)
+        sys.stdout.flush()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return 0
 
 
