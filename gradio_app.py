@@ -799,10 +799,16 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
         step.input(on_step, [state, step], [x_t, x0, step_caption], show_progress="hidden", trigger_mode="always_last", api_name="step")
         word_inputs = [state, chips, typed, start, end]
         word_outputs = [word_image, words_grid, word_caption]
-        chips.input(on_word, word_inputs, word_outputs, api_name="word")
-        typed.submit(on_word, word_inputs, word_outputs, api_name=False)
-        start.input(on_word, word_inputs, word_outputs, trigger_mode="always_last", api_name=False)
-        end.input(on_word, word_inputs, word_outputs, trigger_mode="always_last", api_name=False)
+        # one listener for all word controls: a session's word views then run one after another and
+        # the last request wins (separate listeners could finish out of order and show a stale word)
+        gr.on(
+            [chips.input, typed.submit, start.input, end.input],
+            on_word,
+            word_inputs,
+            word_outputs,
+            trigger_mode="always_last",
+            api_name="word",
+        )
         kind.input(on_kind, [state, kind], [plot, table], api_name="concepts")
         tol.input(on_tol, [state, tol], [recovery_grid, recovery_curves], api_name="recovery")
         rise_run.click(on_rise, [state, rise_step, masks, centered, model], [rise_final, rise_x0, games, aucs, rise_caption], concurrency_limit=1, concurrency_id="model", api_name="rise")

@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "gradio_app.png"))
     parser.add_argument("--tab", default="Words", help="the explanation tab to show (Steps, Words, Concepts, Recovery (R1))")
     parser.add_argument("--prompt", default="a large red circle above a small blue square")
+    parser.add_argument("--seed", default="1", help="seed (1 draws the default prompt right with the current weights)")
     parser.add_argument("--word", default="red", help="the word chip to select on the Words tab")
     parser.add_argument("--steps", default="0:6", help="the Words tab's step range, FROM:TO")
     args = parser.parse_args()
@@ -43,6 +44,7 @@ def main() -> None:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(url)
             page.locator("#prompt textarea").fill(args.prompt)
+            page.locator("#seed input").fill(args.seed)
             page.locator("#generate").click()
             expect(page.locator("#summary")).to_contain_text(args.prompt, timeout=300_000)
             page.get_by_role("tab", name=args.tab).click()
@@ -54,6 +56,9 @@ def main() -> None:
                     page.locator(f"{box} input[type=number]").press("Enter")
                 page.locator("#word-chips").get_by_text(args.word, exact=True).click()
                 expect(page.get_by_text(f"'{args.word}', steps {first}-{last}")).to_be_visible(timeout=60_000)
+            shown = {"Steps": "#x0 img", "Recovery (R1)": "#recovery-grid img", "Concepts": "#concept-plot svg"}
+            if args.tab in shown:
+                expect(page.locator(shown[args.tab]).first).to_be_visible(timeout=60_000)
             page.wait_for_timeout(1500)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=args.out, full_page=True)
