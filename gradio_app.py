@@ -546,7 +546,7 @@ def cam_view(session: Session, step, layer="paper", model_box=None, models: Mode
             names = layer
         try:
             result = cam.df_cam(den, trace, step, layers=names)
-        except KeyError as exc:
+        except KeyError:
             raise InputError(f"no layer {layer!r} in this model; pick one of the list (paper, all, down_blocks, mid_block, up_blocks or a block name)") from None
     heat = result.display()
     count = len(result.layers)
