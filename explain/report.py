@@ -118,33 +118,25 @@ def build_report(
     with timed("step grid"):
         save("step_grid.png", render.step_grid(trace, item=item, count=grid_steps))
 
-    say("computing word heatmaps")
     words = _content_words(trace, item, skip_words)
-    with timed("heatmaps"):
-        whole = heatmaps.word_heatmaps(trace, words, item=item)
-        save("heatmaps.png", render.heatmap_grid(image, whole, mode=overlay_mode, columns=min(len(whole), 6), title="all steps"))
-        thirds = heatmaps.step_thirds(trace.num_steps)
-        by_range = [heatmaps.word_heatmaps(trace, words, steps=s, item=item) for _, s in thirds]
-        save("heatmaps_by_step.png", render.heatmap_grid(image, by_range, row_labels=[label for label, _ in thirds], mode=overlay_mode))
-        word_files = []
-        for n, (label, heat) in enumerate(whole.items()):
-            name = f"words/{n:02d}_{_slug(label)}.png"
-            save(name, render.overlay(display, heat, overlay_mode))
-            word_files.append((label, name))
-        if trace.attention_negative is not None and trace.negative_words and trace.negative_words[item]:
-            neg = heatmaps.word_heatmaps(trace, _content_words(trace, item, skip_words, negative=True), item=item, negative=True)
-            save("negative_heatmaps.png", render.heatmap_grid(image, neg, mode=overlay_mode, columns=min(len(neg), 6), title="negative prompt, all steps"))
-
-    say("scoring concepts")
-    with timed("concepts"):
-        scores = concepts.concept_scores(trace, item=item)
-        (out / "concepts.json").write_text(json.dumps(scores.to_json(), indent=1))
-        report.files["concepts.json"] = out / "concepts.json"
-        shown = [w.text for w in words]
-        picked = [j for j, label in enumerate(scores.labels) if label.split(" (")[0] in shown]
-        plot_scores = _subset(scores, picked) if picked else scores
-        save("concepts.png", render.concept_curves(plot_scores, "normalized", "concept curves: per-step min-max across prompt words (paper Fig. 9/11)"))
-        save("concepts_share.png", render.concept_curves(plot_scores, "share", "share of the prompt words' attention"))
+    word_files: list[tuple[str, str]] = []
+    scores = None
+    if words:
+        say("computing word heatmaps")
+        with timed("heatmaps"):
+            word_files = _heatmap_figures(trace, item, words, image, display, overlay_mode, skip_words, save)
+        say("scoring concepts")
+        with timed("concepts"):
+            scores = concepts.concept_scores(trace, item=item)
+            (out / "concepts.json").write_text(json.dumps(scores.to_json(), indent=1))
+            report.files["concepts.json"] = out / "concepts.json"
+            shown = [w.text for w in words]
+            picked = [j for j, label in enumerate(scores.labels) if label.split(" (")[0] in shown]
+            plot_scores = _subset(scores, picked) if picked else scores
+            save("concepts.png", render.concept_curves(plot_scores, "normalized", "concept curves: per-step min-max across prompt words (paper Fig. 9/11)"))
+            save("concepts_share.png", render.concept_curves(plot_scores, "share", "share of the prompt words' attention"))
+    else:
+        say("the trace has no prompt words (embeddings without text?): no word heatmaps or concept scores")
 
     say("computing the recovery view (R1)")
     with timed("recovery"):
@@ -166,6 +158,25 @@ def build_report(
         report.html_path.write_text(page, encoding="utf-8")
     report.seconds["total"] = time.perf_counter() - t_all
     return report
+
+
+def _heatmap_figures(trace, item, words, image, display, overlay_mode, skip_words, save) -> list[tuple[str, str]]:
+    whole = heatmaps.word_heatmaps(trace, words, item=item)
+    save("heatmaps.png", render.heatmap_grid(image, whole, mode=overlay_mode, columns=min(len(whole), 6), title="all steps"))
+    thirds = heatmaps.step_thirds(trace.num_steps)
+    by_range = [heatmaps.word_heatmaps(trace, words, steps=s, item=item) for _, s in thirds]
+    save("heatmaps_by_step.png", render.heatmap_grid(image, by_range, row_labels=[label for label, _ in thirds], mode=overlay_mode))
+    word_files = []
+    for n, (label, heat) in enumerate(whole.items()):
+        name = f"words/{n:02d}_{_slug(label)}.png"
+        save(name, render.overlay(display, heat, overlay_mode))
+        word_files.append((label, name))
+    if trace.attention_negative is not None and item < len(trace.negative_words) and trace.negative_words[item]:
+        negative_words = _content_words(trace, item, skip_words, negative=True)
+        if negative_words:
+            neg = heatmaps.word_heatmaps(trace, negative_words, item=item, negative=True)
+            save("negative_heatmaps.png", render.heatmap_grid(image, neg, mode=overlay_mode, columns=min(len(neg), 6), title="negative prompt, all steps"))
+    return word_files
 
 
 def _subset(scores: concepts.ConceptScores, columns: list[int]) -> concepts.ConceptScores:
@@ -246,38 +257,42 @@ def _page(trace, item, report, scores, view, word_files, extra, embed) -> str:
     )
     parts.append(_img(report, "step_grid.png", embed, alt="step grid"))
 
-    parts.append("<h2>Where each word is looked for</h2>")
-    parts.append(
-        '<p class="note">Cross-attention of each prompt word (conditional branch, mean over heads and layers, '
-        "sub-word tokens averaged), averaged over the steps, upsampled to the image and min-max normalised; "
-        "red = most attention. Overlay: (1 − m<sup>0.8</sup>)·image + m<sup>0.8</sup>·jet(m), as in the paper.</p>"
-    )
-    parts.append(_img(report, "heatmaps.png", embed, alt="word heatmaps"))
-    parts.append('<div class="words">')
-    for label, name in word_files:
-        parts.append(f"<figure>{_img(report, name, embed, alt=label)}<figcaption>{e(label)}</figcaption></figure>")
-    parts.append("</div>")
-    parts.append("<h3>Early, middle and late steps</h3>")
-    parts.append(_img(report, "heatmaps_by_step.png", embed, alt="word heatmaps by step range"))
-    if "negative_heatmaps.png" in report.files:
-        parts.append("<h3>Negative prompt</h3>")
-        parts.append(_img(report, "negative_heatmaps.png", embed, alt="negative prompt heatmaps"))
-
-    parts.append("<h2>Which concepts matter when</h2>")
-    parts.append(_img(report, "concepts.png", embed, alt="concept curves, normalised"))
-    parts.append(_img(report, "concepts_share.png", embed, alt="concept curves, share"))
-    parts.append(
-        "<table><tr><th>word</th><th>tokens</th><th>mean share</th><th>peak step</th><th>emergence step</th>"
-        "<th>Spearman ρ (step, share)</th><th>Σ normalised</th></tr>"
-    )
-    for row in scores.table():
-        rho = "—" if row["spearman_rho"] is None else f"{row['spearman_rho']:+.2f}"
+    if scores is None:
+        parts.append("<h2>Words</h2>")
+        parts.append('<p class="note">This trace names no prompt words (the prompt was given as embeddings), so there are no word heatmaps or concept scores.</p>')
+    else:
+        parts.append("<h2>Where each word is looked for</h2>")
         parts.append(
-            f"<tr><td>{e(row['word'])}</td><td>{e(', '.join(map(str, row['tokens'])))}</td>"
-            f"<td class=num>{row['mean_share']:.3f}</td><td class=num>{row['peak_step']}</td>"
-            f"<td class=num>{row['emergence_step']}</td><td class=num>{rho}</td><td class=num>{row['step_sum']:.2f}</td></tr>"
+            '<p class="note">Cross-attention of each prompt word (conditional branch, mean over heads and layers, '
+            "sub-word tokens averaged), averaged over the steps, upsampled to the image and min-max normalised; "
+            "red = most attention. Overlay: (1 − m<sup>0.8</sup>)·image + m<sup>0.8</sup>·jet(m), as in the paper.</p>"
         )
-    parts.append("</table>")
+        parts.append(_img(report, "heatmaps.png", embed, alt="word heatmaps"))
+        parts.append('<div class="words">')
+        for label, name in word_files:
+            parts.append(f"<figure>{_img(report, name, embed, alt=label)}<figcaption>{e(label)}</figcaption></figure>")
+        parts.append("</div>")
+        parts.append("<h3>Early, middle and late steps</h3>")
+        parts.append(_img(report, "heatmaps_by_step.png", embed, alt="word heatmaps by step range"))
+        if "negative_heatmaps.png" in report.files:
+            parts.append("<h3>Negative prompt</h3>")
+            parts.append(_img(report, "negative_heatmaps.png", embed, alt="negative prompt heatmaps"))
+
+        parts.append("<h2>Which concepts matter when</h2>")
+        parts.append(_img(report, "concepts.png", embed, alt="concept curves, normalised"))
+        parts.append(_img(report, "concepts_share.png", embed, alt="concept curves, share"))
+        parts.append(
+            "<table><tr><th>word</th><th>tokens</th><th>mean share</th><th>peak step</th><th>emergence step</th>"
+            "<th>Spearman ρ (step, share)</th><th>Σ normalised</th></tr>"
+        )
+        for row in scores.table():
+            rho = "—" if row["spearman_rho"] is None else f"{row['spearman_rho']:+.2f}"
+            parts.append(
+                f"<tr><td>{e(row['word'])}</td><td>{e(', '.join(map(str, row['tokens'])))}</td>"
+                f"<td class=num>{row['mean_share']:.3f}</td><td class=num>{row['peak_step']}</td>"
+                f"<td class=num>{row['emergence_step']}</td><td class=num>{rho}</td><td class=num>{row['step_sum']:.2f}</td></tr>"
+            )
+        parts.append("</table>")
 
     parts.append("<h2>What is recovered at each step (R1)</h2>")
     parts.append(
@@ -290,7 +305,7 @@ def _page(trace, item, report, scores, view, word_files, extra, embed) -> str:
     parts.append(_img(report, "recovery_curves.png", embed, alt="recovery curves"))
 
     parts.append("<h2>Definitions</h2><dl>")
-    for key, text in scores.definitions().items():
+    for key, text in (scores.definitions() if scores is not None else {}).items():
         parts.append(f"<dt>{e(key)}</dt><dd>{e(text)}</dd>")
     for key, text in view.to_json()["definitions"].items():
         parts.append(f"<dt>recovery: {e(key)}</dt><dd>{e(text)}</dd>")

@@ -59,3 +59,13 @@ def test_report_needs_attention(tmp_path):
         build_report(tr, tmp_path)
     with pytest.raises(IndexError, match="item 2 is outside the batch"):
         build_report(synthetic_trace(steps=3), tmp_path, item=2)
+
+
+def test_report_without_prompt_words_still_shows_steps_and_recovery(tmp_path):
+    tr = synthetic_trace(steps=3)
+    tr.words = [[]]  # prompts given as embeddings: positions have no words
+    rep = build_report(tr, tmp_path, save_trace=False)
+    page = rep.html_path.read_text()
+    assert "names no prompt words" in page
+    assert "step_grid.png" in rep.files and "recovery.png" in rep.files
+    assert "heatmaps.png" not in rep.files and "concepts.json" not in rep.files
