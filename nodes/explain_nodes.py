@@ -115,7 +115,7 @@ class ExplainWordHeatmaps:
         size = tuple(render.as_uint8_image(base).shape[:2])
         maps = heatmaps.word_heatmaps(tr, parse_words(words), steps, item=item, negative=negative, size=size)
         overlays = [render.overlay(base, m, mode=overlay) for m in maps.values()]
-        grid = render.heatmap_grid(base, maps, mode=overlay, title=f"steps {steps or 'all'}")
+        grid = render.heatmap_grid(base, maps, mode=overlay, title=f"steps {steps or 'all'}", columns=min(len(maps), 6))
         out_images = as_image(overlays)
         return {
             "ui": preview_ui(as_image(grid)),

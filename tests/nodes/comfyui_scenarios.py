@@ -322,6 +322,58 @@ def chained_patch(runner, nodes_module, work) -> dict:
     }
 
 
+def unet_families(runner, nodes_module, work) -> dict:
+    """SDXL- and SD2.x-shaped UNets (ComfyUI's own model classes at a tiny width; SD2 as
+    v-prediction): the Tap patches every block, records batch 2 non-square runs, and sampling
+    equals the untapped model's."""
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+    import nodes as comfy_nodes
+    from comfyui_harness import _randomize
+
+    tap_node = pack_module("nodes.tap_node")
+    taps = pack_module("nodes.taps")
+    base = {
+        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+        "in_channels": 4, "out_channels": 4, "model_channels": 64, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+        "transformer_depth": [1, 2], "transformer_depth_output": [1, 1, 2, 2], "transformer_depth_middle": 2,
+        "use_linear_in_transformer": True, "use_temporal_resblock": False, "use_temporal_attention": False,
+    }  # fmt: skip
+    cases = {
+        "sdxl": (comfy.supported_models.SDXL, comfy.model_base.SDXL, {"context_dim": 2048, "adm_in_channels": 2816, "num_classes": "sequential"}, 2048, "EPS"),
+        "sd2": (comfy.supported_models.SD20, comfy.model_base.BaseModel, {"context_dim": 1024, "adm_in_channels": None}, 1024, "V_PREDICTION"),
+    }
+    facts = {}
+    gen = torch.Generator().manual_seed(0)
+    for name, (config_class, model_class, extra, context, kind) in cases.items():
+        with torch.inference_mode():
+            config = config_class({**base, **extra})
+            model = model_class(config, model_type=getattr(comfy.model_base.ModelType, kind), device=torch.device("cpu"))
+            _randomize(model.diffusion_model, gen)
+            patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+            extras = {"pooled_output": torch.randn(1, 1280, generator=gen), "width": 32, "height": 48} if name == "sdxl" else {}
+            positive = [[torch.randn(1, 77, context, generator=gen), dict(extras)]]
+            negative = [[torch.randn(1, 77, context, generator=gen), dict(extras)]]
+            latent = {"samples": torch.zeros(2, 4, 6, 4)}
+            tapped, handle = tap_node.ExplainTap().tap(patcher, unique_id=name)
+            (out,) = comfy_nodes.common_ksampler(tapped, 7, 3, 4.0, "euler", "normal", positive, negative, latent)
+            (plain,) = comfy_nodes.common_ksampler(patcher, 7, 3, 4.0, "euler", "normal", positive, negative, latent)
+            trace = handle.resolve(out)
+        facts[name] = {
+            "blocks": len(taps.cross_attention_blocks(model.diffusion_model)),
+            "patched": len(tapped.model_options["transformer_options"]["patches_replace"]["attn2"]),
+            "steps": trace.num_steps,
+            "attention_shape": list(trace.attention.shape),
+            "attention_negative_shape": list(trace.attention_negative.shape),
+            "prediction_type": trace.meta["prediction_type"],
+            "model": trace.meta["model"],
+            "max_abs_diff": float((out["samples"] - plain["samples"]).abs().max()),
+            "scale": float(plain["samples"].abs().max()),
+        }
+    return facts
+
+
 SCENARIOS = {
     "txt2img_workflow": txt2img_workflow,
     "sampler_custom_workflow": sampler_custom_workflow,
@@ -335,4 +387,5 @@ SCENARIOS = {
     "caching": caching,
     "two_runs_one_tap": two_runs_one_tap,
     "chained_patch": chained_patch,
+    "unet_families": unet_families,
 }

@@ -183,3 +183,13 @@ def test_another_packs_attn2_replace_is_chained(report):
     assert facts["steps"] == 2
     assert facts["loaded_attn2_patches"] == 0
     assert facts["other_attn2_patches"] == 1 and facts["other_patch_kept"]  # the Tap patched a clone
+
+
+@pytest.mark.parametrize("family,prediction", [("sdxl", "epsilon"), ("sd2", "v_prediction")])
+def test_sdxl_and_sd2_shaped_unets(report, family, prediction):
+    facts = scenario(report, "unet_families")[family]
+    assert facts["patched"] == facts["blocks"] == 11  # 1 + 2 + 2 (middle) + 1 + 1 + 2 + 2 transformer blocks
+    assert facts["steps"] == 3 and facts["attention_shape"] == [3, 2, 77, 6, 4]
+    assert facts["attention_negative_shape"] == [3, 2, 77, 6, 4]
+    assert facts["prediction_type"] == prediction
+    assert facts["max_abs_diff"] <= 1e-4 * max(facts["scale"], 1.0)
