@@ -4,8 +4,10 @@
 user loaded is never changed) with three things, all keyed ``"diffusion-explain"``:
 
 * **an attn2 replace on every UNet cross-attention block** (``set_model_attn2_replace``). It
-  computes softmax(q kᵀ / √d) explicitly with `explain.attention` and reuses the probabilities
-  for the layer output, which therefore equals ComfyUI's own attention up to float rounding. If
+  computes the probabilities softmax(q kᵀ / √d) with `explain.attention` (an explicit float32
+  softmax on a CPU; on a GPU the fused SDPA kernel, with an identity appended to the values so
+  the probabilities come out too) and makes the layer output from the same call, which
+  therefore equals ComfyUI's own attention up to float rounding. If
   another pack already replaced that block, its function still makes the output (we chain to
   it) and we only read the probabilities, with a warning. Rows are split into conditional and
   unconditional by ``transformer_options["cond_or_uncond"]``, never by position, because
