@@ -19,6 +19,7 @@ if [ "$TRAIN_MINUTES" != "0" ]; then
     --lr 3e-4 --text-lr 2e-4 --warmup 100 --max-minutes "$TRAIN_MINUTES" 2>&1 \
     | grep -v -i "warn\|shards\|Loading\|float32"
 fi
+[ "${BENCH:-1}" = "0" ] && exit 0
 for bench in "bench_rise.py --device cuda" "bench_cam.py --device cuda" "bench_tap_overhead.py --device cuda"; do
   script=${bench%% *}
   [ -f "benchmarks/$script" ] || { echo "skip $script (missing)"; continue; }

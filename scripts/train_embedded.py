@@ -190,15 +190,19 @@ def train_unet(comps, params, ids, args, device, amp, log, save_fn):
     steps_done = 0
     total = args.unet_steps
     step = 0
+    marks: dict[int, float] = {}
     while step < total:
-        if step == 50 and args.max_minutes:
+        if args.max_minutes and step in (20, 70):
+            # time steps 20..70: the first steps include cuDNN autotuning and would overestimate
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            per_step = (time.time() - start) / 50
-            fits = int(args.max_minutes * 60 / (per_step * 1.04))
-            if fits < total:
-                total = max(fits, 100)
-                log(f"{per_step * 1000:.1f} ms per step: running {total} UNet steps to fit {args.max_minutes} min")
+            marks[step] = time.time()
+            if step == 70:
+                per_step = (marks[70] - marks[20]) / 50
+                fits = 70 + int((args.max_minutes * 60 - (marks[70] - start)) / (per_step * 1.03))
+                if fits < total:
+                    total = min(total, max(fits, 100))
+                    log(f"{per_step * 1000:.1f} ms per step: running {total} UNet steps to fit {args.max_minutes} min")
         idx = torch.randint(0, n, (args.batch,), generator=g).to(device)
         z = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gd, device=device)) * sf
         tokens = ids[idx]
