@@ -23,7 +23,8 @@ import torch
 
 from explain.trace import Trace
 
-MAX_RUNS = 8  # finished runs kept in memory, all taps together (oldest evicted first)
+MAX_RUNS = 8  # finished runs kept in memory, all taps together (oldest evicted first) ...
+MAX_BYTES = 2 * 1024**3  # ... and no more than this much tensor memory (the newest run always stays)
 
 
 class TraceLookupError(ValueError):
@@ -38,6 +39,11 @@ class Run:
     trace: Trace
     outputs: list[torch.Tensor]  # latents the sampler may have returned for this run (CPU, float32)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def nbytes(self) -> int:
+        t = self.trace
+        tensors = [t.x_t, t.x0, t.attention, t.attention_negative, t.final_latent, *t.attention_layers.values(), *self.outputs]
+        return sum(x.numel() * x.element_size() for x in tensors if isinstance(x, torch.Tensor))
 
     def describe(self) -> str:
         h, w = self.trace.latent_size
@@ -68,8 +74,9 @@ def same_latent(a: torch.Tensor, b: torch.Tensor) -> bool:
 class RunRegistry:
     """The last `MAX_RUNS` finished runs, looked up by the latent they returned."""
 
-    def __init__(self, max_runs: int = MAX_RUNS):
+    def __init__(self, max_runs: int = MAX_RUNS, max_bytes: int = MAX_BYTES):
         self.max_runs = int(max_runs)
+        self.max_bytes = int(max_bytes)
         self._runs: OrderedDict[str, Run] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -80,6 +87,8 @@ class RunRegistry:
         with self._lock:
             self._runs[run.run_id] = run
             while len(self._runs) > self.max_runs:
+                self._runs.popitem(last=False)
+            while len(self._runs) > 1 and sum(r.nbytes() for r in self._runs.values()) > self.max_bytes:
                 self._runs.popitem(last=False)
         return run
 
@@ -112,14 +121,14 @@ class RunRegistry:
             raise TraceLookupError(
                 f"no sampling run has been recorded for this trace yet (LATENT {shape}). Connect the Tap's MODEL "
                 "output to the sampler whose LATENT you connect here. If the sampler was cached from an earlier "
-                f"session or its run was evicted (only the last {self.max_runs} runs are kept), re-run it, e.g. by "
+                f"session or its run was evicted (the last {self.max_runs} runs, up to {self.max_bytes // 2**20} MiB, are kept), re-run it, e.g. by "
                 "clicking 'Free model and node cache' and queueing again."
             )
         held = "; ".join(r.describe() for r in reversed(mine))
         raise TraceLookupError(
             f"this LATENT ({shape}) was not produced by any run recorded for this trace (held: {held}). Connect "
             "the LATENT output of the sampler that uses the Tap's MODEL. If that sampler was cached and its run "
-            f"was evicted (only the last {self.max_runs} runs are kept), re-run it, e.g. by clicking "
+            f"was evicted (the last {self.max_runs} runs, up to {self.max_bytes // 2**20} MiB, are kept), re-run it, e.g. by clicking "
             "'Free model and node cache' and queueing again."
         )
 

@@ -52,6 +52,15 @@ def test_old_runs_are_evicted():
         registry.find("tap", la)
 
 
+def test_runs_are_evicted_by_memory_but_the_newest_stays():
+    registry = RunRegistry(max_runs=8, max_bytes=1)
+    _, la = _run(registry, "tap", 1)
+    newest, lb = _run(registry, "tap", 2)
+    assert len(registry) == 1 and registry.find("tap", lb) is newest and newest.nbytes() > 1
+    with pytest.raises(TraceLookupError, match="evicted"):
+        registry.find("tap", la)
+
+
 def test_handles():
     registry = RunRegistry()
     run, latent = _run(registry, "tap", 1)
