@@ -311,6 +311,23 @@ def scene_parameters(batch: list[Scene]) -> dict[str, torch.Tensor]:
     }
 
 
+def coverage_parameters(params: dict[str, torch.Tensor], size: int = 64) -> torch.Tensor:
+    """Vectorised per-object coverage of `render_tensor`: ``[B, 3, size, size]`` in 0..1 (absent
+    objects cover nothing), in caption order."""
+    p = params
+    xx, yy = _grid(size, p["base"].device)
+    xx, yy = xx[None, None], yy[None, None]  # [1, 1, H, W]
+    cx, cy, ext = (p[n].view(*p[n].shape, 1, 1) for n in ("cx", "cy", "extent"))
+    dx, dy, half = xx - cx, yy - cy, ext / 2
+    circle = torch.sqrt(dx * dx + dy * dy) - half
+    square = torch.maximum(dx.abs(), dy.abs()) - half * 0.92
+    k = 2 * half / torch.sqrt(half * half + 4 * half * half)
+    triangle = torch.maximum(dy - half, (2 * dx.abs() - (dy + half)) * (k / 2))
+    shape = p["shape"].view(*p["shape"].shape, 1, 1)
+    d = torch.where(shape == 0, circle, torch.where(shape == 1, square, triangle))
+    return (0.5 - d * size).clamp(0, 1) * p["present"].view(*p["present"].shape, 1, 1)
+
+
 def render_parameters(params: dict[str, torch.Tensor], size: int = 64) -> torch.Tensor:
     """Vectorised `render_tensor` over a batch (for training on a GPU): images ``[B, 3, size, size]`` in 0..1."""
     p = params
@@ -321,15 +338,8 @@ def render_parameters(params: dict[str, torch.Tensor], size: int = 64) -> torch.
     w = p["waves"].view(-1, 2, 4, 1, 1)
     tex = (w[:, :, 3] * torch.sin(2 * math.pi * (w[:, :, 0] * xx + w[:, :, 1] * yy) + w[:, :, 2])).sum(1)
     image = (p["base"].view(-1, 3, 1, 1) + (g + tex).unsqueeze(1)).clamp(0, 1)
-    cx, cy, ext = (p[n].view(*p[n].shape, 1, 1) for n in ("cx", "cy", "extent"))
-    dx, dy, half = xx - cx, yy - cy, ext / 2
-    circle = torch.sqrt(dx * dx + dy * dy) - half
-    square = torch.maximum(dx.abs(), dy.abs()) - half * 0.92
-    k = 2 * half / torch.sqrt(half * half + 4 * half * half)
-    triangle = torch.maximum(dy - half, (2 * dx.abs() - (dy + half)) * (k / 2))
-    shape = p["shape"].view(*p["shape"].shape, 1, 1)
-    d = torch.where(shape == 0, circle, torch.where(shape == 1, square, triangle))
-    cover = (0.5 - d * size).clamp(0, 1) * p["present"].view(*p["present"].shape, 1, 1)  # [B, K, H, W]
+    cy, ext = (p[n].view(*p[n].shape, 1, 1) for n in ("cy", "extent"))
+    cover = coverage_parameters(params, size)  # [B, K, H, W]
     shade = 1.0 - 0.12 * (yy - cy) / ext.clamp_min(1e-6)
     for j in range(cover.shape[1]):
         color = (p["color"][:, j].view(-1, 3, 1, 1) * shade[:, j : j + 1]).clamp(0, 1)

@@ -56,6 +56,14 @@ def parse_args(argv=None):
     )
     p.add_argument("--cond-drop", type=float, default=0.1, help="share of empty captions (for guidance)")
     p.add_argument(
+        "--ground-weight",
+        type=float,
+        default=0.0,
+        help="weight of the grounding loss: the cross-attention of each object's words (size, colour, shape) is "
+        "pulled inside that object's mask, as TokenCompose (Wang et al., CVPR 2024) does with segmentation masks",
+    )
+    p.add_argument("--save-minutes", type=float, default=None, help="checkpoint the EMA weights this often")
+    p.add_argument(
         "--max-minutes",
         type=float,
         default=None,
@@ -64,6 +72,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--archive", default=None, help="also pack the result into <archive>.partN tar chunks (GPU runs)")
     p.add_argument("--log", default=None)
+    p.add_argument("--log-every", type=int, default=200)
     return p.parse_args(argv)
 
 
@@ -94,6 +103,55 @@ def fast_token_ids(captions: list[str], tokenizer) -> torch.Tensor:
     ref = tokenizer(sample, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     assert torch.equal(ref, ids[:: max(1, len(captions) // 50)][: len(sample)]), "fast tokenization disagrees"
     return ids
+
+
+def token_objects(pool: list, ids: torch.Tensor) -> torch.Tensor:
+    """``[N, 3, 77]`` bool: token ``t`` of caption ``n`` names object ``k`` (its size, colour or
+    shape word). Every grammar word is one token, so word ``i`` is token ``i + 1`` (after BOS)."""
+    out = torch.zeros(len(pool), 3, ids.shape[1], dtype=torch.bool)
+    for n, scene in enumerate(pool):
+        for k, words in enumerate(world.object_word_indices(scene)):
+            out[n, k, [i + 1 for i in words]] = True
+    return out
+
+
+class GroundingAttnProcessor:
+    """Cross-attention with an explicit softmax whose probabilities are kept, with their graph,
+    for the grounding loss (the embedded UNet's attn2 has no norms, masks or residual inside)."""
+
+    def __init__(self, store: list):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        b, n, _ = hidden_states.shape
+        q = attn.to_q(hidden_states)
+        k = attn.to_k(encoder_hidden_states)
+        v = attn.to_v(encoder_hidden_states)
+        h = attn.heads
+        q, k, v = (x.view(b, -1, h, x.shape[-1] // h).transpose(1, 2) for x in (q, k, v))
+        probs = (q @ k.transpose(-1, -2) * attn.scale).float().softmax(-1)  # [B, heads, N, T]
+        self.store.append(probs)
+        out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(b, n, -1)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def grounding_loss(store: list, covers: torch.Tensor, token_obj: torch.Tensor) -> torch.Tensor:
+    """TokenCompose's token loss on head-averaged maps: for every object word, (1 - share of its
+    attention inside the object's mask)^2, averaged over words and layers.
+
+    covers: ``[B, 3, H, W]`` object coverage at image size; token_obj: ``[B, 3, T]`` bool."""
+    assigned = token_obj.any(1)  # [B, T]
+    if not assigned.any():
+        return covers.new_zeros(())
+    losses = []
+    for probs in store:
+        side = int(round(probs.shape[2] ** 0.5))
+        mask = F.adaptive_avg_pool2d(covers, side).flatten(2)  # [B, 3, N]
+        amap = probs.mean(1)  # [B, N, T]
+        inside = torch.einsum("bnt,bkn,bkt->bt", amap, mask, token_obj.float())
+        share = inside / amap.sum(1).clamp_min(1e-8)
+        losses.append(((1 - share) ** 2)[assigned].mean())
+    return torch.stack(losses).mean()
 
 
 def ema_update(ema_model, model, decay):
@@ -158,7 +216,7 @@ def encode_pool(vae, params, device, amp, batch=1024):
     return torch.cat(means), torch.cat(stds)
 
 
-def train_unet(comps, params, ids, args, device, amp, log, save_fn):
+def train_unet(comps, params, ids, token_obj, args, device, amp, log, save_fn):
     from diffusers import DDPMScheduler
 
     unet, text, vae = comps["unet"], comps["text_encoder"], comps["vae"]
@@ -183,26 +241,35 @@ def train_unet(comps, params, ids, args, device, amp, log, save_fn):
     n = params["base"].shape[0]
     g = torch.Generator(device="cpu").manual_seed(args.seed + 2)
     gd = torch.Generator(device=device).manual_seed(args.seed + 3)
+    attn_store: list = []
+    if args.ground_weight > 0:
+        unet.set_attn_processor(
+            {name: GroundingAttnProcessor(attn_store) if "attn2" in name else proc for name, proc in unet.attn_processors.items()}
+        )
     unet.train()
     text.train()
     start = time.time()
     last_save = start
+    save_seconds = 60 * args.save_minutes if args.save_minutes else 90
     steps_done = 0
     total = args.unet_steps
     step = 0
     marks: dict[int, float] = {}
     while step < total:
-        if args.max_minutes and step in (20, 70):
-            # time steps 20..70: the first steps include cuDNN autotuning and would overestimate
+        if args.max_minutes and (step in (20, 70) or (step > 70 and step % 100 == 0)):
+            # time from step 20 on: the first steps include cuDNN autotuning and would overestimate;
+            # re-fit every 100 steps, as a shared machine's speed drifts
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            marks[step] = time.time()
-            if step == 70:
-                per_step = (marks[70] - marks[20]) / 50
-                fits = 70 + int((args.max_minutes * 60 - (marks[70] - start)) / (per_step * 1.03))
-                if fits < total:
-                    total = min(total, max(fits, 100))
-                    log(f"{per_step * 1000:.1f} ms per step: running {total} UNet steps to fit {args.max_minutes} min")
+            marks.setdefault(20, time.time())
+            if step >= 70:
+                now = time.time()
+                per_step = (now - marks[20]) / (step - 20)
+                fits = step + int((args.max_minutes * 60 - (now - start)) / (per_step * 1.03))
+                fitted = min(args.unet_steps, max(fits, 100 if step == 70 else step + 1))
+                if fitted != total and (step == 70 or abs(fitted - total) > 0.02 * total):
+                    log(f"{per_step * 1000:.1f} ms per step: running {fitted} UNet steps to fit {args.max_minutes} min")
+                total = fitted
         idx = torch.randint(0, n, (args.batch,), generator=g).to(device)
         z = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gd, device=device)) * sf
         tokens = ids[idx]
@@ -216,6 +283,7 @@ def train_unet(comps, params, ids, args, device, amp, log, save_fn):
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         for group, base in zip(opt.param_groups, base_lrs):
             group["lr"] = base * lr_factor(step, total, warmup=args.warmup)
+        attn_store.clear()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             enc = text(tokens)[0]
             pred = unet(noisy, t, enc).sample
@@ -223,19 +291,27 @@ def train_unet(comps, params, ids, args, device, amp, log, save_fn):
         snr = a.view(-1) / (1 - a.view(-1))
         weight = torch.clamp(snr, max=5.0) / snr
         loss = (weight * ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        ground = torch.zeros((), device=device)
+        if args.ground_weight > 0:
+            covers = world.coverage_parameters({k: v[idx.cpu()].to(device) for k, v in params.items()})
+            objs = token_obj[idx.cpu()].to(device) & ~drop.to(device).view(-1, 1, 1)
+            ground = grounding_loss(attn_store, covers, objs)
+            loss_total = loss + args.ground_weight * ground
+        else:
+            loss_total = loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_total.backward()
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text.parameters()), 1.0)
         opt.step()
         decay = args.ema if args.init_from else min(args.ema, (1 + step) / (10 + step))
         ema_update(ema_unet, unet, decay)
         ema_update(ema_text, text, decay)
         steps_done = step + 1
-        if step % 200 == 0:
-            log(f"unet step {step} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}")
+        if step % args.log_every == 0:
+            log(f"unet step {step} loss {loss.item():.4f} grounding {ground.item():.4f} lr {opt.param_groups[0]['lr']:.2e}")
         step += 1
         now = time.time()
-        if save_fn and now - last_save > 90:
+        if save_fn and now - last_save > save_seconds:
             save_fn(ema_unet, ema_text, steps_done)
             last_save = now
     return ema_unet, ema_text, steps_done, float(loss.item())
@@ -306,6 +382,7 @@ def main(argv=None):
     pool = world.scenes(args.pool, seed=args.seed, split="train")
     params = world.scene_parameters(pool)
     ids = fast_token_ids([s.caption for s in pool], comps["tokenizer"])
+    token_obj = token_objects(pool, ids) if args.ground_weight > 0 else None
     log("scenes ready")
 
     if earlier is None:
@@ -336,7 +413,8 @@ def main(argv=None):
         info["unet_steps_done"] = steps
         save_pipeline(comps, unet, text, out, info, args.archive, log)
 
-    unet, text, steps, loss = train_unet(comps, params, ids, args, device, amp, log, checkpoint if args.archive else None)
+    saving = args.archive or args.save_minutes
+    unet, text, steps, loss = train_unet(comps, params, ids, token_obj, args, device, amp, log, checkpoint if saving else None)
     info["unet_final_loss"] = loss
     info["train_seconds"] = round(time.time() - log.start, 1)
     checkpoint(unet, text, steps)

@@ -69,6 +69,16 @@ def test_vectorised_renderer_matches_reference():
     assert torch.allclose(fast, slow, atol=1e-4)
 
 
+def test_vectorised_coverage_matches_reference():
+    batch = world.scenes(16, seed=9)
+    cover = world.coverage_parameters(world.scene_parameters(batch))
+    for scene, fast in zip(batch, cover):
+        slow = world.render_tensor(scene)[1]
+        k = len(scene.objects)
+        assert torch.allclose(fast[:k], slow, atol=1e-4)
+        assert not fast[k:].any()  # absent objects cover nothing
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="split"):
         world.sample_scene(random.Random(0), split="test")

@@ -1,0 +1,97 @@
+"""The embedded model's training script: its grounding loss and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from explain import world
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def train():
+    spec = importlib.util.spec_from_file_location("train_embedded", ROOT / "scripts" / "train_embedded.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_token_objects_mark_each_objects_words(train):
+    pool = world.scenes(20, seed=4)
+    ids = torch.zeros(len(pool), 77, dtype=torch.long)
+    marks = train.token_objects(pool, ids)
+    for n, scene in enumerate(pool):
+        words = world.caption_words(scene.caption)
+        for k, obj in enumerate(scene.objects):
+            named = [words[t - 1] for t in marks[n, k].nonzero().flatten().tolist()]
+            assert obj.color in named and obj.shape in named
+            assert set(named) <= {obj.color, obj.shape, "big", "large", "small", "little", "tiny", "huge"}
+        assert not marks[n, len(scene.objects) :].any()
+
+
+def _probs_with(token_map: torch.Tensor, tokens: int = 5) -> torch.Tensor:
+    """Attention probabilities ``[1, 2 heads, N, T]`` whose token 1 has the spatial shape ``token_map``."""
+    n = token_map.numel()
+    probs = torch.full((1, 2, n, tokens), 1.0)
+    probs[0, :, :, 1] = token_map.flatten() * 50
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def test_grounding_loss_is_zero_inside_and_large_outside(train):
+    side = 8
+    cover = torch.zeros(1, 3, 64, 64)
+    cover[0, 0, :32, :32] = 1  # object 0 fills the top-left quarter
+    token_obj = torch.zeros(1, 3, 5, dtype=torch.bool)
+    token_obj[0, 0, 1] = True
+    inside = torch.zeros(side, side)
+    inside[:4, :4] = 1
+    outside = torch.zeros(side, side)
+    outside[4:, 4:] = 1
+    # token 1's map exactly on the object: only the uniform floor leaks out
+    on = train.grounding_loss([_probs_with(inside + 1e-6)], cover, token_obj)
+    off = train.grounding_loss([_probs_with(outside + 1e-6)], cover, token_obj)
+    uniform = train.grounding_loss([_probs_with(torch.full((side, side), 1e-6))], cover, token_obj)
+    assert on < 0.01
+    assert off > 0.9
+    assert uniform == pytest.approx(0.75**2, abs=1e-3)  # a quarter of a uniform map is inside
+    empty = train.grounding_loss([_probs_with(inside)], cover, torch.zeros_like(token_obj))
+    assert empty == 0
+
+
+def test_grounding_processor_computes_what_diffusers_computes(train):
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, cross_attention_dim=12, heads=4, dim_head=4)
+    x, context = torch.randn(2, 9, 16), torch.randn(2, 7, 12)
+    expected = attn(x, encoder_hidden_states=context)
+    store: list = []
+    attn.set_processor(train.GroundingAttnProcessor(store))
+    got = attn(x, encoder_hidden_states=context)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert store[0].shape == (2, 4, 9, 7)
+    assert torch.allclose(store[0].sum(-1), torch.ones(2, 4, 9))
+
+
+def test_tiny_run_writes_a_loadable_pipeline_and_its_record(train, tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "model"
+    train.main(
+        ["--out", str(out), "--device", "cpu", "--pool", "64", "--vae-steps", "2", "--vae-batch", "4",
+         "--unet-steps", "3", "--batch", "4", "--warmup", "1", "--ground-weight", "0.02"]
+    )
+    record = json.loads((out / "training.json").read_text())
+    assert record["unet_steps_done"] == 3
+    assert record["generator_version"] == world.GENERATOR_VERSION
+    assert record["args"]["ground_weight"] == 0.02
+    from explain import embedded
+
+    pipe = embedded.load_pipeline(out, device="cpu")
+    # the grounding processors were a training device only: the saved UNet has diffusers' own
+    assert not any(type(p).__name__ == "GroundingAttnProcessor" for p in pipe.unet.attn_processors.values())
