@@ -72,6 +72,11 @@ class GuidedDenoiser:
     per-token DF-RISE) is ``model_fn`` with a ``[N, T]`` 0/1 mask over the prompt's token
     positions: a dropped position of the conditional context is replaced by the unconditional
     context at that position.
+
+    ``guide_fn(x, level, uncond, cond)`` (optional) replaces ``u + w (c - u)`` in the guided
+    predictions (`predict`, `predict_tokens`), on the model's raw outputs: a host's own guidance
+    (ComfyUI's RescaleCFG, say) then shapes the probes as it shaped the sampling. DF-CAM keeps
+    the paper's linear combination of the two branches (`branches`, `combine`).
     """
 
     model_fn: ModelFn
@@ -82,6 +87,7 @@ class GuidedDenoiser:
     estimate_item_bytes: Callable[[torch.Tensor], int] | None = None
     device: torch.device | None = None
     token_model_fn: Callable[[torch.Tensor, "NoiseLevel", torch.Tensor], tuple] | None = None
+    guide_fn: Callable[[torch.Tensor, "NoiseLevel", torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
@@ -127,29 +133,40 @@ class GuidedDenoiser:
         c = self.convert(x, cond, level, quantity)
         return u, c
 
-    def token_branches(self, x: torch.Tensor, level: NoiseLevel, keep: torch.Tensor, quantity: str = "x0"):
-        """Like `branches`, with the prompt's tokens masked by ``keep`` ``[N, T]``."""
-        if self.token_model_fn is None:
-            raise ValueError("this denoiser cannot mask prompt tokens (it has no token_model_fn)")
-        _check_latents(x)
-        uncond, cond = self.token_model_fn(x, level, keep)
-        u = self.convert(x, uncond, level, quantity) if (self.guided and uncond is not None) else None
-        return u, self.convert(x, cond, level, quantity)
-
     def combine(self, uncond: torch.Tensor | None, cond: torch.Tensor) -> torch.Tensor:
         if uncond is None:
             return cond
         return uncond + float(self.guidance_scale) * (cond - uncond)
 
+    def _guided(self, x: torch.Tensor, level: NoiseLevel, quantity: str, outputs: tuple) -> torch.Tensor:
+        """The guided ``quantity`` from the raw ``(uncond, cond)`` outputs of one forward."""
+        uncond, cond = outputs
+        if not self.guided or uncond is None:
+            if self.guided:
+                raise ValueError("model_fn returned no unconditional output, but guidance_scale is not 1")
+            return self.convert(x, cond, level, quantity)
+        if self.guide_fn is not None:
+            return self.convert(x, self.guide_fn(x, level, uncond, cond), level, quantity)
+        return self.combine(self.convert(x, uncond, level, quantity), self.convert(x, cond, level, quantity))
+
     def predict(self, x: torch.Tensor, level: NoiseLevel, quantity: str = "x0", batch_size: int | None = None) -> torch.Tensor:
         """The guided prediction ``[N, C, h, w]`` (float32) of a batch of latents, run in chunks of
         ``batch_size`` (all at once by default) without gradients."""
         _check_latents(x)
+        if quantity not in QUANTITIES:
+            raise ValueError(f"quantity must be one of {QUANTITIES}, got {quantity!r}")
         n = x.shape[0]
         size = n if batch_size is None else max(1, int(batch_size))
         with torch.no_grad():
-            parts = [self.combine(*self.branches(x[i : i + size], level, quantity)) for i in range(0, n, size)]
+            parts = [self._guided(x[i : i + size], level, quantity, self.model_fn(x[i : i + size], level)) for i in range(0, n, size)]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def predict_tokens(self, x: torch.Tensor, level: NoiseLevel, keep: torch.Tensor, quantity: str = "x0") -> torch.Tensor:
+        """The guided prediction with the prompt's tokens masked by ``keep`` ``[N, T]``."""
+        if self.token_model_fn is None:
+            raise ValueError("this denoiser cannot mask prompt tokens (it has no token_model_fn)")
+        _check_latents(x)
+        return self._guided(x, level, quantity, self.token_model_fn(x, level, keep))
 
     # ------------------------------------------------------------------ batching
     def batch_size_for(self, x: torch.Tensor, memory_budget: int | None = None, limit: int | None = None) -> int:

@@ -337,7 +337,7 @@ def df_rise_tokens(
         for start in range(0, n, int(batch_size)):
             keep = keep_all[start : start + int(batch_size)].to(x.device)
             probes = x.unsqueeze(0).expand(keep.shape[0], *x.shape)
-            pred = denoiser.combine(*denoiser.token_branches(probes, level, keep, quantity))
+            pred = denoiser.predict_tokens(probes, level, keep, quantity)
             s = sim(pred, reference).float()  # [b, h, w]
             kept_sum += torch.einsum("bt,bhw->thw", keep, s)
             all_sum += s.sum(0)

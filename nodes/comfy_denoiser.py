@@ -7,8 +7,10 @@ patches inside a sampling run, so `run_with_denoiser` starts a real one through 
 sampling, hands us the prepared guider, and cleans up afterwards (also after an exception).
 Inside, one probe is ``comfy.samplers.calc_cond_batch``, which returns denoised x0 per branch
 (``prediction_type="sample"``) for latents x = x0 + σε (``latent_space="sigma"``), the space
-the Tap records ``x_t`` in. The combination is plain classifier-free guidance u + w (c - u);
-model patches that replace ComfyUI's CFG function (RescaleCFG, SAG...) are not applied.
+the Tap records ``x_t`` in. The guided prediction goes through ComfyUI's own
+``cfg_function``, so model patches that change guidance (RescaleCFG, SAG, CFG++...) shape the
+probes as they shaped the sampling; DF-CAM keeps the paper's linear u + w (c - u) of the two
+branches' activations and gradients (the node says so when such a patch is present).
 
 Probes run inside `nodes.taps.probing`, so a tapped MODEL records nothing while it is probed.
 """
@@ -60,6 +62,12 @@ def make_denoiser(guider, model_options: dict, guidance_scale: float, separate_b
         cond, uncond = comfy.samplers.calc_cond_batch(inner, [positive, negative], x, sigma, model_options)
         return uncond, cond
 
+    def guide_fn(x: torch.Tensor, level: NoiseLevel, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        x = x.to(cond.device)
+        return comfy.samplers.cfg_function(
+            inner, cond, uncond, float(guidance_scale), x, _sigma_batch(level, x), model_options, cond=positive, uncond=negative
+        )
+
     modules = dict(inner.diffusion_model.named_modules())
     return GuidedDenoiser(
         model_fn=model_fn,
@@ -68,7 +76,18 @@ def make_denoiser(guider, model_options: dict, guidance_scale: float, separate_b
         latent_space="sigma",
         modules=modules,
         device=torch.device(device),
+        guide_fn=guide_fn if custom_guidance(model_options) else None,
     )
+
+
+def custom_guidance(model_options: dict) -> list[str]:
+    """The model patches that replace or follow ComfyUI's plain CFG (empty when there are none)."""
+    found = []
+    if model_options.get("sampler_cfg_function") is not None:
+        found.append("sampler_cfg_function")
+    if model_options.get("sampler_post_cfg_function"):
+        found.append("sampler_post_cfg_function")
+    return found
 
 
 def run_with_denoiser(

@@ -10,6 +10,7 @@ they run and show their pictures even when nothing is connected downstream.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 
@@ -21,6 +22,10 @@ from explain.trace import Trace
 from .decode import decode_steps, to_uint8
 from .tap_node import CATEGORY, TRACE_TYPE
 
+CAM_GUIDANCE_NOTE = (
+    "the model carries a guidance patch (RescaleCFG, SAG...); DF-CAM combines the two branches' activations and "
+    "gradients linearly, as the paper does, so it explains plain CFG at this cfg"
+)
 TRACE_INPUTS = {
     "trace": (TRACE_TYPE, {"tooltip": "From an Explain Tap (or Explain Load Trace)."}),
 }
@@ -381,7 +386,10 @@ class ExplainCam:
         base = base_image(tr, item, image)
         size = tuple(render.as_uint8_image(base).shape[:2])
 
+        hosted = {}
+
         def work(denoiser):
+            hosted["guidance"] = denoiser.guide_fn is not None
             return cam.df_cam(denoiser, tr, step, item, layers=layers, target=target, quantity=quantity, image_size=size)
 
         result = run_with_denoiser(model, positive, negative, tr, step, scale, work, separate_branches=True)
@@ -389,5 +397,8 @@ class ExplainCam:
         overlay = as_image(render.overlay(base, mask))
         info = {"step": step, "timestep": float(tr.timesteps[step]), "layers": layers, "modules": len(result.layers),
                 "target": target, "quantity": quantity, "cfg": scale, "item": item}  # fmt: skip
+        if hosted.get("guidance"):
+            info["note"] = CAM_GUIDANCE_NOTE
+            logging.warning("DF-CAM: %s", CAM_GUIDANCE_NOTE)
         text = json.dumps(info)
         return {"ui": {**preview_ui(overlay), "text": [text]}, "result": (overlay, mask.unsqueeze(0), text)}

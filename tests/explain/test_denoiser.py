@@ -88,6 +88,35 @@ def test_guidance_combines_like_a_sampler():
     assert torch.allclose(denoiser.predict(x, level), (u + 3.0 * (c - u)).expand(2, -1, -1, -1))
 
 
+def test_a_host_guidance_function_replaces_the_linear_combination():
+    """ComfyUI's RescaleCFG-style guidance is nonlinear: it must act on the raw outputs, before
+    the conversion to the requested quantity, in plain and per-token predictions alike."""
+    x0_u, x0_c = torch.randn(1, 4, 5, 5), torch.randn(1, 4, 5, 5)
+    seen = []
+
+    def host_guidance(x, level, uncond, cond):
+        seen.append((x.shape[0], level.sigma))
+        return torch.tanh(uncond + 2.0 * (cond - uncond))  # anything but u + w (c - u)
+
+    def branches(x, lv, keep=None):
+        return x0_u.expand(x.shape[0], -1, -1, -1), x0_c.expand(x.shape[0], -1, -1, -1)
+
+    plain = GuidedDenoiser(branches, "sample", 2.0, latent_space="sigma", token_model_fn=branches)
+    hosted = GuidedDenoiser(branches, "sample", 2.0, latent_space="sigma", token_model_fn=branches, guide_fn=host_guidance)
+    level = NoiseLevel(timestep=500, sigma=1.5)
+    x = torch.randn(3, 4, 5, 5)
+    expected = torch.tanh(x0_u + 2.0 * (x0_c - x0_u)).expand(3, -1, -1, -1)
+    assert torch.allclose(hosted.predict(x, level, "x0"), expected)
+    assert torch.allclose(hosted.predict_tokens(x, level, torch.ones(3, 7), "x0"), expected)
+    assert not torch.allclose(plain.predict(x, level, "x0"), expected)
+    # epsilon is derived from the guided x0, not guided itself
+    assert torch.allclose(hosted.predict(x, level, "epsilon"), (x - expected) / 1.5, atol=1e-5)
+    assert seen[0] == (3, 1.5)
+    # DF-CAM's branches stay the model's own, combined linearly
+    u, c = hosted.branches(x, level, "x0")
+    assert torch.allclose(hosted.combine(u, c), plain.predict(x, level, "x0"))
+
+
 def test_epsilon_from_x0_in_both_latent_spaces():
     level = NoiseLevel(timestep=500, sigma=2.0)
     x0_true = torch.randn(1, 4, 5, 5)

@@ -322,6 +322,44 @@ def chained_patch(runner, nodes_module, work) -> dict:
     }
 
 
+def custom_guidance(runner, nodes_module, work) -> dict:
+    """A RescaleCFG-patched model: DF-RISE's probes go through ComfyUI's cfg_function, so the
+    unmasked probe at a step reproduces the sampler's own x0 there; plain CFG would not."""
+    import comfy.sample
+    import comfy.samplers
+    import latent_preview  # noqa: F401
+    import nodes as comfy_nodes
+    from comfy_extras.nodes_model_advanced import RescaleCFG
+
+    from explain.denoiser import NoiseLevel
+
+    comfy_denoiser = pack_module("nodes.comfy_denoiser")
+    tap_node = pack_module("nodes.tap_node")
+    facts = {}
+    with torch.inference_mode():
+        model, clip, _vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT_NAME)[:3]
+        rescaled = RescaleCFG().patch(model, 1.0)[0]
+        tapped, handle = tap_node.ExplainTap().tap(rescaled, clip=clip, prompt=PROMPT, unique_id="rescale")
+        positive = comfy_nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
+        negative = comfy_nodes.CLIPTextEncode().encode(clip, NEGATIVE)[0]
+        latent = {"samples": torch.zeros(1, 4, 4, 4)}
+        (out,) = comfy_nodes.common_ksampler(tapped, 5, 3, 5.0, "euler", "normal", positive, negative, latent)
+        trace = handle.resolve(out)
+        step = 1
+        level = NoiseLevel.from_trace(trace, step)
+        recorded = trace.x0[step].float()
+
+        def probe(denoiser):
+            return denoiser.predict(trace.x_t[step].float(), level, "x0").cpu(), denoiser.guide_fn is not None
+
+        for name, m in (("rescaled", rescaled), ("plain", model)):
+            x0, hosted = comfy_denoiser.run_with_denoiser(m, positive, negative, trace, step, 5.0, probe)
+            facts[name] = {"max_abs_diff": float((x0 - recorded).abs().max()), "hosted": hosted}
+        facts["scale"] = float(recorded.abs().max())
+        facts["found"] = comfy_denoiser.custom_guidance(rescaled.model_options)
+    return facts
+
+
 def unet_families(runner, nodes_module, work) -> dict:
     """SDXL- and SD2.x-shaped UNets (ComfyUI's own model classes at a tiny width; SD2 as
     v-prediction): the Tap patches every block, records batch 2 non-square runs, and sampling
@@ -388,4 +426,5 @@ SCENARIOS = {
     "two_runs_one_tap": two_runs_one_tap,
     "chained_patch": chained_patch,
     "unet_families": unet_families,
+    "custom_guidance": custom_guidance,
 }
