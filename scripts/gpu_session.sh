@@ -16,7 +16,8 @@ TRAIN_MINUTES=${TRAIN_MINUTES:-4}
 if [ "$TRAIN_MINUTES" != "0" ]; then
   python3 scripts/train_embedded.py --init-from explain/models/shapes-64 --out /tmp/shapes-64 \
     --archive "$OUT/model" --log "$OUT/train.log" --pool 150000 --unet-steps 50000 --batch 256 \
-    --lr 3e-4 --text-lr 2e-4 --warmup 100 --max-minutes "$TRAIN_MINUTES" 2>&1 \
+    --lr 3e-4 --text-lr 2e-4 --warmup 100 --ground-weight "${GROUND_WEIGHT:-0.02}" \
+    --max-minutes "$TRAIN_MINUTES" 2>&1 \
     | grep -v -i "warn\|shards\|Loading\|float32"
 fi
 [ "${BENCH:-1}" = "0" ] && exit 0
