@@ -67,3 +67,32 @@ def test_training_record_is_shipped():
 def test_missing_weights_give_a_clear_error(tmp_path):
     with pytest.raises(embedded.EmbeddedModelMissing, match="train_embedded.py"):
         embedded.load_pipeline(tmp_path)
+
+
+def test_object_word_heatmaps_point_at_their_objects(pipe):
+    """The shipped weights' cross-attention is grounded (trained so, see the README): through the
+    tap, each object's words peak inside that object's mask on noised ground-truth images. Guards
+    the weights and the whole capture → aggregate → upsample path; the full figure is
+    benchmarks/bench_pointing.py."""
+    from explain import heatmaps, world
+    from explain.taps.diffusers import trace
+
+    scenes = world.scenes(6, seed=31, split="held_out")
+    rendered = [world.render(s) for s in scenes]
+    images = torch.from_numpy(np.stack([img for img, _ in rendered])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        x0 = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
+    t = 300
+    a = float(pipe.scheduler.alphas_cumprod[t])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    with trace(pipe, previews=False) as tr:
+        pipe([s.caption for s in scenes], latents=a**0.5 * x0 + (1 - a) ** 0.5 * noise, timesteps=[t], output_type="latent")
+    hits = objects = 0
+    for b, (scene, (_, masks)) in enumerate(zip(scenes, rendered)):
+        assert [w.text for w in tr.trace.words[b]] == world.caption_words(scene.caption)
+        for k, words in enumerate(world.object_word_indices(scene)):
+            heat = heatmaps.word_heatmap(tr.trace, words, item=b, size=(64, 64), normalize="none")
+            hits += int(heatmaps.pointing_hit(heat, torch.from_numpy(masks[k])))
+            objects += 1
+    assert objects >= 8
+    assert hits / objects >= 0.8, f"{hits}/{objects} object heatmaps peak inside their object"
