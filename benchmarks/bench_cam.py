@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from explain.cam import df_cam, paper_layers  # noqa: E402
+import sd15_random as sd  # noqa: E402
 from explain.denoiser import NoiseLevel  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -38,15 +39,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="generation length, for the official cost estimate")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            print("no CUDA device here")
-            return 1
-        torch.backends.cudnn.benchmark = True
+    device = sd.prepare_device(args.device)
+    if device is None:
+        return 1
     dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
-
-    import sd15_random as sd
 
     if device.type == "cuda" or args.sd15:
         unet, denoiser, trace = sd.random_setup(device, dtype, args.latent, args.channels_div)

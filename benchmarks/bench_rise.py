@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import sd15_random as sd  # noqa: E402
 from explain.denoiser import NoiseLevel  # noqa: E402
 from explain.rise import df_rise  # noqa: E402
 
@@ -54,8 +55,6 @@ def embedded_setup(steps: int, step: int):
 
 def bench(device, dtype, args) -> None:
     n = args.masks or (96 if device.type == "cuda" else 48)
-
-    import sd15_random as sd
 
     if device.type == "cuda" or args.sd15:
         unet, denoiser, trace = sd.random_setup(device, dtype, args.latent, args.channels_div)
@@ -110,13 +109,9 @@ def main(argv=None) -> int:
     p.add_argument("--similarity", default="structure")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            print("no CUDA device here")
-            return 1
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
+    device = sd.prepare_device(args.device)
+    if device is None:
+        return 1
     names = (args.dtype or ("fp16" if device.type == "cuda" else "fp32")).split(",")
     unknown = [d for d in names if d not in DTYPES]
     if unknown:

@@ -130,3 +130,16 @@ def count_flops(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
+
+
+def prepare_device(name: str):
+    """``torch.device(name)`` set up for timing (cuDNN autotuning, TF32 matmuls), or None with a
+    message when CUDA is asked for and absent."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print("no CUDA device here")
+            return None
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return device

@@ -4,6 +4,7 @@ test_comfyui_integration.py asserts on. Imported only inside the harness (ComfyU
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -102,6 +103,19 @@ def _final_matches(runner, trace_path: str, sampler_node: str) -> float:
     latent = _latent(runner, sampler_node)
     scale = float(trace.meta["latent_scale_factor"])
     return float((trace.final_latent - latent * scale).abs().max())
+
+
+def _tapped_run(tap_node, model, clip, unique_id: str, seed: int, steps: int):
+    """Tap ``model``, sample PROMPT with KSampler (euler, cfg 5, 4×4 latent); return the
+    conditionings, the LATENT and the run's trace."""
+    import nodes as comfy_nodes
+
+    tapped, handle = tap_node.ExplainTap().tap(model, clip=clip, prompt=PROMPT, unique_id=unique_id)
+    positive = comfy_nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
+    negative = comfy_nodes.CLIPTextEncode().encode(clip, NEGATIVE)[0]
+    latent = {"samples": torch.zeros(1, 4, 4, 4)}
+    (out,) = comfy_nodes.common_ksampler(tapped, seed, steps, 5.0, "euler", "normal", positive, negative, latent)
+    return positive, negative, out, handle
 
 
 # ---------------------------------------------------------------------------- scenarios
@@ -304,11 +318,7 @@ def chained_patch(runner, nodes_module, work) -> dict:
 
         other = model.clone()
         other.set_model_attn2_replace(other_pack, "input", 1, 0)
-        tapped, handle = tap_node.ExplainTap().tap(other, clip=clip, prompt=PROMPT, unique_id="chain")
-        positive = comfy_nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
-        negative = comfy_nodes.CLIPTextEncode().encode(clip, NEGATIVE)[0]
-        latent = {"samples": torch.zeros(1, 4, 4, 4)}
-        (out,) = comfy_nodes.common_ksampler(tapped, 3, 2, 5.0, "euler", "normal", positive, negative, latent)
+        _positive, _negative, out, handle = _tapped_run(tap_node, other, clip, "chain", seed=3, steps=2)
         trace = handle.resolve(out)
     return {
         "other_pack_calls": calls["n"],
@@ -334,16 +344,13 @@ def custom_guidance(runner, nodes_module, work) -> dict:
     from explain.denoiser import NoiseLevel
 
     comfy_denoiser = pack_module("nodes.comfy_denoiser")
+    explain_nodes = pack_module("nodes.explain_nodes")
     tap_node = pack_module("nodes.tap_node")
     facts = {}
     with torch.inference_mode():
         model, clip, _vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT_NAME)[:3]
         rescaled = RescaleCFG().patch(model, 1.0)[0]
-        tapped, handle = tap_node.ExplainTap().tap(rescaled, clip=clip, prompt=PROMPT, unique_id="rescale")
-        positive = comfy_nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
-        negative = comfy_nodes.CLIPTextEncode().encode(clip, NEGATIVE)[0]
-        latent = {"samples": torch.zeros(1, 4, 4, 4)}
-        (out,) = comfy_nodes.common_ksampler(tapped, 5, 3, 5.0, "euler", "normal", positive, negative, latent)
+        positive, negative, out, handle = _tapped_run(tap_node, rescaled, clip, "rescale", seed=5, steps=3)
         trace = handle.resolve(out)
         step = 1
         level = NoiseLevel.from_trace(trace, step)
@@ -355,6 +362,8 @@ def custom_guidance(runner, nodes_module, work) -> dict:
         for name, m in (("rescaled", rescaled), ("plain", model)):
             x0, hosted = comfy_denoiser.run_with_denoiser(m, positive, negative, trace, step, 5.0, probe)
             facts[name] = {"max_abs_diff": float((x0 - recorded).abs().max()), "hosted": hosted}
+            cam_json = explain_nodes.ExplainCam().explain(handle, out, m, positive, negative, step, "paper", "sum", "epsilon", 0.0, 0)["result"][2]
+            facts[name]["cam_note"] = json.loads(cam_json).get("note")
         facts["scale"] = float(recorded.abs().max())
         facts["found"] = comfy_denoiser.custom_guidance(rescaled.model_options)
     return facts

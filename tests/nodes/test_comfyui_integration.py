@@ -199,6 +199,7 @@ def test_probes_follow_a_guidance_patch_like_rescale_cfg(report):
     facts = scenario(report, "custom_guidance")
     assert facts["found"] == ["sampler_cfg_function"]
     assert facts["rescaled"]["hosted"] and not facts["plain"]["hosted"]
+    assert "linearly" in facts["rescaled"]["cam_note"] and facts["plain"]["cam_note"] is None  # DF-CAM says what it explains
     hosted, plain = facts["rescaled"]["max_abs_diff"], facts["plain"]["max_abs_diff"]
     assert hosted <= 1e-4 * max(facts["scale"], 1.0), facts  # the sampler's own x0 at that step
     assert plain > 20 * hosted and plain > 1e-3 * facts["scale"], facts  # plain CFG explains another prediction
