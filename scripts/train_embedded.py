@@ -62,6 +62,20 @@ def parse_args(argv=None):
         help="weight of the grounding loss: the cross-attention of each object's words (size, colour, shape) is "
         "pulled inside that object's mask, as TokenCompose (Wang et al., CVPR 2024) does with segmentation masks",
     )
+    p.add_argument(
+        "--object-mix",
+        default=None,
+        help="shares of 1-, 2- and 3-object scenes in the pool, e.g. 0.1,0.5,0.4 (default: the world's own mix); "
+        "a continuation can lean on the compositions the model gets wrong",
+    )
+    p.add_argument(
+        "--high-noise-share",
+        type=float,
+        default=0.0,
+        help="share of each batch whose timestep is drawn from [--high-noise-from, 1000) instead of [0, 1000): "
+        "layout, count and colour binding are settled at high noise",
+    )
+    p.add_argument("--high-noise-from", type=int, default=400)
     p.add_argument("--save-minutes", type=float, default=None, help="checkpoint the EMA weights this often")
     p.add_argument(
         "--max-minutes",
@@ -73,7 +87,48 @@ def parse_args(argv=None):
     p.add_argument("--archive", default=None, help="also pack the result into <archive>.partN tar chunks (GPU runs)")
     p.add_argument("--log", default=None)
     p.add_argument("--log-every", type=int, default=200)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.object_mix = parse_object_mix(args.object_mix)
+    if not 0 <= args.high_noise_share <= 1:
+        p.error(f"--high-noise-share must be in [0, 1], got {args.high_noise_share}")
+    if not 0 <= args.high_noise_from < 1000:
+        p.error(f"--high-noise-from must be in [0, 1000), got {args.high_noise_from}")
+    return args
+
+
+def parse_object_mix(text: str | None) -> list[float] | None:
+    """``"0.1,0.5,0.4"`` -> shares of 1-, 2- and 3-object scenes summing to 1."""
+    if text is None:
+        return None
+    try:
+        shares = [float(v) for v in text.split(",")]
+    except ValueError:
+        shares = []
+    if len(shares) != 3 or min(shares) < 0 or sum(shares) <= 0:
+        raise SystemExit(f"--object-mix takes three non-negative shares for 1, 2 and 3 objects, like 0.1,0.5,0.4; got {text!r}")
+    return [v / sum(shares) for v in shares]
+
+
+def draw_pool(n: int, seed: int, object_mix: list[float] | None) -> list:
+    """Training scenes: the world's own mix of object counts, or ``object_mix``'s shares
+    (each count drawn from its own seeded stream, then interleaved by a seeded shuffle)."""
+    if object_mix is None:
+        return world.scenes(n, seed=seed, split="train")
+    counts = [round(n * share) for share in object_mix]
+    counts[1] += n - sum(counts)
+    pool = [s for k, c in enumerate(counts, start=1) if c for s in world.scenes(c, seed=seed * 10 + k, split="train", num_objects=k)]
+    random.Random(seed).shuffle(pool)
+    return pool
+
+
+def sample_timesteps(batch: int, high_share: float, high_from: int, generator: torch.Generator, device) -> torch.Tensor:
+    """Uniform training timesteps, with ``high_share`` of the batch drawn from ``[high_from, 1000)``."""
+    t = torch.randint(0, 1000, (batch,), generator=generator, device=device)
+    if high_share > 0:
+        high = torch.randint(high_from, 1000, (batch,), generator=generator, device=device)
+        pick = torch.rand(batch, generator=generator, device=device) < high_share
+        t = torch.where(pick, high, t)
+    return t
 
 
 class Log:
@@ -276,7 +331,7 @@ def train_unet(comps, params, ids, token_obj, args, device, amp, log, save_fn):
         drop = torch.rand(args.batch, generator=g) < args.cond_drop
         tokens[drop.to(device)] = empty[0]
         noise = torch.randn(z.shape, generator=gd, device=device)
-        t = torch.randint(0, 1000, (args.batch,), generator=gd, device=device)
+        t = sample_timesteps(args.batch, args.high_noise_share, args.high_noise_from, gd, device)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
         if device.type == "cuda":
@@ -379,7 +434,7 @@ def main(argv=None):
     for k in ("vae", "text_encoder", "unet"):
         comps[k].to(device)
     log(f"device {device}, torch {torch.__version__}; drawing {args.pool} training scenes")
-    pool = world.scenes(args.pool, seed=args.seed, split="train")
+    pool = draw_pool(args.pool, args.seed, args.object_mix)
     params = world.scene_parameters(pool)
     ids = fast_token_ids([s.caption for s in pool], comps["tokenizer"])
     token_obj = token_objects(pool, ids) if args.ground_weight > 0 else None

@@ -95,3 +95,24 @@ def test_tiny_run_writes_a_loadable_pipeline_and_its_record(train, tmp_path):
     pipe = embedded.load_pipeline(out, device="cpu")
     # the grounding processors were a training device only: the saved UNet has diffusers' own
     assert not any(type(p).__name__ == "GroundingAttnProcessor" for p in pipe.unet.attn_processors.values())
+
+
+def test_object_mix_sets_the_pools_shares_of_object_counts(train):
+    pool = train.draw_pool(200, seed=3, object_mix=train.parse_object_mix("1,5,4"))
+    counts = [sum(len(s.objects) == k for s in pool) for k in (1, 2, 3)]
+    assert counts == [20, 100, 80]
+    assert all(not world.is_held_out(s.key) for s in pool)
+    assert [s.caption for s in pool] == [s.caption for s in train.draw_pool(200, seed=3, object_mix=[0.1, 0.5, 0.4])]
+    # shuffled: the counts are interleaved, not in blocks
+    assert len({len(s.objects) for s in pool[:20]}) > 1
+    with pytest.raises(SystemExit, match="three non-negative shares"):
+        train.parse_object_mix("0.5,0.5")
+
+
+def test_high_noise_share_moves_that_share_of_timesteps_up(train):
+    g = torch.Generator().manual_seed(0)
+    plain = train.sample_timesteps(20_000, 0.0, 400, g, "cpu")
+    leaned = train.sample_timesteps(20_000, 0.5, 400, g, "cpu")
+    assert 0 <= plain.min() and plain.max() < 1000 and 0 <= leaned.min() and leaned.max() < 1000
+    assert abs((plain < 400).float().mean().item() - 0.4) < 0.02
+    assert abs((leaned < 400).float().mean().item() - 0.2) < 0.02
