@@ -231,11 +231,14 @@ def from_pipeline(
     unet: torch.nn.Module | None = None,
     latent_space: str | None = None,
     image_size: tuple[int, int] | None = None,
+    guidance_rescale: float | None = None,
 ) -> GuidedDenoiser:
     """A `GuidedDenoiser` for a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
 
-    Prompt, negative prompt, guidance scale and image size come from ``trace`` (item ``item``)
-    unless given. ``unet`` replaces the pipeline's UNet (for the model-randomisation check).
+    Prompt, negative prompt, guidance scale (and ``guidance_rescale``, as the pipeline's own
+    argument) and image size come from ``trace`` (item ``item``) unless given. A scale of 1 or
+    less means no guidance, as in diffusers. ``unet`` replaces the pipeline's UNet (for the
+    model-randomisation check).
     """
     if trace is not None:
         if not 0 <= item < trace.batch_size:
@@ -249,6 +252,8 @@ def from_pipeline(
             image_size = trace.image_size
         if latent_space is None and trace.meta.get("latent_space") in LATENT_SPACES:
             latent_space = trace.meta["latent_space"]
+        if guidance_rescale is None:
+            guidance_rescale = float(trace.meta.get("guidance_rescale", 0.0))
     if prompt is None:
         raise ValueError("from_pipeline needs a prompt: pass a trace or prompt=...")
     if guidance_scale is None:
@@ -256,6 +261,9 @@ def from_pipeline(
             "from_pipeline needs the guidance scale the image was made with: the trace's meta has no "
             "'guidance_scale', so pass guidance_scale=..."
         )
+    rescale = float(guidance_rescale or 0.0)
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f"guidance_rescale must be between 0 and 1, got {guidance_rescale!r}")
     if isinstance(negative_prompt, (list, tuple)):
         negative_prompt = negative_prompt[item] if negative_prompt else None
     unet = unet if unet is not None else pipe.unet
@@ -333,16 +341,29 @@ def from_pipeline(
     def estimate(x: torch.Tensor) -> int:
         return _unet_item_bytes(unet, x, 2 if guided else 1, model_fn)
 
+    def rescaled_guidance(x: torch.Tensor, level: NoiseLevel, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return rescale_guidance(uncond + float(guidance_scale) * (cond - uncond), cond, rescale)
+
     return GuidedDenoiser(
         model_fn=model_fn,
         prediction_type=prediction_type,
-        guidance_scale=float(guidance_scale),
+        # diffusers runs no unconditional branch at a scale <= 1 (SD-Turbo's 0.0, say)
+        guidance_scale=float(guidance_scale) if guided else 1.0,
         latent_space=space,
         modules=dict(unet.named_modules()),
         estimate_item_bytes=estimate,
         device=device,
         token_model_fn=token_model_fn,
+        guide_fn=rescaled_guidance if guided and rescale > 0 else None,
     )
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, amount: float) -> torch.Tensor:
+    """diffusers' ``guidance_rescale`` (Lin et al. 2024, sec. 3.4) on raw model outputs: the guided
+    output rescaled per item to the conditional output's standard deviation, mixed by ``amount``."""
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return amount * rescaled + (1.0 - amount) * guided
 
 
 def _unet_item_bytes(unet, x: torch.Tensor, branches: int, model_fn) -> int:

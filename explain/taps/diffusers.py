@@ -511,6 +511,9 @@ class DiffusersTap:
         if guidance is not None:
             meta["guidance_scale"] = float(guidance)
             meta["guidance"] = float(guidance)
+        rescale = getattr(pipe, "_guidance_rescale", None)
+        if run.guided and rescale:  # diffusers applies it to guided steps only
+            meta["guidance_rescale"] = float(rescale)
         if self.seed is not None:
             meta["seed"] = int(self.seed)
         if run.negative_prompts:

@@ -199,3 +199,33 @@ def test_agrees_with_the_diffusers_tap(scheduler):
         x0 = denoiser.predict(trace.x_t[step], NoiseLevel.from_trace(trace, step))
         scale = max(float(trace.x0[step].abs().max()), 1.0)
         assert float((x0 - trace.x0[step]).abs().max()) < 1e-3 * scale, step
+
+
+def test_guidance_rescale_is_read_from_the_trace_and_applied_like_diffusers():
+    from explain.taps.diffusers import generate
+
+    pipe = tiny_sd_pipeline("ddim", "v_prediction")
+    trace, _ = generate(pipe, "a red circle", steps=3, guidance=6.0, seed=2, previews=False, output_type="latent", guidance_rescale=0.7)
+    assert trace.meta["guidance_rescale"] == 0.7
+    rescaled, plain = from_pipeline(pipe, trace), from_pipeline(pipe, trace, guidance_rescale=0.0)
+    for step in range(trace.num_steps):
+        level = NoiseLevel.from_trace(trace, step)
+        scale = max(float(trace.x0[step].abs().max()), 1.0)
+        assert float((rescaled.predict(trace.x_t[step], level) - trace.x0[step]).abs().max()) < 1e-3 * scale, step
+    # plain CFG does not reproduce that sampler's x0 (so the check above can fail)
+    assert float((plain.predict(trace.x_t[0], NoiseLevel.from_trace(trace, 0)) - trace.x0[0]).abs().max()) > 1e-2
+    with pytest.raises(ValueError, match="guidance_rescale must be between 0 and 1"):
+        from_pipeline(pipe, trace, guidance_rescale=1.5)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0])
+def test_a_scale_of_one_or_less_means_no_guidance_as_in_diffusers(scale):
+    from explain.taps.diffusers import generate
+
+    pipe = tiny_sd_pipeline("dpm++")
+    trace, _ = generate(pipe, "a red circle", steps=2, guidance=scale, seed=1, previews=False, output_type="latent")
+    denoiser = from_pipeline(pipe, trace)
+    assert not denoiser.guided
+    for step in range(trace.num_steps):
+        x0 = denoiser.predict(trace.x_t[step], NoiseLevel.from_trace(trace, step))
+        assert float((x0 - trace.x0[step]).abs().max()) < 1e-3 * max(float(trace.x0[step].abs().max()), 1.0), step
