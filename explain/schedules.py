@@ -101,7 +101,17 @@ def exponential_timesteps(
             stacklevel=2,
         )
     fn = early_timesteps if name == "early" else latter_timesteps
-    return fn(steps, lam, train_timesteps)
+    values = fn(steps, lam, train_timesteps)
+    if len(set(values)) < len(values):
+        # ⌊·⌋ maps neighbouring exponents to one timestep when α is close to 1 (small λ, many
+        # steps); a repeated timestep is a zero-length step, and DPM-Solver++ divides by it.
+        fits = next((k for k in range(lam + 1, 10 * (lam + steps)) if len(set(fn(steps, k, train_timesteps))) == steps), None)
+        hint = f"λ={fits} is the smallest larger λ that works" if fits is not None else "use fewer steps"
+        raise ValueError(
+            f"with λ={lam} and {steps} steps the {name!r} schedule repeats time steps "
+            f"({len(values) - len(set(values))} duplicates after the paper's integer rounding); {hint}"
+        )
+    return values
 
 
 def swap_threshold(steps: int, train_timesteps: int = TRAIN_TIMESTEPS, max_lam: int = 10_000) -> int:

@@ -124,3 +124,12 @@ def test_schedulers_without_custom_timesteps_give_a_clear_error(name):
     assert diffusers_timesteps(sched, 20, "uniform") == {"num_inference_steps": 20}
     with pytest.raises(ValueError, match="DPMSolverMultistepScheduler"):
         diffusers_timesteps(sched, 20, "latter", 60)
+
+
+def test_a_schedule_that_repeats_time_steps_is_refused_with_a_lambda_that_works():
+    # ⌊α^(λ+j)⌋ collides for small λ and many steps: DPM-Solver++ would divide by a zero step
+    with pytest.raises(ValueError, match=r"repeats time steps .*λ=\d+ is the smallest larger λ that works") as err:
+        exponential_timesteps(50, "latter", 5)
+    fixed = int(str(err.value).split("λ=")[-1].split()[0])
+    assert len(set(exponential_timesteps(50, "latter", fixed))) == 50
+    assert len(set(exponential_timesteps(20, "early", 60))) == 20  # the paper's setting is fine
