@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from explain.attention import CAPTURE_METHODS, COND, UNCOND, StepAccumulator, attention_with_probs, branch_rows
 from explain.noise import x0_from_model_output
-from explain.tokens import PromptTokens, pad_token_list, tokenize_prompt
+from explain.tokens import PromptTokens, PromptTruncatedWarning, pad_token_list, tokenize_prompt
 from explain.trace import Trace
 
 _ACTIVE: "weakref.WeakSet" = weakref.WeakSet()  # pipelines being traced (one tap at a time)
@@ -154,6 +154,10 @@ class _Run:
     final_latent: torch.Tensor | None = None
     images: torch.Tensor | None = None
     model_calls: int = 0
+    # read when the call starts: a later call in the same block, or a callback that switches
+    # guidance off mid-run, changes the pipeline's attributes
+    guidance_scale: float | None = None
+    guidance_rescale: float | None = None
 
 
 class DiffusersTap:
@@ -293,6 +297,8 @@ class DiffusersTap:
         embeds = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
         negative_embeds = outputs[1] if isinstance(outputs, (tuple, list)) and len(outputs) > 1 else None
         run = _Run()
+        run.guidance_scale = getattr(self.pipe, "_guidance_scale", None)
+        run.guidance_rescale = getattr(self.pipe, "_guidance_rescale", None)
         run.batch = int(embeds.shape[0])
         run.context_length = int(embeds.shape[1])
         per_prompt = int(arguments.get("num_images_per_prompt") or 1)
@@ -317,6 +323,14 @@ class DiffusersTap:
                 negs = list(neg)
             if len(negs) == n_prompts and tokenizer is not None and arguments.get("negative_prompt_embeds") is None:
                 tokens = [tokenize_prompt(tokenizer, p, max_length=run.context_length, warn=False) for p in negs]
+                cut = sorted({w for t in tokens for w in t.dropped_words})
+                if cut:
+                    warnings.warn(
+                        f"the negative prompt is longer than the text encoder reads ({run.context_length} tokens); "
+                        f"these words were cut off and have no effect: {' '.join(cut)!r}. Shorten the negative prompt.",
+                        PromptTruncatedWarning,
+                        stacklevel=2,
+                    )
                 run.negative_prompts = [p for p in negs for _ in range(per_prompt)]
                 run.negative_tokens = [t for t in tokens for _ in range(per_prompt)]
         self._run = run
@@ -492,7 +506,7 @@ class DiffusersTap:
         scheduler = pipe.scheduler
         h, w = run.latent_size
         factor = int(getattr(pipe, "vae_scale_factor", 8))
-        guidance = getattr(pipe, "_guidance_scale", None)
+        guidance = run.guidance_scale
         meta: dict[str, Any] = {
             "source": "diffusers",
             "model": _model_name(pipe),
@@ -511,7 +525,7 @@ class DiffusersTap:
         if guidance is not None:
             meta["guidance_scale"] = float(guidance)
             meta["guidance"] = float(guidance)
-        rescale = getattr(pipe, "_guidance_rescale", None)
+        rescale = run.guidance_rescale
         if run.guided and rescale:  # diffusers applies it to guided steps only
             meta["guidance_rescale"] = float(rescale)
         if self.seed is not None:

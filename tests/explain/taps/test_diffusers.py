@@ -87,6 +87,43 @@ def test_one_record_per_step_and_x0_matches_the_scheduler(scheduler, prediction_
     assert t.meta["latent_space"] == ("sigma" if scheduler in ("euler", "euler_a", "heun") else "vp")
 
 
+def test_pndm_records_the_call_that_starts_each_step_not_the_correction():
+    # PLMS calls the model twice at its second timestep: call 1 runs on the first step's
+    # prediction to correct that step, call 2 starts step 1 from the corrected latent. PNDM gives
+    # no x0 of its own, so x_t and x0 are tied to the scheduler's real inputs instead.
+    pipe = tiny_sd_pipeline("pndm")
+    calls = []
+    original = pipe.scheduler.step
+
+    def spy(model_output, timestep, sample, *args, **kwargs):
+        calls.append((model_output.clone(), int(timestep), sample.clone()))
+        return original(model_output, timestep, sample, *args, **kwargs)
+
+    pipe.scheduler.step = spy
+    with trace(pipe, previews=False) as tr:
+        _run(pipe)
+    t = tr.trace
+    assert len(calls) == STEPS + 1 and calls[1][1] == calls[2][1]
+    starts = [0] + list(range(2, STEPS + 1))  # call 1 is the correction of step 0
+    ac = pipe.scheduler.alphas_cumprod.double()
+    for s, k in enumerate(starts):
+        eps, timestep, sample = calls[k]
+        assert torch.equal(t.x_t[s], sample.float()), f"step {s}"
+        a = ac[timestep]
+        x0 = (sample.double() - (1 - a).sqrt() * eps.double()) / a.sqrt()
+        assert torch.allclose(t.x0[s].double(), x0, atol=1e-4), f"step {s}"
+
+
+def test_guidance_is_recorded_per_call_and_a_truncated_negative_prompt_warns():
+    pipe = tiny_sd_pipeline("dpm++")
+    with pytest.warns(PromptTruncatedWarning, match="negative prompt is longer .*cut off"):
+        with trace(pipe, previews=False) as tr:
+            _run(pipe, steps=2, guidance=3.0, negative_prompt="a zebrafish " + "red circle " * 40 + "blue square")
+            _run(pipe, steps=2, guidance=6.0)
+    first, second = tr.traces
+    assert first.meta["guidance_scale"] == 3.0 and second.meta["guidance_scale"] == 6.0
+
+
 def test_x_t_is_the_latent_entering_each_step_and_final_latent_the_last_output():
     pipe = tiny_sd_pipeline("ddim")
     with trace(pipe, previews=False) as tr:
