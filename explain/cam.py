@@ -265,9 +265,16 @@ def df_cam(
                 activations.append(torch.cat(parts) if len(parts) > 1 else parts[0])
                 grads.append(torch.cat(part_grads) if len(part_grads) > 1 else part_grads[0])
             maps: dict[str, torch.Tensor] = {}
+            rows = x.shape[0] * (2 if has_uncond else 1)
             for name, a, g in zip(names, activations, grads):
                 if a.ndim != 4:
                     raise ValueError(f"module {name!r} gives {tuple(a.shape)}, not a feature map [B, C, h, w]; pick a block, not a sub-layer")
+                if a.shape[0] != rows:
+                    raise ValueError(
+                        f"module {name!r} ran on a batch of {a.shape[0]}, but DF-CAM needs {rows} ([uncond; cond] of "
+                        f"{x.shape[0]} latent): each branch must run it once, on one conditioning (a conditioning "
+                        "with several entries, e.g. ComfyUI's Conditioning Combine, is not supported)"
+                    )
                 maps[name] = grad_cam(a.detach(), g.detach(), denoiser.guidance_scale, has_uncond)[0].cpu()
     finally:
         for h in handles:

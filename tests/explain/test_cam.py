@@ -149,6 +149,22 @@ def test_cond_only_guidance():
     assert torch.isfinite(result.latent).all()
 
 
+def test_a_module_run_on_another_batch_is_refused_not_broadcast():
+    """Two conditional entries (ComfyUI's Conditioning Combine) run the module on 3 rows, not 2."""
+    net, trace = ToyNet(), toy_trace()
+    shift = torch.linspace(-1, 1, 4).view(1, 4, 1, 1)
+
+    def model_fn(x, level):
+        u = net(x)
+        c = net(torch.cat([x + shift, x - shift])).mean(0, keepdim=True)  # one cond output from two entries
+        return u, c
+
+    combined = GuidedDenoiser(model_fn, "epsilon", W, modules=dict(net.named_modules()))
+    with pytest.raises(ValueError, match=r"module 'features' ran on a batch of 3, but DF-CAM needs 2"):
+        df_cam(combined, trace, 0, layers="features")
+    assert all(not m._forward_hooks for m in net.modules())
+
+
 def test_paper_layers_of_stable_diffusion_are_the_43():
     from diffusers import UNet2DConditionModel
 
