@@ -154,6 +154,21 @@ def _check_words(pipe, prompt: str, model_name: str, progress: Progress) -> None
         )
 
 
+def use_paper_scheduler_if_needed(pipe, schedule: str) -> str | None:
+    """Swap in DPM-Solver++ (the paper's scheduler) when ``schedule`` needs custom time steps that
+    the pipeline's scheduler cannot take (SD 1.x ships PNDM, SD 2.x DDIM); returns the replaced
+    scheduler's name, or None when nothing changed."""
+    from explain.schedules import normalize_schedule, scheduler_accepts
+
+    if normalize_schedule(schedule) == "uniform" or scheduler_accepts(pipe.scheduler, "timesteps"):
+        return None
+    from diffusers import DPMSolverMultistepScheduler
+
+    old = type(pipe.scheduler).__name__
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    return old
+
+
 # ---------------------------------------------------------------------------- commands
 def cmd_report(args) -> int:
     progress = Progress(args.quiet)
@@ -174,6 +189,9 @@ def cmd_report(args) -> int:
 
     import torch
 
+    switched = use_paper_scheduler_if_needed(pipe, args.schedule)
+    if switched:
+        progress(f"note: {switched} cannot run custom time steps; using DPMSolverMultistepScheduler (the paper's) for '{args.schedule}'")
     threads = f", {torch.get_num_threads()} CPU threads" if str(pipe.device) == "cpu" else ""
     progress(f"generating {args.steps} steps, seed {args.seed}, guidance {guidance}, schedule {args.schedule}{threads}")
     if hasattr(pipe, "set_progress_bar_config"):
