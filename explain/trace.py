@@ -124,11 +124,13 @@ class Trace:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "Trace":
-        """Check that all shapes agree; raise `TraceFormatError` saying what is wrong."""
+        """Check that all shapes and image dtypes agree; raise `TraceFormatError` saying what is wrong."""
         if self.x_t.ndim != 5:
             raise TraceFormatError(f"x_t must be [steps, batch, channels, h, w], got shape {tuple(self.x_t.shape)}")
         s, b = self.x_t.shape[:2]
         h, w = self.x_t.shape[-2:]
+        if s < 1:
+            raise TraceFormatError("the trace has no steps; record at least one denoising step")
         if self.x0.shape != self.x_t.shape:
             raise TraceFormatError(f"x0 shape {tuple(self.x0.shape)} differs from x_t shape {tuple(self.x_t.shape)}")
         for name in ("timesteps", "sigmas"):
@@ -139,9 +141,19 @@ class Trace:
             raise TraceFormatError(f"{len(self.prompts)} prompts for a batch of {b}")
         if len(self.tokens) != b or len(self.words) != b:
             raise TraceFormatError(f"tokens/words must have one entry per batch item ({b})")
-        for name, att, toks in (
-            ("attention", self.attention, self.tokens),
-            ("attention_negative", self.attention_negative, self.negative_tokens),
+        # A trace without a negative branch leaves these empty.
+        if any(lists and len(lists) != b for lists in (self.negative_tokens, self.negative_words)):
+            raise TraceFormatError(
+                f"negative_tokens/negative_words must be empty or have one entry per batch item ({b}), "
+                f"got {len(self.negative_tokens)} and {len(self.negative_words)}"
+            )
+        if self.final_latent is not None and self.final_latent.shape != self.x_t.shape[1:]:
+            raise TraceFormatError(
+                f"final_latent must be one step of x_t {tuple(self.x_t.shape[1:])}, got {tuple(self.final_latent.shape)}"
+            )
+        for which, name, att, toks, word_lists in (
+            ("prompt", "attention", self.attention, self.tokens, self.words),
+            ("negative prompt", "attention_negative", self.attention_negative, self.negative_tokens, self.negative_words),
         ):
             if att is None:
                 continue
@@ -149,21 +161,37 @@ class Trace:
                 raise TraceFormatError(
                     f"{name} must be [steps={s}, batch={b}, tokens, {h}, {w}], got {tuple(att.shape)}"
                 )
-            if toks and any(len(t) != att.shape[2] for t in toks):
-                raise TraceFormatError(f"{name} has {att.shape[2]} token positions but the token lists disagree")
+            t = att.shape[2]
+            if toks and any(len(tl) != t for tl in toks):
+                raise TraceFormatError(f"{name} has {t} token positions but the token lists disagree")
+            for word in (word for wl in word_lists for word in wl):
+                if any(i < 0 or i >= t for i in word.token_indices):
+                    raise TraceFormatError(
+                        f"{which} word {word.text!r} points at token positions {word.token_indices}, "
+                        f"outside the {t} positions of {name}"
+                    )
         for name, att in self.attention_layers.items():
             if att.ndim != 5 or tuple(att.shape[:2]) != (s, b):
                 raise TraceFormatError(f"attention layer {name!r} must be [steps, batch, tokens, h, w]")
-        for wl in self.words:
-            for word in wl:
-                if self.attention is not None and any(i >= self.attention.shape[2] or i < 0 for i in word.token_indices):
-                    raise TraceFormatError(f"word {word.text!r} points at token positions outside the trace")
+            # Word positions index every layer, so all must share the mean map's context.
+            if self.attention is not None and att.shape[2] != self.attention.shape[2]:
+                raise TraceFormatError(
+                    f"attention layer {name!r} has {att.shape[2]} token positions but attention has "
+                    f"{self.attention.shape[2]}; record all layers over the same (cut) context"
+                )
         for name in ("x0_previews", "x_t_previews"):
             p = getattr(self, name)
             if p is not None and (p.ndim != 5 or tuple(p.shape[:2]) != (s, b) or p.shape[-1] != 3):
                 raise TraceFormatError(f"{name} must be [steps, batch, H, W, 3], got {tuple(p.shape)}")
         if self.images is not None and (self.images.ndim != 4 or self.images.shape[0] != b or self.images.shape[-1] != 3):
             raise TraceFormatError(f"images must be [batch, H, W, 3], got {tuple(self.images.shape)}")
+        for name in ("images", "x0_previews", "x_t_previews"):
+            p = getattr(self, name)
+            if p is not None and p.dtype != torch.uint8:
+                raise TraceFormatError(
+                    f"{name} must be uint8 RGB (0..255), got {p.dtype}; "
+                    "convert floats in 0..1 with (x.clamp(0, 1) * 255).round().to(torch.uint8)"
+                )
         return self
 
     # ------------------------------------------------------------------ persistence
@@ -244,10 +272,20 @@ class Trace:
                 f"{path.name} is a safetensors file but not a diffusion-explain trace "
                 "(model weights, perhaps?); save one with Trace.save, the CLI or the Save Trace node"
             )
+        if "schema_version" not in metadata:
+            raise TraceFormatError(
+                f"{path.name} has no trace schema version, so diffusion-explain did not write it (every "
+                "trace it saves has one); save the trace again with Trace.save, the CLI or the Save Trace node"
+            )
         try:
-            version = int(metadata.get("schema_version", "0"))
+            version = int(metadata["schema_version"])
         except ValueError:
             raise TraceFormatError(f"{path.name} has an unreadable schema version") from None
+        if version < 1:
+            raise TraceFormatError(
+                f"{path.name} claims trace schema {version}, which diffusion-explain never wrote (schemas start "
+                "at 1); the file is damaged or from another program, save the trace again with Trace.save"
+            )
         if version > SCHEMA_VERSION:
             raise TraceFormatError(
                 f"{path.name} uses trace schema {version}, newer than this diffusion-explain "
