@@ -423,10 +423,16 @@ def generate(prompt, negative="", seed=0, steps=20, guidance=5.0, size="model de
     t = time.perf_counter()
     with models.run_lock, torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", schedules.ScheduleSwapWarning)
+        own_scheduler = pipe.scheduler  # the cached pipeline is shared: put its scheduler back
+        switched = schedules.use_paper_scheduler_if_needed(pipe, schedule)
         try:
             trace = run_generation(pipe, prompt, negative, steps, guidance, seed, side, schedule, lam, progress)
         except (ValueError, TypeError, IndexError) as exc:  # the tap and the scheduler say what is wrong
             raise InputError(str(exc)) from None
+        finally:
+            pipe.scheduler = own_scheduler
+    if switched:
+        notes.append(f"{switched} cannot run custom time steps, so this run used DPMSolverMultistepScheduler (the paper's)")
     timings["time: generate + trace"] = time.perf_counter() - t
     notes += [str(w.message) for w in caught if issubclass(w.category, schedules.ScheduleSwapWarning)]
     # the loader's name ("embedded (...)", the hub id) says more to a browser user than a server path

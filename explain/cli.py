@@ -154,21 +154,6 @@ def _check_words(pipe, prompt: str, model_name: str, progress: Progress) -> None
         )
 
 
-def use_paper_scheduler_if_needed(pipe, schedule: str) -> str | None:
-    """Swap in DPM-Solver++ (the paper's scheduler) when ``schedule`` needs custom time steps that
-    the pipeline's scheduler cannot take (SD 1.x ships PNDM, SD 2.x DDIM); returns the replaced
-    scheduler's name, or None when nothing changed."""
-    from explain.schedules import normalize_schedule, scheduler_accepts
-
-    if normalize_schedule(schedule) == "uniform" or scheduler_accepts(pipe.scheduler, "timesteps"):
-        return None
-    from diffusers import DPMSolverMultistepScheduler
-
-    old = type(pipe.scheduler).__name__
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    return old
-
-
 # ---------------------------------------------------------------------------- commands
 def cmd_report(args) -> int:
     progress = Progress(args.quiet)
@@ -188,6 +173,8 @@ def cmd_report(args) -> int:
     from explain.taps.diffusers import generate
 
     import torch
+
+    from explain.schedules import use_paper_scheduler_if_needed
 
     switched = use_paper_scheduler_if_needed(pipe, args.schedule)
     if switched:

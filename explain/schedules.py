@@ -149,6 +149,19 @@ def check_scheduler_accepts_timesteps(scheduler) -> None:
         )
 
 
+def use_paper_scheduler_if_needed(pipe, schedule: str) -> str | None:
+    """Swap in DPM-Solver++ (the paper's scheduler) when ``schedule`` needs custom time steps that
+    the pipeline's scheduler cannot take (SD 1.x ships PNDM, SD 2.x DDIM); returns the replaced
+    scheduler's name, or None when nothing changed."""
+    if normalize_schedule(schedule) == "uniform" or scheduler_accepts(pipe.scheduler, "timesteps"):
+        return None
+    from diffusers import DPMSolverMultistepScheduler
+
+    old = type(pipe.scheduler).__name__
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    return old
+
+
 def diffusers_timesteps(scheduler, steps: int, schedule: str = "uniform", lam: int = 60) -> dict:
     """Keyword arguments for a diffusers pipeline call: ``{"num_inference_steps": N}`` for
     "uniform", ``{"timesteps": [...]}`` otherwise (after checking the scheduler accepts them)."""

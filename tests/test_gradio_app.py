@@ -246,6 +246,18 @@ def test_generation_traces_the_prompt_with_the_chosen_settings(tiny_session):
     assert set(tiny_session.timings) == {"time: load model", "time: generate + trace"}
 
 
+def test_paper_schedules_run_on_a_pndm_model_and_leave_its_scheduler_alone():
+    from explain.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline("pndm")
+    own = pipe.scheduler
+    cache = app.ModelCache(loader=lambda spec: (pipe, "tiny pndm"))
+    session = app.generate("a red circle", steps=3, schedule="early", lam=10, model="pndm", models=cache)
+    assert type(session.trace.meta["scheduler"]) is str and session.trace.meta["scheduler"] == "DPMSolverMultistepScheduler"
+    assert any("PNDMScheduler cannot run custom time steps" in note for note in session.notes)
+    assert pipe.scheduler is own  # other users of the cached pipeline keep PNDM
+
+
 def test_generation_reports_progress_step_by_step(models):
     seen = []
     app.generate("a red circle", steps=3, model="tiny", models=models, progress=lambda fraction, desc=None: seen.append((fraction, desc)))

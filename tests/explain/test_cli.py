@@ -103,21 +103,3 @@ def test_report_runs_the_whole_job_on_a_tiny_pipeline(tmp_path, capsys):
     assert scores["labels"] == ["a", "red", "circle", "above", "a (2)", "blue", "square"]
     assert json.loads((out / "recovery.json").read_text())["space"] == "preview"
 
-
-@pytest.mark.parametrize("name", ["pndm", "ddim"])
-def test_paper_schedules_swap_in_dpm_solver_where_the_scheduler_cannot_take_time_steps(name):
-    # SD 1.x ships PNDM and SD 2.x DDIM's hub configs; neither takes `timesteps=`
-    from explain.cli import use_paper_scheduler_if_needed
-    from explain.schedules import scheduler_accepts
-    from explain.testing import make_scheduler
-
-    class Pipe:
-        scheduler = make_scheduler(name)
-
-    pipe = Pipe()
-    assert not scheduler_accepts(pipe.scheduler, "timesteps")
-    assert use_paper_scheduler_if_needed(pipe, "uniform") is None
-    assert use_paper_scheduler_if_needed(pipe, "early") == type(make_scheduler(name)).__name__
-    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
-    assert pipe.scheduler.config.prediction_type == "epsilon"
-    assert use_paper_scheduler_if_needed(pipe, "latter") is None  # already one that can

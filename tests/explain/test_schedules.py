@@ -133,3 +133,21 @@ def test_a_schedule_that_repeats_time_steps_is_refused_with_a_lambda_that_works(
     fixed = int(str(err.value).split("λ=")[-1].split()[0])
     assert len(set(exponential_timesteps(50, "latter", fixed))) == 50
     assert len(set(exponential_timesteps(20, "early", 60))) == 20  # the paper's setting is fine
+
+
+@pytest.mark.parametrize("name", ["pndm", "ddim"])
+def test_paper_schedules_swap_in_dpm_solver_where_the_scheduler_cannot_take_time_steps(name):
+    # SD 1.x ships PNDM and SD 2.x DDIM's hub configs; neither takes `timesteps=`
+    from explain.schedules import scheduler_accepts, use_paper_scheduler_if_needed
+    from explain.testing import make_scheduler
+
+    class Pipe:
+        scheduler = make_scheduler(name)
+
+    pipe = Pipe()
+    assert not scheduler_accepts(pipe.scheduler, "timesteps")
+    assert use_paper_scheduler_if_needed(pipe, "uniform") is None
+    assert use_paper_scheduler_if_needed(pipe, "early") == type(make_scheduler(name)).__name__
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    assert use_paper_scheduler_if_needed(pipe, "latter") is None  # already one that can
