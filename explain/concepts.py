@@ -218,7 +218,8 @@ def concept_scores(
         what = "negative-prompt attention; generate with a negative prompt" if negative else "cross-attention; record it with an attention tap"
         raise ValueError(f"this trace has no {what}")
     all_words = [w for w in prompt_words(trace, item, negative) if w.token_indices]
-    chosen = select_steps(trace, steps)
+    # curves, emergence and the step correlation read the steps in denoising order
+    chosen = sorted(set(select_steps(trace, steps)))
     per_token = token_mass(attention[chosen, item])  # [S, T]
 
     if not all_words:
@@ -249,7 +250,7 @@ def concept_scores(
         ],
         dim=-1,
     )
-    step_index = torch.arange(len(chosen), dtype=torch.float64)
+    step_index = torch.tensor(chosen, dtype=torch.float64)
     return ConceptScores(
         labels=labels,
         token_indices=positions_list,

@@ -163,13 +163,17 @@ def _layer_names(trace: Trace, layers, resolutions) -> list[str]:
                 raise ValueError(f"no attention layer named {want!r}; the trace has: {', '.join(names)}")
             chosen += [n for n in matched if n not in chosen]
     if resolutions is not None:
-        sizes = {int(resolutions)} if isinstance(resolutions, int) else {int(r) for r in resolutions}
-        have = sorted({int(trace.attention_layers[n].shape[-2]) for n in names}, reverse=True)
-        chosen = [n for n in chosen if int(trace.attention_layers[n].shape[-2]) in sizes]
+        # a resolution is a map side: on a non-square latent either side (or an (h, w) pair) selects
+        wanted = [resolutions] if isinstance(resolutions, (int, tuple)) else list(resolutions)
+        shape = {n: tuple(int(v) for v in trace.attention_layers[n].shape[-2:]) for n in names}
+
+        def selected(hw: tuple[int, int]) -> bool:
+            return any(hw == tuple(int(v) for v in r) if isinstance(r, tuple) else int(r) in hw for r in wanted)
+
+        have = sorted({f"{h}x{w}" for h, w in shape.values()}, key=lambda t: -int(t.split("x")[0]))
+        chosen = [n for n in chosen if selected(shape[n])]
         if not chosen:
-            raise ValueError(
-                f"no selected attention layer has resolution {sorted(sizes)}; the trace's layers have {have}"
-            )
+            raise ValueError(f"no selected attention layer has resolution {wanted}; the trace's layers have {', '.join(have)}")
     return chosen
 
 
@@ -179,11 +183,12 @@ def attention_maps(
     *,
     item: int = 0,
     layers: str | Sequence[str] | None = None,
-    resolutions: int | Sequence[int] | None = None,
+    resolutions: int | tuple[int, int] | Sequence[int | tuple[int, int]] | None = None,
     negative: bool = False,
 ) -> torch.Tensor:
     """Cross-attention ``[T, h, w]`` at latent resolution, averaged over the selected steps
-    (and layers, when a subset is asked for)."""
+    (and layers, when a subset is asked for). ``resolutions`` picks layers by map size: a side
+    (``16``; either side on a non-square latent) or an ``(h, w)`` pair, or a list of them."""
     item = check_item(trace, item)
     chosen = select_steps(trace, steps)
     if negative:
@@ -277,7 +282,7 @@ def word_heatmap(
     *,
     item: int = 0,
     layers: str | Sequence[str] | None = None,
-    resolutions: int | Sequence[int] | None = None,
+    resolutions: int | tuple[int, int] | Sequence[int | tuple[int, int]] | None = None,
     negative: bool = False,
     merge: str = "mean",
     normalize: str = "minmax",
@@ -308,7 +313,7 @@ def word_heatmaps(
     *,
     item: int = 0,
     layers: str | Sequence[str] | None = None,
-    resolutions: int | Sequence[int] | None = None,
+    resolutions: int | tuple[int, int] | Sequence[int | tuple[int, int]] | None = None,
     negative: bool = False,
     merge: str = "mean",
     normalize: str = "minmax",

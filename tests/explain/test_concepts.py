@@ -60,6 +60,15 @@ def test_merged_phrase_and_step_subset():
     assert sc.timesteps == [float(t) for t in tr.timesteps[5:]]
 
 
+def test_steps_given_out_of_order_are_read_in_denoising_order():
+    tr = synthetic_trace(steps=10)
+    shuffled = concept_scores(tr, ["red", "blue"], steps=[8, 2, 5, 2])
+    ordered = concept_scores(tr, ["red", "blue"], steps=[2, 5, 8])
+    assert shuffled.steps == [2, 5, 8]
+    assert torch.equal(shuffled.share, ordered.share)
+    assert shuffled.spearman_rho == ordered.spearman_rho == pytest.approx([1.0, -1.0])
+
+
 def test_emergence_definition():
     c = torch.tensor([0.0, 0.1, 0.6, 0.2, 0.7, 0.8, 0.9, 1.0])
     assert emergence_step(c, 0.5, persist=3) == 4  # the blip at 2 does not last

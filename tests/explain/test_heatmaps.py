@@ -96,10 +96,24 @@ def test_layer_and_resolution_subsets():
     assert both.shape == tr.attention.shape[2:]
     with pytest.raises(ValueError, match="no attention layer named 'mid'; the trace has: down_blocks"):
         word_heatmap(tr, "red", layers="mid")
-    with pytest.raises(ValueError, match=r"resolution \[2\]; the trace's layers have \[8, 4\]"):
+    with pytest.raises(ValueError, match=r"resolution \[2\]; the trace's layers have 8x8, 4x4"):
         word_heatmap(tr, "red", resolutions=2)
     with pytest.raises(ValueError, match="keep_layers=True"):
         word_heatmap(synthetic_trace(), "red", resolutions=8)
+
+
+def test_resolutions_on_a_non_square_latent_match_either_side_or_the_pair():
+    tr = synthetic_trace(layers=True)
+    fine, coarse = list(tr.attention_layers)
+    tr.attention_layers = {
+        fine: torch.zeros(*tr.attention_layers[fine].shape[:3], 8, 12),
+        coarse: torch.zeros(*tr.attention_layers[coarse].shape[:3], 4, 6),
+    }
+    assert heatmaps._layer_names(tr, None, 12) == heatmaps._layer_names(tr, None, 8) == [fine]
+    assert heatmaps._layer_names(tr, None, (4, 6)) == [coarse]
+    assert heatmaps._layer_names(tr, None, [6, 8]) == [fine, coarse]
+    with pytest.raises(ValueError, match="layers have 8x12, 4x6"):
+        heatmaps._layer_names(tr, None, (6, 4))
 
 
 def test_negative_prompt_heatmap():
