@@ -239,14 +239,24 @@ def vae_decoder(vae, batch_size: int = 8) -> Callable[[torch.Tensor], torch.Tens
     """A ``decode(x0) -> images [N, 3, H, W]`` for a diffusers ``AutoencoderKL`` (scaling factor
     and dtype handled), for image-space game curves."""
     scale = float(getattr(vae.config, "scaling_factor", 1.0))
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     param = next(vae.parameters())
+    # SDXL's VAE overflows in fp16 (its config says force_upcast); diffusers decodes it in fp32
+    upcast = param.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
 
     def decode(z: torch.Tensor) -> torch.Tensor:
         out = []
-        with torch.no_grad():
-            for i in range(0, z.shape[0], batch_size):
-                chunk = (z[i : i + batch_size] / scale).to(device=param.device, dtype=param.dtype)
-                out.append(vae.decode(chunk).sample.float().clamp(-1, 1))
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            dtype = torch.float32 if upcast else param.dtype
+            with torch.no_grad():
+                for i in range(0, z.shape[0], batch_size):
+                    chunk = (z[i : i + batch_size].float() / scale + shift).to(device=param.device, dtype=dtype)
+                    out.append(vae.decode(chunk).sample.float().clamp(-1, 1))
+        finally:
+            if upcast:
+                vae.to(torch.float16)
         return torch.cat(out)
 
     return decode
@@ -272,8 +282,14 @@ def randomized_copy(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """A deep copy of ``model`` with every parameter re-initialised (each sub-module's own
     ``reset_parameters``, else a normal draw), leaving the global random state alone."""
     clone = copy.deepcopy(model)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
+    # seed only the generators the re-initialisation draws from (the CPU's and the model's CUDA
+    # devices'), each inside a fork: torch.manual_seed would reseed every CUDA device for good
+    cuda = sorted({p.device.index if p.device.index is not None else torch.cuda.current_device() for p in clone.parameters() if p.is_cuda})
+    with torch.random.fork_rng(devices=cuda), torch.no_grad():
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
         handled: set[int] = set()
         for module in clone.modules():
             if hasattr(module, "reset_parameters") and callable(module.reset_parameters):

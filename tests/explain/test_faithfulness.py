@@ -165,6 +165,28 @@ def test_randomized_copy_changes_every_weight_and_not_the_original(tiny):
     assert sum(changed) > 0.9 * len(changed)
 
 
+def test_randomized_copy_is_reproducible_for_a_seed(tiny):
+    pipe, _, _ = tiny
+    a, b, c = (randomized_copy(pipe.unet, seed=s).state_dict() for s in (4, 4, 5))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_image_decoder_upcasts_a_force_upcast_vae_and_applies_its_shift(tiny):
+    import copy
+
+    pipe, _, _ = tiny
+    vae32 = copy.deepcopy(pipe.vae).float()
+    vae32.register_to_config(force_upcast=True, shift_factor=0.1)
+    vae16 = copy.deepcopy(vae32).half()
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    images = vae_decoder(vae16)(z)
+    assert next(vae16.parameters()).dtype == torch.float16  # handed back as it came
+    with torch.no_grad():
+        expected = copy.deepcopy(vae16).float().decode(z / vae32.config.scaling_factor + 0.1).sample.clamp(-1, 1)
+    assert torch.allclose(images, expected, atol=1e-5)
+
+
 def test_randomization_check_separates_a_model_dependent_map():
     from explain.rise import df_rise
 
