@@ -5,12 +5,12 @@ ComfyUI only loads a model, prepares the conditionings (``process_conds``) and a
 patches inside a sampling run, so `run_with_denoiser` starts a real one through a
 ``CFGGuider`` whose "sampler" is our explanation: ComfyUI loads everything exactly as for
 sampling, hands us the prepared guider, and cleans up afterwards (also after an exception).
-Inside, one probe is ``comfy.samplers.calc_cond_batch``, which returns denoised x0 per branch
-(``prediction_type="sample"``) for latents x = x0 + σε (``latent_space="sigma"``), the space
-the Tap records ``x_t`` in. The guided prediction goes through ComfyUI's own
-``cfg_function``, so model patches that change guidance (RescaleCFG, SAG, CFG++...) shape the
-probes as they shaped the sampling; DF-CAM keeps the paper's linear u + w (c - u) of the two
-branches' activations and gradients (the node says so when such a patch is present).
+Inside, a probe runs the branches as ComfyUI's ``sampling_function`` does and returns denoised
+x0 per branch (``prediction_type="sample"``) for latents x = x0 + σε (``latent_space="sigma"``),
+the space the Tap records ``x_t`` in. Model patches that change how the branches are run or
+combined (SkipLayerGuidance, APG, TCFG, RescaleCFG, SAG, CFG++...) shape the probes as they
+shaped the sampling; DF-CAM keeps the paper's linear u + w (c - u) of the two plain branches'
+activations and gradients (the node says so when such a patch is present).
 
 Probes run inside `nodes.taps.probing`, so a tapped MODEL records nothing while it is probed.
 """
@@ -35,44 +35,61 @@ def _sigma_batch(level: NoiseLevel, x: torch.Tensor) -> torch.Tensor:
 def make_denoiser(guider, model_options: dict, guidance_scale: float, separate_branches: bool = False) -> GuidedDenoiser:
     """A `GuidedDenoiser` over a guider that ComfyUI has prepared for sampling.
 
-    ``separate_branches`` runs the unconditional branch, then the conditional one, as two
-    forward passes (DF-CAM needs its activations in that order); otherwise both go through one
-    ``calc_cond_batch`` call, which batches them as memory allows."""
+    Probes run the branches as ComfyUI's ``sampling_function`` does: through the model's
+    ``calc_cond_batch`` replacement (SkipLayerGuidance) and its pre-CFG functions (APG, TCFG...),
+    then ``cfg_function``. ``separate_branches`` (DF-CAM) runs the plain unconditional forward,
+    then the plain conditional one, as two passes, the order DF-CAM needs its activations in."""
     import comfy.samplers
 
     inner = guider.inner_model
     conds = guider.conds
     positive = conds.get("positive")
     negative = conds.get("negative")
-    guided = not math.isclose(float(guidance_scale), 1.0)
+    scale = float(guidance_scale)
+    guided = not math.isclose(scale, 1.0)
     if guided and not negative:
         raise ValueError("cfg is not 1 but no negative conditioning was given; connect the sampler's negative input")
+    # as sampling_function: no unconditional branch at cfg 1 unless a patch asks for it (SAG)
+    uncond = negative if guided or model_options.get("disable_cfg1_optimization", False) else None
     device = guider.model_patcher.load_device
+
+    def sampled(x: torch.Tensor, sigma: torch.Tensor) -> list:
+        """``[cond, uncond]`` outputs exactly as sampling_function hands them to cfg_function."""
+        args = {"conds": [positive, uncond], "input": x, "sigma": sigma, "model": inner, "model_options": model_options}
+        if "sampler_calc_cond_batch_function" in model_options:
+            out = model_options["sampler_calc_cond_batch_function"](args)
+        else:
+            out = comfy.samplers.calc_cond_batch(inner, args["conds"], x, sigma, model_options)
+        for fn in model_options.get("sampler_pre_cfg_function", []):
+            out = fn({**args, "conds_out": out, "cond_scale": scale, "timestep": sigma})
+        return out
+
+    def cfg(x: torch.Tensor, sigma: torch.Tensor, uncond_out: torch.Tensor, cond_out: torch.Tensor) -> torch.Tensor:
+        return comfy.samplers.cfg_function(inner, cond_out, uncond_out, scale, x, sigma, model_options, cond=positive, uncond=uncond)
 
     def model_fn(x: torch.Tensor, level: NoiseLevel):
         x = x.to(device)
         sigma = _sigma_batch(level, x)
-        if not guided:
-            (cond,) = comfy.samplers.calc_cond_batch(inner, [positive], x, sigma, model_options)
-            return None, cond
         if separate_branches:
-            (uncond,) = comfy.samplers.calc_cond_batch(inner, [negative], x, sigma, model_options)
-            (cond,) = comfy.samplers.calc_cond_batch(inner, [positive], x, sigma, model_options)
-            return uncond, cond
-        cond, uncond = comfy.samplers.calc_cond_batch(inner, [positive, negative], x, sigma, model_options)
-        return uncond, cond
+            u = comfy.samplers.calc_cond_batch(inner, [negative], x, sigma, model_options)[0] if guided else None
+            (c,) = comfy.samplers.calc_cond_batch(inner, [positive], x, sigma, model_options)
+            return u, c
+        cond_out, uncond_out = sampled(x, sigma)[:2]
+        if guided:
+            return uncond_out, cond_out
+        if uncond is not None:  # cfg 1 with both branches: the sampler's own result
+            return None, cfg(x, sigma, uncond_out, cond_out)
+        return None, cond_out
 
-    def guide_fn(x: torch.Tensor, level: NoiseLevel, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        x = x.to(cond.device)
-        return comfy.samplers.cfg_function(
-            inner, cond, uncond, float(guidance_scale), x, _sigma_batch(level, x), model_options, cond=positive, uncond=negative
-        )
+    def guide_fn(x: torch.Tensor, level: NoiseLevel, uncond_out: torch.Tensor, cond_out: torch.Tensor) -> torch.Tensor:
+        x = x.to(cond_out.device)
+        return cfg(x, _sigma_batch(level, x), uncond_out, cond_out)
 
     modules = dict(inner.diffusion_model.named_modules())
     return GuidedDenoiser(
         model_fn=model_fn,
         prediction_type="sample",
-        guidance_scale=float(guidance_scale),
+        guidance_scale=scale,
         latent_space="sigma",
         modules=modules,
         device=torch.device(device),
@@ -80,14 +97,13 @@ def make_denoiser(guider, model_options: dict, guidance_scale: float, separate_b
     )
 
 
+GUIDANCE_KEYS = ("sampler_calc_cond_batch_function", "sampler_pre_cfg_function", "sampler_cfg_function", "sampler_post_cfg_function")
+
+
 def custom_guidance(model_options: dict) -> list[str]:
-    """The model patches that replace or follow ComfyUI's plain CFG (empty when there are none)."""
-    found = []
-    if model_options.get("sampler_cfg_function") is not None:
-        found.append("sampler_cfg_function")
-    if model_options.get("sampler_post_cfg_function"):
-        found.append("sampler_post_cfg_function")
-    return found
+    """The model patches that change how ComfyUI runs or combines the two branches (empty when
+    there are none), in the order sampling_function applies them."""
+    return [key for key in GUIDANCE_KEYS if model_options.get(key)]
 
 
 def run_with_denoiser(

@@ -23,8 +23,8 @@ from .decode import decode_steps, to_uint8
 from .tap_node import CATEGORY, TRACE_TYPE
 
 CAM_GUIDANCE_NOTE = (
-    "the model carries a guidance patch (RescaleCFG, SAG...); DF-CAM combines the two branches' activations and "
-    "gradients linearly, as the paper does, so it explains plain CFG at this cfg"
+    "the model carries a guidance patch (RescaleCFG, SAG, APG, SkipLayerGuidance...); DF-CAM combines the two "
+    "branches' activations and gradients linearly, as the paper does, so it explains plain CFG at this cfg"
 )
 TRACE_INPUTS = {
     "trace": (TRACE_TYPE, {"tooltip": "From an Explain Tap (or Explain Load Trace)."}),

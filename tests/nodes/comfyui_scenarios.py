@@ -4,6 +4,7 @@ test_comfyui_integration.py asserts on. Imported only inside the harness (ComfyU
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 from pathlib import Path
 
@@ -105,8 +106,8 @@ def _final_matches(runner, trace_path: str, sampler_node: str) -> float:
     return float((trace.final_latent - latent * scale).abs().max())
 
 
-def _tapped_run(tap_node, model, clip, unique_id: str, seed: int, steps: int):
-    """Tap ``model``, sample PROMPT with KSampler (euler, cfg 5, 4×4 latent); return the
+def _tapped_run(tap_node, model, clip, unique_id: str, seed: int, steps: int, cfg: float = 5.0):
+    """Tap ``model``, sample PROMPT with KSampler (euler, cfg 5 by default, 4×4 latent); return the
     conditionings, the LATENT and the run's trace."""
     import nodes as comfy_nodes
 
@@ -114,7 +115,7 @@ def _tapped_run(tap_node, model, clip, unique_id: str, seed: int, steps: int):
     positive = comfy_nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
     negative = comfy_nodes.CLIPTextEncode().encode(clip, NEGATIVE)[0]
     latent = {"samples": torch.zeros(1, 4, 4, 4)}
-    (out,) = comfy_nodes.common_ksampler(tapped, seed, steps, 5.0, "euler", "normal", positive, negative, latent)
+    (out,) = comfy_nodes.common_ksampler(tapped, seed, steps, cfg, "euler", "normal", positive, negative, latent)
     return positive, negative, out, handle
 
 
@@ -332,40 +333,79 @@ def chained_patch(runner, nodes_module, work) -> dict:
     }
 
 
-def custom_guidance(runner, nodes_module, work) -> dict:
-    """A RescaleCFG-patched model: DF-RISE's probes go through ComfyUI's cfg_function, so the
-    unmasked probe at a step reproduces the sampler's own x0 there; plain CFG would not."""
-    import comfy.sample
-    import comfy.samplers
+def _probe_against_sampler(patched, plain, clip, unique_id: str, cfg: float = 5.0) -> dict:
+    """Sample with ``patched`` (tapped) at ``cfg``; at step 1, the unmasked DF-RISE probe of ``patched`` and
+    of ``plain`` against the sampler's own x0 there, the probes' item estimate against ComfyUI's
+    memory_required, and DF-CAM's note for each."""
     import latent_preview  # noqa: F401
-    import nodes as comfy_nodes
-    from comfy_extras.nodes_model_advanced import RescaleCFG
 
     from explain.denoiser import NoiseLevel
 
-    comfy_denoiser = pack_module("nodes.comfy_denoiser")
     explain_nodes = pack_module("nodes.explain_nodes")
+    comfy_denoiser = importlib.import_module(".comfy_denoiser", explain_nodes.__package__)  # loaded on first use
     tap_node = pack_module("nodes.tap_node")
+    positive, negative, out, handle = _tapped_run(tap_node, patched, clip, unique_id, seed=5, steps=3, cfg=cfg)
+    trace = handle.resolve(out)
+    step = 1
+    level = NoiseLevel.from_trace(trace, step)
+    recorded = trace.x0[step].float()
+    x = trace.x_t[step].float()
+
+    def probe(denoiser):
+        return denoiser.predict(x, level, "x0").cpu(), denoiser.guide_fn is not None, denoiser.item_bytes(x[:1])
+
+    facts = {"scale": float(recorded.abs().max()), "found": comfy_denoiser.custom_guidance(patched.model_options)}
+    for name, m in (("patched", patched), ("plain", plain)):
+        x0, hosted, item_bytes = comfy_denoiser.run_with_denoiser(m, positive, negative, trace, step, cfg, probe)
+        cam_json = explain_nodes.ExplainCam().explain(handle, out, m, positive, negative, step, "paper", "sum", "epsilon", 0.0, 0)["result"][2]
+        facts[name] = {
+            "max_abs_diff": float((x0 - recorded).abs().max()), "hosted": hosted, "cam_note": json.loads(cam_json).get("note"),
+            "item_bytes": item_bytes, "comfy_item_bytes": m.model.memory_required([1, *x.shape[1:]]),
+        }  # fmt: skip
+    return facts
+
+
+def custom_guidance(runner, nodes_module, work) -> dict:
+    """A RescaleCFG-patched model: DF-RISE's probes go through ComfyUI's cfg_function, so the
+    unmasked probe at a step reproduces the sampler's own x0 there; plain CFG would not."""
+    import nodes as comfy_nodes
+    from comfy_extras.nodes_model_advanced import RescaleCFG
+
+    with torch.inference_mode():
+        model, clip, _vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT_NAME)[:3]
+        facts = _probe_against_sampler(RescaleCFG().patch(model, 1.0)[0], model, clip, "rescale")
+    return {"rescaled": facts["patched"], "plain": facts["plain"], "scale": facts["scale"], "found": facts["found"]}
+
+
+def branch_patches(runner, nodes_module, work) -> dict:
+    """Patches that act before cfg_function in ComfyUI's sampling_function: a pre-CFG function
+    (as APG, TCFG) and a calc_cond_batch replacement (as SkipLayerGuidance); and a post-CFG one
+    that keeps both branches at cfg 1 (as SAG). The probes apply them as the sampler did."""
+    import comfy.samplers
+    import nodes as comfy_nodes
+
+    def uncond_towards_input(args):
+        cond, uncond = args["conds_out"][:2]
+        return [cond, 0.5 * (uncond + args["input"])] + list(args["conds_out"][2:])
+
+    def damped_input(args):
+        x = args["input"] * 0.8
+        return comfy.samplers.calc_cond_batch(args["model"], args["conds"], x, args["sigma"], args["model_options"])
+
+    def away_from_uncond(args):
+        return args["denoised"] + 0.5 * (args["cond_denoised"] - args["uncond_denoised"])
+
     facts = {}
     with torch.inference_mode():
         model, clip, _vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT_NAME)[:3]
-        rescaled = RescaleCFG().patch(model, 1.0)[0]
-        positive, negative, out, handle = _tapped_run(tap_node, rescaled, clip, "rescale", seed=5, steps=3)
-        trace = handle.resolve(out)
-        step = 1
-        level = NoiseLevel.from_trace(trace, step)
-        recorded = trace.x0[step].float()
-
-        def probe(denoiser):
-            return denoiser.predict(trace.x_t[step].float(), level, "x0").cpu(), denoiser.guide_fn is not None
-
-        for name, m in (("rescaled", rescaled), ("plain", model)):
-            x0, hosted = comfy_denoiser.run_with_denoiser(m, positive, negative, trace, step, 5.0, probe)
-            facts[name] = {"max_abs_diff": float((x0 - recorded).abs().max()), "hosted": hosted}
-            cam_json = explain_nodes.ExplainCam().explain(handle, out, m, positive, negative, step, "paper", "sum", "epsilon", 0.0, 0)["result"][2]
-            facts[name]["cam_note"] = json.loads(cam_json).get("note")
-        facts["scale"] = float(recorded.abs().max())
-        facts["found"] = comfy_denoiser.custom_guidance(rescaled.model_options)
+        pre_cfg = model.clone()
+        pre_cfg.set_model_sampler_pre_cfg_function(uncond_towards_input)
+        replaced = model.clone()
+        replaced.set_model_sampler_calc_cond_batch_function(damped_input)
+        post_cfg = model.clone()
+        post_cfg.set_model_sampler_post_cfg_function(away_from_uncond, disable_cfg1_optimization=True)
+        for name, patched, cfg in (("pre_cfg", pre_cfg, 5.0), ("calc_cond_batch", replaced, 5.0), ("cfg_one_post_cfg", post_cfg, 1.0)):
+            facts[name] = _probe_against_sampler(patched, model, clip, name, cfg)
     return facts
 
 
@@ -436,4 +476,5 @@ SCENARIOS = {
     "chained_patch": chained_patch,
     "unet_families": unet_families,
     "custom_guidance": custom_guidance,
+    "branch_patches": branch_patches,
 }

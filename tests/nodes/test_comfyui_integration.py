@@ -203,3 +203,18 @@ def test_probes_follow_a_guidance_patch_like_rescale_cfg(report):
     hosted, plain = facts["rescaled"]["max_abs_diff"], facts["plain"]["max_abs_diff"]
     assert hosted <= 1e-4 * max(facts["scale"], 1.0), facts  # the sampler's own x0 at that step
     assert plain > 20 * hosted and plain > 1e-3 * facts["scale"], facts  # plain CFG explains another prediction
+
+
+@pytest.mark.parametrize(
+    "patch,key",
+    [("pre_cfg", "sampler_pre_cfg_function"), ("calc_cond_batch", "sampler_calc_cond_batch_function"), ("cfg_one_post_cfg", "sampler_post_cfg_function")],
+)
+def test_probes_apply_the_samplers_branch_patches(report, patch, key):
+    facts = scenario(report, "branch_patches")[patch]
+    assert facts["found"] == [key]
+    assert facts["patched"]["hosted"] and not facts["plain"]["hosted"]
+    assert "linearly" in facts["patched"]["cam_note"] and facts["plain"]["cam_note"] is None
+    hosted, plain = facts["patched"]["max_abs_diff"], facts["plain"]["max_abs_diff"]
+    assert hosted <= 1e-4 * max(facts["scale"], 1.0), facts  # the sampler's own x0 at that step
+    assert plain > 20 * hosted and plain > 1e-3 * facts["scale"], facts  # without the patch: another prediction
+
