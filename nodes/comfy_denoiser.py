@@ -12,6 +12,9 @@ combined (SkipLayerGuidance, APG, TCFG, RescaleCFG, SAG, CFG++...) shape the pro
 shaped the sampling; DF-CAM keeps the paper's linear u + w (c - u) of the two plain branches'
 activations and gradients (the node says so when such a patch is present).
 
+Batches are sized with ComfyUI's own estimate of a forward pass (``BaseModel.memory_required``)
+against the memory its manager counts as free.
+
 Probes run inside `nodes.taps.probing`, so a tapped MODEL records nothing while it is probed.
 """
 
@@ -22,10 +25,13 @@ from typing import Any, Callable
 
 import torch
 
-from explain.denoiser import GuidedDenoiser, NoiseLevel
+from explain.denoiser import CUDA_BUDGET_FRACTION, GuidedDenoiser, NoiseLevel
 from explain.trace import Trace
 
 from .taps import probing
+
+
+MEMORY_SAFETY = 1.5  # ComfyUI's own factor on memory_required when it batches conds
 
 
 def _sigma_batch(level: NoiseLevel, x: torch.Tensor) -> torch.Tensor:
@@ -93,8 +99,29 @@ def make_denoiser(guider, model_options: dict, guidance_scale: float, separate_b
         latent_space="sigma",
         modules=modules,
         device=torch.device(device),
+        estimate_item_bytes=item_bytes_estimate(inner, 2 if uncond is not None else 1),
         guide_fn=guide_fn if custom_guidance(model_options) else None,
     )
+
+
+def item_bytes_estimate(inner, branches: int):
+    """Bytes one latent costs in a probe: ComfyUI's estimate for the model (``memory_required``
+    of a batch of one) per branch, with ComfyUI's safety factor."""
+
+    def estimate(x: torch.Tensor) -> int:
+        return int(inner.memory_required([1, *x.shape[1:]]) * branches * MEMORY_SAFETY) + 1
+
+    return estimate
+
+
+def memory_budget(device) -> int | None:
+    """The bytes probes may take on ``device``: a share of what ComfyUI counts as free there (it
+    also counts memory torch holds unused); None on a CPU (the denoiser's own default)."""
+    if device is None or torch.device(device).type == "cpu":
+        return None
+    import comfy.model_management
+
+    return int(comfy.model_management.get_free_memory(device) * CUDA_BUDGET_FRACTION)
 
 
 GUIDANCE_KEYS = ("sampler_calc_cond_batch_function", "sampler_pre_cfg_function", "sampler_cfg_function", "sampler_post_cfg_function")

@@ -304,7 +304,7 @@ class ExplainRise:
     def explain(self, trace, latent, model, positive, negative, step, n_masks, similarity, quantity, masks, p, centered, mask_seed, cfg, item, games, image=None):
         from explain import faithfulness, rise
 
-        from .comfy_denoiser import guidance_of, run_with_denoiser
+        from .comfy_denoiser import guidance_of, memory_budget, run_with_denoiser
 
         tr = trace.resolve(latent)
         item = check_item(tr, item)
@@ -314,9 +314,10 @@ class ExplainRise:
         def work(denoiser):
             result = rise.df_rise(
                 denoiser, tr, step, item, n_masks=int(n_masks), quantity=quantity, masks=masks, p=float(p),
-                similarity=similarity, centered=bool(centered), seed=int(mask_seed),
+                similarity=similarity, centered=bool(centered), seed=int(mask_seed), memory_budget=memory_budget(denoiser.device),
             )  # fmt: skip
-            played = faithfulness.insertion_deletion(denoiser, tr, step, result.saliency, item, seed=int(mask_seed)) if games else {}
+            budget = memory_budget(denoiser.device)  # ComfyUI's count, after DF-RISE's batches
+            played = faithfulness.insertion_deletion(denoiser, tr, step, result.saliency, item, seed=int(mask_seed), memory_budget=budget) if games else {}
             return result, played
 
         result, played = run_with_denoiser(model, positive, negative, tr, step, scale, work)

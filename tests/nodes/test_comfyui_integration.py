@@ -218,3 +218,9 @@ def test_probes_apply_the_samplers_branch_patches(report, patch, key):
     assert hosted <= 1e-4 * max(facts["scale"], 1.0), facts  # the sampler's own x0 at that step
     assert plain > 20 * hosted and plain > 1e-3 * facts["scale"], facts  # without the patch: another prediction
 
+
+def test_probe_batches_use_comfyuis_memory_estimate(report):
+    facts = scenario(report, "branch_patches")
+    for case, branches in ((facts["pre_cfg"]["plain"], 2), (facts["cfg_one_post_cfg"]["patched"], 2), (facts["cfg_one_post_cfg"]["plain"], 1)):
+        assert case["comfy_item_bytes"] > 0
+        assert case["item_bytes"] == int(case["comfy_item_bytes"] * branches * 1.5) + 1  # with ComfyUI's safety factor
