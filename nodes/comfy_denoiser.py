@@ -124,6 +124,24 @@ def memory_budget(device) -> int | None:
     return int(comfy.model_management.get_free_memory(device) * CUDA_BUDGET_FRACTION)
 
 
+def make_room_for_weight_clones(denoiser: GuidedDenoiser, keep=()) -> int:
+    """A backward pass under inference mode clones the model's inference-tensor weights
+    (`explain.cam.autograd_ready`), behind ComfyUI's memory manager. On a GPU, ask it to free
+    that much first, plus its reserve for a forward pass, unloading models other than ``keep``
+    (ModelPatchers in use). Returns the bytes of the clones on the device."""
+    device = denoiser.device
+    if device is None or device.type == "cpu":
+        return 0
+    import comfy.model_management as mm
+
+    tensors = {id(t): t for m in denoiser.modules.values() for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
+    needed = sum(t.numel() * t.element_size() for t in tensors.values() if t.is_inference() and t.device.type == device.type)
+    if needed:
+        keep_loaded = [loaded for loaded in mm.current_loaded_models if any(loaded.model is k for k in keep)]
+        mm.free_memory(needed + mm.minimum_inference_memory(), device, keep_loaded=keep_loaded)
+    return needed
+
+
 GUIDANCE_KEYS = ("sampler_calc_cond_batch_function", "sampler_pre_cfg_function", "sampler_cfg_function", "sampler_post_cfg_function")
 
 
@@ -142,9 +160,11 @@ def run_with_denoiser(
     guidance_scale: float,
     explain: Callable[[GuidedDenoiser], Any],
     separate_branches: bool = False,
+    backward: bool = False,
 ):
     """Load ``model`` as ComfyUI does for sampling ``trace`` at ``step`` and return
-    ``explain(denoiser)``."""
+    ``explain(denoiser)``. ``backward``: the explanation takes gradients through the model (DF-CAM),
+    so ComfyUI first makes room for the weight clones that needs."""
     import comfy.samplers
 
     if trace.meta.get("latent_space", "sigma") != "sigma":
@@ -158,6 +178,9 @@ def run_with_denoiser(
     class ExplanationSampler(comfy.samplers.Sampler):
         def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
             denoiser = make_denoiser(model_wrap, extra_args["model_options"], guidance_scale, separate_branches)
+            if backward:
+                patcher = model_wrap.model_patcher
+                make_room_for_weight_clones(denoiser, [patcher, *patcher.model_patches_models(), *model_wrap.loaded_models])
             result["value"] = explain(denoiser)
             return noise
 

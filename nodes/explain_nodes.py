@@ -393,7 +393,7 @@ class ExplainCam:
             hosted["guidance"] = denoiser.guide_fn is not None
             return cam.df_cam(denoiser, tr, step, item, layers=layers, target=target, quantity=quantity, image_size=size)
 
-        result = run_with_denoiser(model, positive, negative, tr, step, scale, work, separate_branches=True)
+        result = run_with_denoiser(model, positive, negative, tr, step, scale, work, separate_branches=True, backward=True)
         mask = heatmaps.normalize_map(result.display().float(), "minmax")
         overlay = as_image(render.overlay(base, mask))
         info = {"step": step, "timestep": float(tr.timesteps[step]), "layers": layers, "modules": len(result.layers),

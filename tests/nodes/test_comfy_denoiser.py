@@ -40,3 +40,20 @@ def test_the_budget_is_a_share_of_what_comfyui_counts_as_free(monkeypatch):
     assert comfy_denoiser.memory_budget(torch.device("cpu")) is None  # the denoiser's CPU default
     assert comfy_denoiser.memory_budget(None) is None
 
+
+def test_dfcam_asks_comfyui_to_free_room_for_its_weight_clones(monkeypatch):
+    ours, other = object(), object()
+    loaded = [types.SimpleNamespace(model=other), types.SimpleNamespace(model=ours)]
+    mm = fake_model_management(monkeypatch, loaded)
+    with torch.inference_mode():  # as ComfyUI loads weights: inference tensors, the ones DF-CAM clones
+        net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, device="meta", dtype=torch.float16), torch.nn.BatchNorm2d(8, device="meta"))
+    net.extra = torch.nn.Linear(2, 2, device="meta")  # made outside inference mode: used as it is
+    modules = dict(net.named_modules())
+    denoiser = GuidedDenoiser(lambda x, lv: (x, x), "sample", 5.0, modules=modules, device=torch.device("meta"))
+    clones = (8 * 4 * 3 * 3 + 8) * 2 + (8 + 8 + 8 + 8) * 4 + 8  # conv fp16; norm weight, bias, running stats; step count
+    assert comfy_denoiser.make_room_for_weight_clones(denoiser, keep=[ours]) == clones
+    assert mm.calls == [(clones + 1000, torch.device("meta"), [loaded[1]])]  # our model stays loaded
+
+    on_cpu = GuidedDenoiser(lambda x, lv: (x, x), "sample", 5.0, modules=modules, device=torch.device("cpu"))
+    assert comfy_denoiser.make_room_for_weight_clones(on_cpu, keep=[ours]) == 0
+    assert len(mm.calls) == 1  # no GPU to make room on

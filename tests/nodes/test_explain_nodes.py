@@ -161,7 +161,7 @@ class ToyUNet(torch.nn.Module):
         return self.out(h) * (1 + context.view(-1, 1, 1, 1) * gate)
 
 
-def toy_run_with_denoiser(model, positive, negative, trace, step, guidance_scale, explain, separate_branches=False):
+def toy_run_with_denoiser(model, positive, negative, trace, step, guidance_scale, explain, separate_branches=False, backward=False):
     """Stands in for comfy_denoiser.run_with_denoiser: same contract, a toy model instead of ComfyUI."""
     unet = ToyUNet()
     calls = []
@@ -179,6 +179,7 @@ def toy_run_with_denoiser(model, positive, negative, trace, step, guidance_scale
     denoiser = GuidedDenoiser(model_fn, "sample", guidance_scale, latent_space="sigma", modules=dict(unet.named_modules()))
     result = explain(denoiser)
     assert calls and all(c == ("separate" if separate_branches else "batched") for c in calls)
+    assert backward == separate_branches  # DF-CAM asks ComfyUI for room for its weight clones
     return result
 
 
