@@ -17,7 +17,7 @@ if [ "$TRAIN_MINUTES" != "0" ]; then
   python3 scripts/train_embedded.py --init-from explain/models/shapes-64 --out /tmp/shapes-64 \
     --archive "$OUT/model" --log "$OUT/train.log" --pool 150000 --unet-steps 50000 --batch 256 \
     --lr 3e-4 --text-lr 2e-4 --warmup 100 --ground-weight "${GROUND_WEIGHT:-0.02}" \
-    ${OBJECT_MIX:+--object-mix "$OBJECT_MIX"} --high-noise-share "${HIGH_NOISE_SHARE:-0}" \
+    --object-mix "${OBJECT_MIX:-0.1,0.5,0.4}" --high-noise-share "${HIGH_NOISE_SHARE:-0.4}" \
     --max-minutes "$TRAIN_MINUTES" 2>&1 \
     | grep -v -i "warn\|shards\|Loading\|float32"
   # the held-out figures of what was just trained, on this machine's 16 CPU cores (needs scipy)
