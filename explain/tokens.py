@@ -100,11 +100,12 @@ def words_from_tokens(tokens: Sequence[str], offset: int = 0) -> list[Word]:
 
 
 # ---------------------------------------------------------------------------- Hugging Face tokenizers
-def tokenize_prompt(tokenizer, prompt: str, max_length: int | None = None, warn: bool = True) -> PromptTokens:
+def tokenize_prompt(tokenizer, prompt: str, max_length: int | None = None, warn: bool = True, what: str = "prompt") -> PromptTokens:
     """Token strings and words of ``prompt`` as a diffusers pipeline feeds it to ``tokenizer``
     (start token, at most ``max_length - 2`` prompt tokens, end token).
 
-    Warns with `PromptTruncatedWarning` naming the words that were cut off."""
+    Warns with `PromptTruncatedWarning` naming the words that were cut off (``what`` names the
+    text in the message: "prompt", "negative prompt")."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
     limit = int(max_length or tokenizer.model_max_length)
@@ -127,9 +128,9 @@ def tokenize_prompt(tokenizer, prompt: str, max_length: int | None = None, warn:
         dropped = [w.text for w in all_words if not set(w.token_indices) <= kept_positions]
         if warn:
             warnings.warn(
-                f"the prompt has {len(body)} tokens but the text encoder reads at most {room}; "
+                f"the {what} has {len(body)} tokens but the text encoder reads at most {room}; "
                 f"these words were cut off and have no effect or attention maps: {' '.join(dropped)!r}. "
-                "Shorten the prompt.",
+                f"Shorten the {what}.",
                 PromptTruncatedWarning,
                 stacklevel=2,
             )

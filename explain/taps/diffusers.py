@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from explain.attention import CAPTURE_METHODS, COND, UNCOND, StepAccumulator, attention_with_probs, branch_rows
 from explain.noise import x0_from_model_output
-from explain.tokens import PromptTokens, PromptTruncatedWarning, pad_token_list, tokenize_prompt
+from explain.tokens import PromptTokens, pad_token_list, tokenize_prompt
 from explain.trace import Trace
 
 _ACTIVE: "weakref.WeakSet" = weakref.WeakSet()  # pipelines being traced (one tap at a time)
@@ -322,15 +322,7 @@ class DiffusersTap:
             else:
                 negs = list(neg)
             if len(negs) == n_prompts and tokenizer is not None and arguments.get("negative_prompt_embeds") is None:
-                tokens = [tokenize_prompt(tokenizer, p, max_length=run.context_length, warn=False) for p in negs]
-                cut = sorted({w for t in tokens for w in t.dropped_words})
-                if cut:
-                    warnings.warn(
-                        f"the negative prompt is longer than the text encoder reads ({run.context_length} tokens); "
-                        f"these words were cut off and have no effect: {' '.join(cut)!r}. Shorten the negative prompt.",
-                        PromptTruncatedWarning,
-                        stacklevel=2,
-                    )
+                tokens = [tokenize_prompt(tokenizer, p, max_length=run.context_length, what="negative prompt") for p in negs]
                 run.negative_prompts = [p for p in negs for _ in range(per_prompt)]
                 run.negative_tokens = [t for t in tokens for _ in range(per_prompt)]
         self._run = run
