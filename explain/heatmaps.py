@@ -170,10 +170,10 @@ def _layer_names(trace: Trace, layers, resolutions) -> list[str]:
         def selected(hw: tuple[int, int]) -> bool:
             return any(hw == tuple(int(v) for v in r) if isinstance(r, tuple) else int(r) in hw for r in wanted)
 
-        have = sorted({f"{h}x{w}" for h, w in shape.values()}, key=lambda t: -int(t.split("x")[0]))
         chosen = [n for n in chosen if selected(shape[n])]
         if not chosen:
-            raise ValueError(f"no selected attention layer has resolution {wanted}; the trace's layers have {', '.join(have)}")
+            have = ", ".join(f"{h}x{w}" for h, w in sorted(set(shape.values()), reverse=True))
+            raise ValueError(f"no selected attention layer has resolution {wanted}; the trace's layers have {have}")
     return chosen
 
 

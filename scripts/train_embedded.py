@@ -88,7 +88,10 @@ def parse_args(argv=None):
     p.add_argument("--log", default=None)
     p.add_argument("--log-every", type=int, default=200)
     args = p.parse_args(argv)
-    args.object_mix = parse_object_mix(args.object_mix)
+    try:
+        args.object_mix = parse_object_mix(args.object_mix)
+    except ValueError as err:
+        p.error(str(err))
     if not 0 <= args.high_noise_share <= 1:
         p.error(f"--high-noise-share must be in [0, 1], got {args.high_noise_share}")
     if not 0 <= args.high_noise_from < 1000:
@@ -105,7 +108,7 @@ def parse_object_mix(text: str | None) -> list[float] | None:
     except ValueError:
         shares = []
     if len(shares) != 3 or min(shares) < 0 or sum(shares) <= 0:
-        raise SystemExit(f"--object-mix takes three non-negative shares for 1, 2 and 3 objects, like 0.1,0.5,0.4; got {text!r}")
+        raise ValueError(f"--object-mix takes three non-negative shares for 1, 2 and 3 objects, like 0.1,0.5,0.4; got {text!r}")
     return [v / sum(shares) for v in shares]
 
 

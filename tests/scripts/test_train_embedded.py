@@ -105,8 +105,10 @@ def test_object_mix_sets_the_pools_shares_of_object_counts(train):
     assert [s.caption for s in pool] == [s.caption for s in train.draw_pool(200, seed=3, object_mix=[0.1, 0.5, 0.4])]
     # shuffled: the counts are interleaved, not in blocks
     assert len({len(s.objects) for s in pool[:20]}) > 1
-    with pytest.raises(SystemExit, match="three non-negative shares"):
+    with pytest.raises(ValueError, match="three non-negative shares"):
         train.parse_object_mix("0.5,0.5")
+    with pytest.raises(SystemExit):  # the command line says so with its usage, as for its other checks
+        train.parse_args(["--object-mix", "0.5,-0.1,0.6"])
 
 
 def test_high_noise_share_moves_that_share_of_timesteps_up(train):
