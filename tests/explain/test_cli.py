@@ -103,3 +103,20 @@ def test_report_runs_the_whole_job_on_a_tiny_pipeline(tmp_path, capsys):
     assert scores["labels"] == ["a", "red", "circle", "above", "a (2)", "blue", "square"]
     assert json.loads((out / "recovery.json").read_text())["space"] == "preview"
 
+
+
+def test_report_runs_the_papers_schedule_on_a_pndm_model_and_says_so(tmp_path, capsys, monkeypatch):
+    # an SD 1.x model loads with PNDM, which takes no custom time steps
+    from explain import cli
+    from explain.schedules import early_timesteps
+    from explain.testing import tiny_sd_pipeline
+    from explain.trace import Trace
+
+    monkeypatch.setattr(cli, "load_model", lambda spec, device, dtype: (tiny_sd_pipeline("pndm"), "tiny pndm"))
+    out = tmp_path / "rep"
+    assert main(["report", "a red circle", "--model", "x", "--steps", "3", "--guidance", "4", "--schedule", "early",
+                 "--lam", "10", "--no-previews", "--out", str(out)]) == 0
+    assert "note: PNDMScheduler cannot run custom time steps; using DPMSolverMultistepScheduler" in capsys.readouterr().err
+    trace = Trace.load(out / "trace.safetensors")
+    assert trace.meta["scheduler"] == "DPMSolverMultistepScheduler"
+    assert [int(t) for t in trace.timesteps] == early_timesteps(3, 10)

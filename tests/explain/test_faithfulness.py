@@ -165,11 +165,14 @@ def test_randomized_copy_changes_every_weight_and_not_the_original(tiny):
     assert sum(changed) > 0.9 * len(changed)
 
 
-def test_randomized_copy_is_reproducible_for_a_seed(tiny):
+def test_randomized_copy_is_reproducible_for_a_seed_and_leaves_cuda_seeds_alone(tiny, monkeypatch):
     pipe, _, _ = tiny
+    reseeded = []  # torch.manual_seed reseeds every CUDA device (lazily, even before CUDA starts)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
     a, b, c = (randomized_copy(pipe.unet, seed=s).state_dict() for s in (4, 4, 5))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert reseeded == []
 
 
 def test_image_decoder_upcasts_a_force_upcast_vae_and_applies_its_shift(tiny):
