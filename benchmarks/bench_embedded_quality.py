@@ -7,7 +7,7 @@
 First the checker scores the generator's own images (it must reach >= 98 % on every
 attribute, or its verdicts on the model mean little); then the model generates one image per
 held-out caption (attribute combinations excluded from training by construction, see
-`explain.world.is_held_out`) with the default scheduler, steps and guidance, and the checker
+`explain.embedded.world.is_held_out`) with the default scheduler, steps and guidance, and the checker
 scores colour, shape, size, object count and position / relation. Bars (issue 2): colour >= 90 %,
 shape >= 80 %, position/relation >= 85 %, count >= 90 %.
 """
@@ -25,7 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from explain import checker, embedded, world  # noqa: E402
+from explain import embedded  # noqa: E402
+
+from explain.embedded import checker, world  # noqa: E402
 
 BARS = {"color": 0.90, "shape": 0.80, "position_relation": 0.85, "count": 0.90}
 

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from explain import faithfulness as fa  # noqa: E402
-from explain import heatmaps, world  # noqa: E402
+from explain import heatmaps  # noqa: E402
+from explain.embedded import world  # noqa: E402
 from explain.cam import df_cam  # noqa: E402
 from explain.denoiser import from_pipeline  # noqa: E402
 from explain.rise import df_rise, df_rise_tokens  # noqa: E402
@@ -168,7 +169,7 @@ def run_noised(pipe, scenes, args, tally: Tally, token_tally: Tally, sanity: lis
 
 
 def run_generated(pipe, scenes, args, tally: Tally) -> int:
-    from explain import checker
+    from explain.embedded import checker
     from explain.taps.diffusers import generate
 
     decode = fa.vae_decoder(pipe.vae)

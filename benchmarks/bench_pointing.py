@@ -6,7 +6,7 @@
     python benchmarks/bench_pointing.py --model tiny --n 4   # plumbing check (random weights: numbers meaningless)
 
 Each object's heatmap is the cross-attention of the caption words that name it (size, colour
-and shape words merged, `explain.world.object_word_indices`; sub-word tokens averaged),
+and shape words merged, `explain.embedded.world.object_word_indices`; sub-word tokens averaged),
 upsampled bilinearly to the image size.
 
 Two heatmap variants: ``raw`` (the attention itself) and ``relative`` (each pixel's attention
@@ -26,7 +26,7 @@ Protocols:
   (classifier-free guidance as in generation) under the attention tap; the masks are the
   renderer's exact object masks. Reported per t.
 * ``generated``: the model generates an image from the caption (default steps and guidance)
-  under the tap; the attribute checker (`explain.checker`) segments the generated image and
+  under the tap; the attribute checker (`explain.embedded.checker`) segments the generated image and
   matches its detections to the caption's objects; objects it cannot find are counted as
   missing, not scored. Heatmaps average all steps. This tests the explanation on the model's
   own images, whatever their quality.
@@ -47,7 +47,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from explain import heatmaps, world  # noqa: E402
+from explain import heatmaps  # noqa: E402
+
+from explain.embedded import world  # noqa: E402
 from explain.cli import load_model  # noqa: E402
 
 THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))
@@ -142,7 +144,7 @@ def run_noised(pipe, scenes: list[world.Scene], timesteps: list[int], guidance: 
 
 
 def run_generated(pipe, scenes: list[world.Scene], steps: int, guidance: float, seed: int) -> dict[tuple, Tally]:
-    from explain import checker
+    from explain.embedded import checker
     from explain.taps.diffusers import generate
 
     tallies = {(r, v): Tally() for r in ("all steps", "second half") for v in VARIANTS}

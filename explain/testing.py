@@ -51,8 +51,8 @@ def make_scheduler(name: str = "dpm++", prediction_type: str = "epsilon", **over
 @lru_cache(maxsize=1)
 def tokenizer_folder() -> Path:
     """An offline CLIP tokenizer over the shapes world's words (written once per process)."""
-    from explain.vocabulary import write_clip_tokenizer
-    from explain.world import vocabulary
+    from explain.embedded.vocabulary import write_clip_tokenizer
+    from explain.embedded.world import vocabulary
 
     return write_clip_tokenizer(vocabulary(), Path(tempfile.mkdtemp(prefix="explain-tok-")))
 

@@ -49,13 +49,25 @@ class PromptTokens:
 
 # ---------------------------------------------------------------------------- pure helpers
 @lru_cache(maxsize=1)
+def byte_alphabet() -> list[str]:
+    """GPT-2 / CLIP's reversible byte-to-unicode table, in its canonical order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+@lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """CLIP's unicode-to-byte table (the inverse of the byte-level BPE alphabet)."""
-    from explain.vocabulary import _byte_alphabet
-
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     byte_order = printable + [b for b in range(256) if b not in printable]
-    return dict(zip(_byte_alphabet(), byte_order))
+    return dict(zip(byte_alphabet(), byte_order))
 
 
 def token_text(token: str) -> str:

@@ -29,8 +29,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from explain import embedded, world  # noqa: E402
-from explain.vocabulary import write_clip_tokenizer  # noqa: E402
+from explain import embedded  # noqa: E402
+
+from explain.embedded import world  # noqa: E402
+from explain.embedded.vocabulary import write_clip_tokenizer  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from explain import world
+from explain.embedded import world
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,6 +1,6 @@
 import numpy as np
 
-from explain import checker, world
+from explain.embedded import checker, world
 
 
 def test_checker_scores_generator_images():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-MODEL_DIR = Path(__file__).resolve().parent / "models" / "shapes-64"
+MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "shapes-64"
 MODEL_ID = "diffusion-explain/shapes-64"
 IMAGE_SIZE = 64
 DEFAULT_PROMPT = "a large red circle above a small blue square"
@@ -74,7 +74,7 @@ class EmbeddedModelMissing(FileNotFoundError):
 
 
 def vocabulary() -> list[str]:
-    from explain.world import vocabulary as world_vocabulary
+    from explain.embedded.world import vocabulary as world_vocabulary
 
     return world_vocabulary()
 
@@ -143,7 +143,7 @@ def load_pipeline(model_dir: str | Path | None = None, device: str | torch.devic
 
 def check_prompt(prompt: str, tokenizer=None) -> list[str]:
     """Words of ``prompt`` that the embedded model never saw (they become single characters)."""
-    from explain.vocabulary import unknown_words
+    from explain.embedded.vocabulary import unknown_words
 
     if tokenizer is None:
         from transformers import CLIPTokenizer

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from explain import world
+from explain.embedded import world
 
 _HUES = {name: colorsys.rgb_to_hsv(*rgb)[0] * 360 for name, rgb in world.COLORS.items()}
 MIN_SATURATION = 0.38

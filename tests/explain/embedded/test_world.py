@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from explain import world
+from explain.embedded import world
 
 
 def test_same_seed_same_scene_and_pixels():

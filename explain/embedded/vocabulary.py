@@ -9,25 +9,12 @@ any other word falls apart into single characters (so it still tokenizes, and
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
+
+from explain.tokens import byte_alphabet
 
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
-
-
-@lru_cache(maxsize=1)
-def _byte_alphabet() -> list[str]:
-    """GPT-2 / CLIP's reversible byte-to-unicode table, in its canonical order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
 
 
 def _word_merges(word: str) -> list[tuple[str, str]]:
@@ -92,7 +79,7 @@ def write_clip_tokenizer(words: list[str], folder: str | Path, model_max_length:
             raise ValueError(f"vocabulary words must be non-empty, lower-case and without spaces: {w!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     merges = build_merges(words)
     vocab: list[str] = alphabet + [c + "</w>" for c in alphabet]
     known = set(vocab)

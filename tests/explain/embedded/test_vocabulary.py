@@ -1,8 +1,8 @@
 import pytest
 from transformers import CLIPTokenizer
 
-from explain.vocabulary import build_merges, unknown_words, write_clip_tokenizer
-from explain.world import vocabulary
+from explain.embedded.vocabulary import build_merges, unknown_words, write_clip_tokenizer
+from explain.embedded.world import vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_out_of_vocabulary_words_are_reported(tokenizer):
 
 def test_conflicting_merges_are_repaired():
     words = ["ab", "bc", "abc", "cab", "bca"]
-    from explain.vocabulary import _bpe
+    from explain.embedded.vocabulary import _bpe
 
     ranks = {m: i for i, m in enumerate(build_merges(words))}
     for w in words:
