@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=24)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default=None, help="unet (default), dit, or a model folder")
+    p.add_argument("--shift", type=float, default=None, help="DiT only: sample with this flow-scheduler shift instead of the saved one")
     p.add_argument("--grid", default=None, help="write a PNG grid: ground truth rows above generated rows")
     p.add_argument("--json", default=None, help="write the figures as JSON")
     args = p.parse_args(argv)
@@ -93,6 +94,10 @@ def main(argv=None) -> int:
         args.steps = embedded.DIT_DEFAULT_STEPS if dit else embedded.DEFAULT_STEPS
     if args.guidance is None:
         args.guidance = embedded.DIT_DEFAULT_GUIDANCE if dit else embedded.DEFAULT_GUIDANCE
+    if args.shift is not None:
+        if not dit:
+            p.error("--shift applies to a DiT (flow-matching) model only")
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=args.shift)
     info = embedded.training_info(args.model)
     seen = info.get("samples_seen")
     print(f"model: {type(pipe).__name__} from {embedded.model_dir_for(args.model)}" + (f", {seen} training samples seen" if seen else ""))
@@ -108,7 +113,8 @@ def main(argv=None) -> int:
         scores.add(check)
         by_layout.setdefault(len(s.objects), checker.Scores()).add(check)
     result = scores.as_dict()
-    print(f"model on {args.n} held-out captions ({args.steps} steps, guidance {args.guidance}, {seconds:.0f} s):")
+    shift = f", shift {pipe.scheduler.config.shift}" if dit else ""
+    print(f"model on {args.n} held-out captions ({args.steps} steps, guidance {args.guidance}{shift}, {seconds:.0f} s):")
     for key in ("color", "shape", "size", "count", "position_relation"):
         bar = bars.get(key)
         verdict = "" if bar is None else ("  (bar %.0f %%: %s)" % (bar * 100, "met" if result[key] >= bar else "NOT met"))

@@ -4,6 +4,7 @@
     python scripts/train_embedded_dit.py --out /work/dit-train/run1 --max-minutes 80 --log run1.log
     python scripts/train_embedded_dit.py --out /work/dit-train/run2 --init-from /work/dit-train/run1 ...
     python scripts/train_embedded_dit.py --out /tmp/m --steps 5 --pool 64 --batch 4   # smoke run
+    python scripts/train_embedded_dit.py --ship-from /work/dit-train/run2 --out explain/models/shapes-dit-64
 
 The transformer starts from scratch (adaLN-Zero); both text encoders start from the shipped UNet
 model's trained text encoder (``shapes-64/text_encoder``) and train along; the VAE is the shipped
@@ -58,7 +59,12 @@ unet_script = _load_unet_script()
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(dit.DIT_MODEL_DIR), help="folder for the trained pipeline")
+    p.add_argument("--out", required=True, help="folder for the trained pipeline and its train_state/ (keep it outside the package)")
+    p.add_argument(
+        "--ship-from",
+        default=None,
+        help="copy this run's pipeline and training.json (not its train_state/) into --out, e.g. explain/models/shapes-dit-64, and stop",
+    )
     p.add_argument("--seed", type=int, default=None, help="default: 0, or the continued run's seed + 1")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (2 stall on a loaded machine)")
@@ -100,6 +106,8 @@ def parse_args(argv=None):
         p.error(f"--cond-drop must be in [0, 1), got {args.cond_drop}")
     if args.logit_std <= 0:
         p.error(f"--logit-std must be positive, got {args.logit_std}")
+    if args.ship_from and not (Path(args.ship_from) / "model_index.json").is_file():
+        p.error(f"--ship-from {args.ship_from} holds no saved pipeline (model_index.json)")
     if args.init_from and not (Path(args.init_from) / "model_index.json").is_file():
         p.error(f"--init-from {args.init_from} holds no saved pipeline (model_index.json); give a folder this script wrote")
     return args
@@ -235,8 +243,20 @@ def total_samples(record: dict | None) -> int:
     return int(record.get("samples_seen", 0)) if record else 0
 
 
+def ship(run: Path, out: Path) -> None:
+    """The files a user needs, fp16 safetensors and configs, without the resume state."""
+    import shutil
+
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns("train_state"))
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.ship_from:
+        ship(Path(args.ship_from), Path(args.out))
+        return
     torch.set_num_threads(args.threads)
     log = unet_script.Log(args.log)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

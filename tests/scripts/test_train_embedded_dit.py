@@ -86,11 +86,13 @@ def test_noise_levels_lean_high_with_a_positive_logit_mean(train):
 
 def test_bad_arguments_are_refused(train, tmp_path):
     with pytest.raises(SystemExit):
-        train.parse_args(["--init-from", str(tmp_path)])  # no saved pipeline there
+        train.parse_args(["--out", str(tmp_path), "--init-from", str(tmp_path)])  # no saved pipeline there
     with pytest.raises(SystemExit):
-        train.parse_args(["--object-mix", "1,2"])
+        train.parse_args(["--out", str(tmp_path), "--object-mix", "1,2"])
     with pytest.raises(SystemExit):
-        train.parse_args(["--cond-drop", "1.5"])
+        train.parse_args(["--out", str(tmp_path), "--cond-drop", "1.5"])
+    with pytest.raises(SystemExit):
+        train.parse_args([])  # --out is required: the resume state must not land in the package by default
 
 
 TINY = ["--device", "cpu", "--pool", "24", "--steps", "3", "--batch", "4", "--warmup", "2", "--num-layers", "1", "--bf16", "off"]
@@ -143,9 +145,21 @@ def test_continued_run_keeps_the_earlier_record_and_the_optimiser(runs):
     assert float(moments_b["0.step"]) == float(moments_a["0.step"]) + 2  # AdamW's count went on, not restarted
 
 
+def test_ship_copies_the_pipeline_without_the_resume_state(train, runs, tmp_path):
+    from explain import embedded
+
+    dest = tmp_path / "shapes-dit-64"
+    train.main(["--ship-from", str(runs / "b"), "--out", str(dest)])
+    assert not (dest / "train_state").exists()
+    assert json.loads((dest / "training.json").read_text()) == json.loads((runs / "b" / "training.json").read_text())
+    assert embedded.is_available(dest)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--ship-from", str(tmp_path / "nothing"), "--out", str(dest)])
+
+
 def test_load_train_state_restores_raw_weights_and_moments(train, runs):
     comps, _ = train.load_run(runs / "b", "cpu")
-    args = train.parse_args(TINY)
+    args = train.parse_args(["--out", str(runs / "unused"), *TINY])
     opt = train.make_optimizer(comps, args, torch.device("cpu"))
     state = train.load_train_state(runs / "b", comps, opt)
     assert state["optimizer_steps"] == 5
