@@ -19,13 +19,13 @@ import shutil
 import tempfile
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from explain import concepts, heatmaps, recovery, render, schedules
+from explain import render, schedules
+from explain.methods import concepts, heatmaps, recovery
 from explain.trace import Trace, TraceFormatError
 
 try:  # ZeroGPU on Hugging Face Spaces; a no-op decorator elsewhere
@@ -121,13 +121,13 @@ class ModelCache:
             return self._pipes[spec]
 
     def _load(self, spec: str):
-        from explain.cli import CommandError, load_model
+        from explain.adapters.diffusers.loading import ModelLoadError, load_model
 
         loader = self._loader or load_model
         try:
             return loader(spec)
-        except CommandError as exc:
-            raise InputError(str(exc).replace("--model", "the model box")) from None
+        except ModelLoadError as exc:
+            raise InputError(str(exc).replace("--model", "the model box").replace("pass another model", "enter another model in the model box")) from None
 
 
 MODELS = ModelCache()
@@ -338,59 +338,6 @@ def open_trace(path) -> Session:
     return Session(trace=trace, source=f"opened {path.name}", notes=notes)
 
 
-def prompt_notes(pipe, prompt: str, model_name: str) -> list[str]:
-    """Warnings about a prompt before it runs: words cut off by the context, words the embedded
-    model never saw."""
-    from explain import tokens
-
-    notes = []
-    tokenizer = getattr(pipe, "tokenizer", None)
-    if tokenizer is not None:
-        pieces = tokens.tokenize_prompt(tokenizer, prompt, warn=False)
-        if pieces.truncated:
-            notes.append(
-                f"the prompt is longer than the text encoder reads; these words were cut off and have no effect "
-                f"or heatmap: {' '.join(pieces.dropped_words)}. Shorten the prompt."
-            )
-    if model_name.startswith("embedded") and tokenizer is not None:
-        from explain import embedded
-
-        unknown = embedded.check_prompt(prompt, tokenizer)
-        if unknown:
-            notes.append(
-                f"the embedded model never saw {', '.join(repr(w) for w in unknown)}; it knows the shapes world: "
-                "colours red/yellow/green/cyan/blue/purple, shapes circle/square/triangle, small/large, positions"
-            )
-    return notes
-
-
-def run_generation(pipe, prompt, negative, steps, guidance, seed, size, schedule, lam, progress=_no_progress) -> Trace:
-    """One traced generation (``explain.taps.diffusers``), reporting each denoising step."""
-    from explain.taps.diffusers import generate as traced_generate
-
-    def on_step_end(pipeline, index, timestep, callback_kwargs):
-        # second-order samplers call the model more than once per step: count the calls
-        calls = max(len(getattr(pipeline.scheduler, "timesteps", ())), index + 1)
-        progress(0.05 + 0.85 * (index + 1) / calls, desc=f"denoising: model call {index + 1} of {calls}")
-        return callback_kwargs
-
-    trace, _ = traced_generate(
-        pipe,
-        prompt,
-        negative_prompt=negative or None,
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-        height=size,
-        width=size,
-        schedule=schedule,
-        lam=lam,
-        previews=True,
-        callback_on_step_end=on_step_end,
-    )
-    return trace
-
-
 def generate(prompt, negative="", seed=0, steps=20, guidance=5.0, size="model default", schedule="uniform", lam=60, model=DEFAULT_MODEL, models: ModelCache | None = None, progress=_no_progress) -> Session:
     """Check the input, generate with the trace tap and return a new session holding the trace."""
     import torch
@@ -411,37 +358,30 @@ def generate(prompt, negative="", seed=0, steps=20, guidance=5.0, size="model de
     lam = check_int("λ", lam, 1, MAX_LAM) if schedule != "uniform" else 60
     spec = (model or DEFAULT_MODEL).strip() or DEFAULT_MODEL
 
-    timings = {}
+    from explain.run import GenerationRequest, generate_and_trace
+
     progress(0.0, desc=f"loading the model ({spec})")
     t = time.perf_counter()
     pipe, model_name = models.get(spec)
-    timings["time: load model"] = time.perf_counter() - t
-    notes = prompt_notes(pipe, prompt, model_name)
-    if negative:
-        notes += [n.replace("the prompt", "the negative prompt") for n in prompt_notes(pipe, negative, "")]
+    timings = {"time: load model": time.perf_counter() - t}
+
+    def on_step(pipeline, index, timestep, callback_kwargs):
+        # second-order samplers call the model more than once per step: count the calls
+        calls = max(len(getattr(pipeline.scheduler, "timesteps", ())), index + 1)
+        progress(0.05 + 0.85 * (index + 1) / calls, desc=f"denoising: model call {index + 1} of {calls}")
+
     progress(0.05, desc=f"generating {steps} steps")
-    t = time.perf_counter()
-    with models.run_lock, torch.no_grad(), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", schedules.ScheduleSwapWarning)
-        own_scheduler = pipe.scheduler  # the cached pipeline is shared: put its scheduler back
-        switched = schedules.use_paper_scheduler_if_needed(pipe, schedule)
+    request = GenerationRequest(
+        prompt=prompt, negative_prompt=negative or None, steps=steps, guidance=guidance, seed=seed,
+        height=side, width=side, schedule=schedule, lam=lam, previews=True,
+    )
+    with models.run_lock, torch.no_grad():
         try:
-            trace = run_generation(pipe, prompt, negative, steps, guidance, seed, side, schedule, lam, progress)
+            result = generate_and_trace(pipe, model_name, request, on_step=on_step)
         except (ValueError, TypeError, IndexError) as exc:  # the tap and the scheduler say what is wrong
             raise InputError(str(exc)) from None
-        finally:
-            pipe.scheduler = own_scheduler
-    if switched:
-        notes.append(f"{switched} cannot run custom time steps, so this run used DPMSolverMultistepScheduler (the paper's)")
-    timings["time: generate + trace"] = time.perf_counter() - t
-    notes += [str(w.message) for w in caught if issubclass(w.category, schedules.ScheduleSwapWarning)]
-    # the loader's name ("embedded (...)", the hub id) says more to a browser user than a server path
-    trace.meta["model"] = model_name
-    for key, value in (("steps", steps), ("guidance", guidance), ("seed", seed), ("schedule", schedule)):
-        trace.meta.setdefault(key, value)
-    if schedule != "uniform":
-        trace.meta.setdefault("lam", lam)
-    return Session(trace=trace, source="generated", model=spec, timings=timings, notes=notes)
+    timings["time: generate + trace"] = result.seconds
+    return Session(trace=result.trace, source="generated", model=spec, timings=timings, notes=result.notes)
 
 
 # ---------------------------------------------------------------------------- model-based explanations
@@ -462,12 +402,12 @@ def model_for_trace(session: Session, model_box=None, models: ModelCache | None 
 
 
 def _denoiser(pipe, trace: Trace):
-    from explain import denoiser
+    from explain.adapters.diffusers import from_pipeline
 
     guidance = trace.meta.get("guidance_scale", trace.meta.get("guidance"))
     if guidance is None:
         raise InputError("this trace does not say which guidance scale made it, so the model cannot be re-run as it was")
-    return denoiser.from_pipeline(pipe, trace, guidance_scale=float(guidance))
+    return from_pipeline(pipe, trace, guidance_scale=float(guidance))
 
 
 @dataclass
@@ -485,7 +425,8 @@ def rise_view(session: Session, step, n_masks=DEFAULT_MASKS, centered: bool = Fa
     import pandas as pd
     import torch
 
-    from explain import faithfulness, rise
+    from explain.adapters.diffusers import vae_decoder
+    from explain.methods import faithfulness, rise
 
     models = models or MODELS
     trace = session.require_trace()
@@ -498,7 +439,7 @@ def rise_view(session: Session, step, n_masks=DEFAULT_MASKS, centered: bool = Fa
         progress(0.1, desc=f"DF-RISE: {n} masked predictions")
         result = rise.df_rise(den, trace, step, n_masks=n, centered=bool(centered), seed=0)
         progress(0.7, desc="insertion and deletion games")
-        decode = faithfulness.vae_decoder(pipe.vae) if getattr(pipe, "vae", None) is not None else None
+        decode = vae_decoder(pipe.vae) if getattr(pipe, "vae", None) is not None else None
         games = {
             "DF-RISE": faithfulness.insertion_deletion(den, trace, step, result.saliency, decode=decode),
             "random": faithfulness.insertion_deletion(den, trace, step, faithfulness.random_saliency(trace.latent_size), decode=decode),
@@ -528,7 +469,7 @@ CAM_GROUPS = ("paper", "all", "down_blocks", "mid_block", "up_blocks")
 
 def cam_layer_choices(pipe=None) -> list[str]:
     """The layer picker's choices: groups, then every block DF-CAM can hook (when a model is known)."""
-    from explain import cam
+    from explain.methods import cam
 
     names = cam.all_layers(dict(pipe.unet.named_modules())) if pipe is not None else []
     return list(CAM_GROUPS) + names
@@ -536,7 +477,7 @@ def cam_layer_choices(pipe=None) -> list[str]:
 
 def cam_view(session: Session, step, layer="paper", model_box=None, models: ModelCache | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """DF-CAM at one step on a layer or group of layers: the map on the final image and on x0."""
-    from explain import cam
+    from explain.methods import cam
 
     models = models or MODELS
     trace = session.require_trace()

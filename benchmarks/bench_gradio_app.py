@@ -66,8 +66,9 @@ def served(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
     t_start = time.perf_counter()
-    import gradio_app as app
     from gradio_client import Client
+
+    import gradio_app as app
 
     threading.Thread(target=app._preload, args=("embedded",), daemon=True).start()
     demo = app.build_app()

@@ -94,9 +94,9 @@ def test_model_cache_loads_once_keeps_the_recent_ones_and_explains_bad_models():
 
     def loader(spec):
         if spec == "missing/folder":
-            from explain.cli import CommandError
+            from explain.adapters.diffusers import ModelLoadError
 
-            raise CommandError("no model folder at missing/folder; pass an existing diffusers folder with --model")
+            raise ModelLoadError("no model folder at missing/folder; pass an existing diffusers folder with --model")
         loads.append(spec)
         return object(), spec
 
