@@ -34,7 +34,7 @@ def main() -> None:
         sys.exit("no system Chromium: apt-get install chromium")
     from playwright.sync_api import expect, sync_playwright
 
-    import gradio_app as app
+    import gradio_app as app  # MODELS and build_app, as the Space entry has them
 
     app.MODELS.get("embedded")
     demo = app.build_app()
