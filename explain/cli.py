@@ -41,13 +41,13 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------- models
-def load_model(spec: str | None, device: str = "auto", dtype: str = "auto"):
+def load_model(spec: str | None, device: str = "auto", dtype: str = "auto", announce=None):
     """`explain.adapters.diffusers.load_model`, its errors phrased for the command line."""
     from explain.adapters.diffusers.loading import ModelLoadError
     from explain.adapters.diffusers.loading import load_model as load
 
     try:
-        return load(spec, device, dtype)
+        return load(spec, device, dtype, announce=announce)
     except ModelLoadError as exc:
         message = str(exc).replace("pass another model", "pass another model with --model PATH_OR_HUB_ID")
         raise CommandError(message.replace("pass its local folder", "pass its local folder with --model PATH")) from None
@@ -62,7 +62,7 @@ def cmd_report(args) -> int:
 
     progress(f"loading the model ({args.model or 'embedded'})")
     t = time.perf_counter()
-    pipe, model_name = load_model(args.model, args.device, args.dtype)
+    pipe, model_name = load_model(args.model, args.device, args.dtype, announce=progress)
     load_s = time.perf_counter() - t
     guidance = args.guidance
     if guidance is None:
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--schedule", choices=("uniform", "early", "latter"), default="uniform", help="time-step sampling (paper §4; default uniform)")
     rep.add_argument("--lam", type=int, default=60, help="λ of the early/latter schedules (default 60)")
     rep.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps (default: cuda when available)")
-    rep.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto", help="weights dtype (default: float16 on CUDA for external models, else float32)")
+    rep.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto", help="weights dtype (default auto: bfloat16 on CPUs with native bf16, float16 on CUDA for external models, else float32)")
     rep.add_argument("--threads", type=_positive_int, default=None,
                      help="CPU threads for torch (default: one when the machine is already busy, else torch's choice)")
     rep.add_argument("--no-previews", action="store_true", help="do not decode x_t/x0 previews (faster on large models; grids show latents)")

@@ -112,7 +112,7 @@ def test_report_runs_the_papers_schedule_on_a_pndm_model_and_says_so(tmp_path, c
     from explain.testing import tiny_sd_pipeline
     from explain.trace import Trace
 
-    monkeypatch.setattr(cli, "load_model", lambda spec, device, dtype: (tiny_sd_pipeline("pndm"), "tiny pndm"))
+    monkeypatch.setattr(cli, "load_model", lambda spec, device, dtype, announce=None: (tiny_sd_pipeline("pndm"), "tiny pndm"))
     out = tmp_path / "rep"
     assert main(["report", "a red circle", "--model", "x", "--steps", "3", "--guidance", "4", "--schedule", "early",
                  "--lam", "10", "--no-previews", "--out", str(out)]) == 0

@@ -8,6 +8,7 @@ network). ``"tiny"`` is a random-weight pipeline for tests.
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,15 +21,17 @@ class ModelLoadError(ValueError):
 
 
 def resolve_dtype(name: str, device: str, external: bool):
-    """The weights' dtype for ``--dtype`` ``name``: "auto" is fp16 for external models on CUDA, else fp32."""
-    import torch
+    """The weights' dtype for ``name`` ("auto" or a dtype name); see `explain.precision.choose_dtype`."""
+    return choose(name, device, external).dtype
 
-    if name == "auto":
-        return torch.float16 if (external and device.startswith("cuda")) else torch.float32
+
+def choose(name: str, device: str, external: bool):
+    from explain.precision import choose_dtype
+
     try:
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-    except KeyError:
-        raise ModelLoadError(f"unknown dtype {name!r}; use auto, float32, float16 or bfloat16") from None
+        return choose_dtype(name, device, external)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def resolve_device(name: str) -> str:
@@ -46,22 +49,29 @@ def is_embedded(model_name: str) -> bool:
     return model_name.startswith("embedded")
 
 
-def load_model(spec: str | None, device: str = "auto", dtype: str = "auto"):
-    """A diffusers text-to-image pipeline and a short, shareable name for it (never a local path)."""
+def load_model(spec: str | None, device: str = "auto", dtype: str = "auto", announce=None):
+    """A diffusers text-to-image pipeline and a short, shareable name for it (never a local path).
+
+    ``dtype="auto"`` picks bf16 on CPUs with native bf16 and fp16 for external models on CUDA
+    (`explain.precision.choose_dtype`); ``announce(message)`` is told the choice and its reason
+    (default: printed once per process on stderr)."""
     device = resolve_device(device)
+    external = spec not in (None, "", *EMBEDDED_NAMES, "tiny")
+    choice = choose(dtype, device, external)
+    (announce or _announce_once)(f"dtype: {choice.reason}")
     if spec in (None, "", *EMBEDDED_NAMES):
         from explain import embedded
 
         quiet_loading()
         try:
-            pipe = embedded.load_pipeline(device=device, dtype=resolve_dtype(dtype, device, external=False))
+            pipe = embedded.load_pipeline(device=device, dtype=choice.dtype)
         except embedded.EmbeddedModelMissing as exc:
             raise ModelLoadError(f"{exc}; or pass another model") from None
         return pipe, f"embedded ({embedded.MODEL_ID})"
     if spec == "tiny":  # random weights, for tests: exercises the whole path in a second
         from explain.testing import tiny_sd_pipeline
 
-        return tiny_sd_pipeline().to(device), "tiny (random weights, test only)"
+        return tiny_sd_pipeline().to(device, choice.dtype), "tiny (random weights, test only)"
 
     path = Path(spec).expanduser()
     if path.exists():
@@ -70,12 +80,12 @@ def load_model(spec: str | None, device: str = "auto", dtype: str = "auto"):
         if not (path / "model_index.json").is_file():
             raise ModelLoadError(f"{spec} is not a diffusers model folder: it has no model_index.json")
         quiet_loading()
-        return from_pretrained(str(path), device, dtype, local=True), path.name
+        return from_pretrained(str(path), device, choice.dtype, local=True), path.name
     looks_like_path = spec.startswith((".", "/", "~")) or "\\" in spec or not _HUB_ID.match(spec)
     if looks_like_path:
         raise ModelLoadError(f"no model folder at {spec}; pass an existing diffusers folder, a hub id like org/name, or the embedded model")
     quiet_loading()
-    return from_pretrained(spec, device, dtype, local=False), spec
+    return from_pretrained(spec, device, choice.dtype, local=False), spec
 
 
 def quiet_loading() -> None:
@@ -98,7 +108,7 @@ def pipeline_class():
     return AutoPipelineForText2Image
 
 
-def from_pretrained(source: str, device: str, dtype: str, local: bool):
+def from_pretrained(source: str, device: str, dtype, local: bool):
     kwargs = {"local_files_only": True} if local else {}
     try:
         with warnings.catch_warnings():
@@ -114,5 +124,14 @@ def from_pretrained(source: str, device: str, dtype: str, local: bool):
         ) from None
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # it would blank images and costs time; explanations need the real output
-    pipe.to(device, resolve_dtype(dtype, device, external=True))
+    pipe.to(device, resolve_dtype(dtype, device, external=True) if isinstance(dtype, str) else dtype)
     return pipe
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def _announce_once(message: str) -> None:
+    if message not in _ANNOUNCED:
+        _ANNOUNCED.add(message)
+        print(message, file=sys.stderr, flush=True)
