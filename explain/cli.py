@@ -12,14 +12,12 @@ status 2.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
 
 DEFAULT_OUT = "explain-report"
 PAPER_GUIDANCE = 7.5
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class CommandError(Exception):
@@ -43,150 +41,43 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------- models
-def _dtype(name: str, device: str, external: bool):
-    import torch
+def load_model(spec: str | None, device: str = "auto", dtype: str = "auto", announce=None):
+    """`explain.adapters.diffusers.load_model`, its errors phrased for the command line."""
+    from explain.adapters.diffusers.loading import ModelLoadError
+    from explain.adapters.diffusers.loading import load_model as load
 
-    if name == "auto":
-        return torch.float16 if (external and device.startswith("cuda")) else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CommandError(f"--device {name} was asked for but torch sees no CUDA GPU; use --device cpu")
-    return name
-
-
-def load_model(spec: str | None, device: str = "auto", dtype: str = "auto"):
-    """A diffusers text-to-image pipeline and a short name for it.
-
-    ``spec`` is ``None`` or ``"embedded"`` (the shapes model shipped in the package), a local
-    diffusers folder, or a Hugging Face hub id (``org/name``, needs the network).
-    """
-    device = _device(device)
-    if spec in (None, "", "embedded"):
-        from explain import embedded
-
-        _quiet_loading()
-        try:
-            pipe = embedded.load_pipeline(device=device, dtype=_dtype(dtype, device, external=False))
-        except embedded.EmbeddedModelMissing as exc:
-            raise CommandError(f"{exc}; or pass another model with --model PATH_OR_HUB_ID") from None
-        return pipe, f"embedded ({embedded.MODEL_ID})"
-    if spec == "tiny":  # random weights, for tests: exercises the whole path in a second
-        from explain.testing import tiny_sd_pipeline
-
-        return tiny_sd_pipeline().to(device), "tiny (random weights, test only)"
-
-    path = Path(spec).expanduser()
-    if path.exists():
-        if path.is_file():
-            raise CommandError(
-                f"{spec} is a single file; --model needs a diffusers model folder (with model_index.json) or a hub id"
-            )
-        if not (path / "model_index.json").is_file():
-            raise CommandError(f"{spec} is not a diffusers model folder: it has no model_index.json")
-        _quiet_loading()
-        return _from_pretrained(str(path), device, dtype, local=True), str(path)
-    looks_like_path = spec.startswith((".", "/", "~")) or "\\" in spec or not _HUB_ID.match(spec)
-    if looks_like_path:
-        raise CommandError(f"no model folder at {spec}; pass an existing diffusers folder, a hub id like org/name, or leave --model out for the embedded model")
-    _quiet_loading()
-    return _from_pretrained(spec, device, dtype, local=False), spec
-
-
-def _quiet_loading() -> None:
-    """Silence the libraries' own loading bars and notices; the CLI prints its own progress."""
     try:
-        import diffusers.utils.logging as dlog
-        import transformers.utils.logging as tlog
-
-        dlog.disable_progress_bar()
-        dlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-        tlog.set_verbosity_error()
-    except (ImportError, AttributeError):  # older versions name these differently; the bars are harmless
-        pass
-
-
-def _pipeline_class():
-    from diffusers import AutoPipelineForText2Image
-
-    return AutoPipelineForText2Image
-
-
-def _from_pretrained(source: str, device: str, dtype: str, local: bool):
-    import warnings
-
-    kwargs = {"local_files_only": True} if local else {}
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*safety_checker.*")
-            pipe = _pipeline_class().from_pretrained(source, **kwargs)
-    except Exception as exc:  # the hub client raises many kinds; all mean "cannot load this"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if local:
-            raise CommandError(f"could not load the model folder {source}: {reason}") from None
-        raise CommandError(
-            f"could not load {source!r} from the Hugging Face hub ({reason}); check the id and the network, "
-            "or download the model elsewhere and pass its local folder with --model PATH"
-        ) from None
-    if getattr(pipe, "safety_checker", None) is not None:
-        pipe.safety_checker = None  # it would blank images and costs time; explanations need the real output
-    pipe.to(device, _dtype(dtype, device, external=True))
-    return pipe
-
-
-def _check_words(pipe, prompt: str, model_name: str, progress: Progress) -> None:
-    if not model_name.startswith("embedded"):
-        return
-    from explain import embedded
-
-    unknown = embedded.check_prompt(prompt, pipe.tokenizer)
-    if unknown:
-        progress(
-            f"warning: the embedded model never saw {', '.join(repr(w) for w in unknown)}; it knows the shapes world's "
-            "words (colours red/yellow/green/cyan/blue/purple, shapes circle/square/triangle, small/large, positions)"
-        )
+        return load(spec, device, dtype, announce=announce)
+    except ModelLoadError as exc:
+        message = str(exc).replace("pass another model", "pass another model with --model PATH_OR_HUB_ID")
+        raise CommandError(message.replace("pass its local folder", "pass its local folder with --model PATH")) from None
 
 
 # ---------------------------------------------------------------------------- commands
 def cmd_report(args) -> int:
     progress = Progress(args.quiet)
+    from explain.adapters.diffusers.loading import is_embedded
     from explain.report import build_report
+    from explain.run import GenerationRequest, generate_and_trace
 
     progress(f"loading the model ({args.model or 'embedded'})")
     t = time.perf_counter()
-    pipe, model_name = load_model(args.model, args.device, args.dtype)
+    pipe, model_name = load_model(args.model, args.device, args.dtype, announce=progress)
     load_s = time.perf_counter() - t
-    _check_words(pipe, args.prompt, model_name, progress)
     guidance = args.guidance
     if guidance is None:
         from explain import embedded
 
-        guidance = embedded.DEFAULT_GUIDANCE if model_name.startswith("embedded") else PAPER_GUIDANCE
-
-    from explain.taps.diffusers import generate
+        guidance = embedded.DEFAULT_GUIDANCE if is_embedded(model_name) else PAPER_GUIDANCE
 
     import torch
 
-    from explain.schedules import use_paper_scheduler_if_needed
-
-    switched = use_paper_scheduler_if_needed(pipe, args.schedule)
-    if switched:
-        progress(f"note: {switched} cannot run custom time steps; using DPMSolverMultistepScheduler (the paper's) for '{args.schedule}'")
     threads = f", {torch.get_num_threads()} CPU threads" if str(pipe.device) == "cpu" else ""
     progress(f"generating {args.steps} steps, seed {args.seed}, guidance {guidance}, schedule {args.schedule}{threads}")
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=args.quiet or not sys.stderr.isatty(), leave=False, desc="denoising")
-    t = time.perf_counter()
-    trace, _ = generate(
-        pipe,
-        args.prompt,
+    request = GenerationRequest(
+        prompt=args.prompt,
         negative_prompt=args.negative,
         steps=args.steps,
         guidance=guidance,
@@ -197,15 +88,11 @@ def cmd_report(args) -> int:
         lam=args.lam,
         previews=not args.no_previews,
     )
-    gen_s = time.perf_counter() - t
-    if trace.meta.get("model") not in (None, model_name):
-        trace.meta["model_source"] = trace.meta["model"]
-    trace.meta["model"] = model_name
-    for key, value in (("steps", args.steps), ("guidance", guidance), ("seed", args.seed),
-                       ("schedule", args.schedule), ("lam", args.lam)):
-        trace.meta.setdefault(key, value)
-    timings = {"time: load model (s)": round(load_s, 2), "time: generate + trace (s)": round(gen_s, 2)}
-    report = build_report(trace, args.out, extra_settings=timings, progress=progress)
+    result = generate_and_trace(pipe, model_name, request)
+    for note in result.notes:
+        progress(f"warning: {note}")
+    timings = {"time: load model (s)": round(load_s, 2), "time: generate + trace (s)": round(result.seconds, 2)}
+    report = build_report(result.trace, args.out, extra_settings=timings, progress=progress)
     _done(report, progress, timings)
     return 0
 
@@ -249,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--schedule", choices=("uniform", "early", "latter"), default="uniform", help="time-step sampling (paper §4; default uniform)")
     rep.add_argument("--lam", type=int, default=60, help="λ of the early/latter schedules (default 60)")
     rep.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps (default: cuda when available)")
-    rep.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto", help="weights dtype (default: float16 on CUDA for external models, else float32)")
+    rep.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto", help="weights dtype (default auto: bfloat16 on CPUs with native bf16, float16 on CUDA for external models, else float32)")
     rep.add_argument("--threads", type=_positive_int, default=None,
                      help="CPU threads for torch (default: one when the machine is already busy, else torch's choice)")
     rep.add_argument("--no-previews", action="store_true", help="do not decode x_t/x0 previews (faster on large models; grids show latents)")

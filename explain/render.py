@@ -272,7 +272,7 @@ def heatmap_grid(
 
 
 def concept_curves(scores, kind: str = "normalized", title: str | None = None, dpi: int = 100) -> np.ndarray:
-    """Per-word curves over the steps (`explain.concepts.ConceptScores`), with each word's
+    """Per-word curves over the steps (`explain.methods.concepts.ConceptScores`), with each word's
     emergence step marked."""
     values = {"normalized": scores.normalized, "share": scores.share, "mass": scores.mass}
     if kind not in values:

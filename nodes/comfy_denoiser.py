@@ -126,7 +126,7 @@ def memory_budget(device) -> int | None:
 
 def make_room_for_weight_clones(denoiser: GuidedDenoiser, keep=()) -> int:
     """A backward pass under inference mode clones the model's inference-tensor weights
-    (`explain.cam.autograd_ready`), behind ComfyUI's memory manager. On a GPU, ask it to free
+    (`explain.methods.cam.autograd_ready`), behind ComfyUI's memory manager. On a GPU, ask it to free
     that much first, plus its reserve for a forward pass, unloading models other than ``keep``
     (ModelPatchers in use). Returns the bytes of the clones on the device."""
     device = denoiser.device

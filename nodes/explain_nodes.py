@@ -1,6 +1,6 @@
 """Explanation nodes: thin wrappers that resolve the trace of the run that made a LATENT and
-call the core (`explain.heatmaps`, `explain.concepts`, `explain.recovery`, `explain.rise`,
-`explain.cam`, `explain.faithfulness`, `explain.render`).
+call the core (`explain.methods.heatmaps`, `explain.methods.concepts`, `explain.methods.recovery`, `explain.methods.rise`,
+`explain.methods.cam`, `explain.methods.faithfulness`, `explain.render`).
 
 Every node takes the Tap's ``trace`` and the sampler's ``latent``: the latent makes ComfyUI run
 the node after sampling and selects the run (see `nodes.runs`). Nodes are output nodes, so
@@ -16,7 +16,9 @@ import uuid
 
 import torch
 
-from explain import concepts, heatmaps, recovery, render
+from explain import render
+
+from explain.methods import concepts, heatmaps, recovery
 from explain.trace import Trace
 
 from .decode import decode_steps, to_uint8
@@ -276,7 +278,9 @@ class ExplainRise:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from explain import rise, similarity
+        from explain import similarity
+
+        from explain.methods import rise
 
         return {
             "required": {
@@ -302,7 +306,7 @@ class ExplainRise:
         }
 
     def explain(self, trace, latent, model, positive, negative, step, n_masks, similarity, quantity, masks, p, centered, mask_seed, cfg, item, games, image=None):
-        from explain import faithfulness, rise
+        from explain.methods import faithfulness, rise
 
         from .comfy_denoiser import guidance_of, memory_budget, run_with_denoiser
 
@@ -356,7 +360,7 @@ class ExplainCam:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from explain import cam
+        from explain.methods import cam
 
         return {
             "required": {
@@ -376,7 +380,7 @@ class ExplainCam:
         }
 
     def explain(self, trace, latent, model, positive, negative, step, layers, target, quantity, cfg, item, image=None):
-        from explain import cam
+        from explain.methods import cam
 
         from .comfy_denoiser import guidance_of, run_with_denoiser
 

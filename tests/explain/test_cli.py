@@ -5,7 +5,7 @@ import torch
 
 from explain.cli import main
 
-from .synthetic import synthetic_trace
+from tests.explain.synthetic import synthetic_trace
 
 
 def test_open_makes_a_report_from_a_saved_trace_without_a_model(tmp_path, capsys):
@@ -37,7 +37,7 @@ def test_open_rejects_files_that_are_not_traces(tmp_path, capsys):
     "model, message",
     [
         ("./no/such/folder", "no model folder at ./no/such/folder"),
-        ("FILE", "is a single file; --model needs a diffusers model folder"),
+        ("FILE", "is a single file; pass a diffusers model folder"),
         ("DIR", "is not a diffusers model folder: it has no model_index.json"),
     ],
 )
@@ -53,15 +53,15 @@ def test_report_says_what_is_wrong_with_the_model(tmp_path, capsys, model, messa
 
 
 def test_unreachable_hub_id_gets_a_clear_message(tmp_path, capsys, monkeypatch):
-    from explain import cli
+    from explain.adapters.diffusers import loading
 
     class Offline:  # stands in for diffusers' AutoPipelineForText2Image without a network
         @staticmethod
         def from_pretrained(*args, **kwargs):
             raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
-    monkeypatch.setattr(cli, "_pipeline_class", lambda: Offline)
-    monkeypatch.setattr(cli, "_quiet_loading", lambda: None)
+    monkeypatch.setattr(loading, "pipeline_class", lambda: Offline)
+    monkeypatch.setattr(loading, "quiet_loading", lambda: None)
     assert main(["report", "a red circle", "--model", "someone/some-model", "--out", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "could not load 'someone/some-model' from the Hugging Face hub" in err
@@ -112,11 +112,11 @@ def test_report_runs_the_papers_schedule_on_a_pndm_model_and_says_so(tmp_path, c
     from explain.testing import tiny_sd_pipeline
     from explain.trace import Trace
 
-    monkeypatch.setattr(cli, "load_model", lambda spec, device, dtype: (tiny_sd_pipeline("pndm"), "tiny pndm"))
+    monkeypatch.setattr(cli, "load_model", lambda spec, device, dtype, announce=None: (tiny_sd_pipeline("pndm"), "tiny pndm"))
     out = tmp_path / "rep"
     assert main(["report", "a red circle", "--model", "x", "--steps", "3", "--guidance", "4", "--schedule", "early",
                  "--lam", "10", "--no-previews", "--out", str(out)]) == 0
-    assert "note: PNDMScheduler cannot run custom time steps; using DPMSolverMultistepScheduler" in capsys.readouterr().err
+    assert "warning: PNDMScheduler cannot run custom time steps, so this run used DPMSolverMultistepScheduler" in capsys.readouterr().err
     trace = Trace.load(out / "trace.safetensors")
     assert trace.meta["scheduler"] == "DPMSolverMultistepScheduler"
     assert [int(t) for t in trace.timesteps] == early_timesteps(3, 10)

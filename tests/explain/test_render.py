@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from explain import render
-from explain.concepts import concept_scores
-from explain.heatmaps import word_heatmaps
-from explain.recovery import trace_recovery
+from explain.methods.concepts import concept_scores
+from explain.methods.heatmaps import word_heatmaps
+from explain.methods.recovery import trace_recovery
 
-from .synthetic import synthetic_trace
+from tests.explain.synthetic import synthetic_trace
 
 
 def test_as_uint8_image_accepts_the_usual_layouts():

@@ -1,4 +1,4 @@
-"""Trace a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline.
+"""Trace a diffusers text-to-image pipeline (the model families in `explain.adapters.diffusers.families`).
 
     with trace(pipe, keep_layers=False, previews=True) as tr:
         out = pipe("a red circle above a blue square", guidance_scale=5.0)
@@ -7,9 +7,9 @@
 What the tap does while the ``with`` block is open, and undoes on exit (also after an
 exception), leaving the pipeline exactly as it was:
 
-* **Cross-attention.** Each ``attn2`` layer of the UNet gets a capture processor that computes
-  the softmax explicitly (`explain.attention.attention_probs`), reuses the probabilities for the
-  layer's output, and hands the conditional rows (and, under classifier-free guidance, the
+* **Text attention.** The model's family installs capture processors (UNets: each ``attn2``
+  layer gets one that computes the softmax explicitly, `explain.attention.attention_probs`, and
+  reuses the probabilities for the layer's output); they hand the conditional rows (and, under classifier-free guidance, the
   unconditional ones, as ``attention_negative``) to a per-step accumulator: mean over heads and
   layers at latent resolution, only the context positions through the last end token.
   Self-attention (``attn1``) keeps its fast path. Layers whose processor is not one of diffusers'
@@ -39,90 +39,30 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from explain.attention import CAPTURE_METHODS, COND, UNCOND, StepAccumulator, attention_with_probs, branch_rows
+from explain.adapters.diffusers.decode import decode_latents, to_uint8
+from explain.adapters.diffusers.families import family_of
+from explain.adapters.diffusers.schedules import diffusers_timesteps, latent_space_of
+from explain.attention import (
+    CAPTURE_METHODS,
+    COND,
+    UNCOND,
+    StepAccumulator,
+    branch_rows,
+)
 from explain.noise import x0_from_model_output
 from explain.tokens import PromptTokens, pad_token_list, tokenize_prompt
 from explain.trace import Trace
 
 _ACTIVE: "weakref.WeakSet" = weakref.WeakSet()  # pipelines being traced (one tap at a time)
 
-# Processors whose computation the capture processor reproduces exactly (up to float rounding).
-_PLAIN_PROCESSORS = {"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor", "AttnProcessorNPU"}
-
 DEFAULT_PREVIEW_SIZE = 256
-
-
-# ---------------------------------------------------------------------------- capture processor
-class CaptureCrossAttnProcessor:
-    """diffusers attention processor with an explicit softmax that reports the probabilities.
-
-    Computes exactly what ``AttnProcessor2_0`` computes (projections, norms, mask, output
-    projection, residual, rescale) but with `attention_probs` in place of SDPA."""
-
-    def __init__(self, name: str, tap: "DiffusersTap"):
-        self.name = name
-        self.tap = tap
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        grid = None
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            grid = (height, width)
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if getattr(attn, "norm_q", None) is not None:
-            query = attn.norm_q(query)
-        if getattr(attn, "norm_k", None) is not None:
-            key = attn.norm_k(key)
-
-        # Half-precision models keep half-precision scores unless the layer asks for upcasting,
-        # exactly like diffusers' own explicit path (the softmax accumulates in float32 anyway).
-        upcast = bool(getattr(attn, "upcast_attention", False) or getattr(attn, "upcast_softmax", False))
-        method = "explicit" if self.tap.method == "auto" else self.tap.method
-        hidden_states, probs = attention_with_probs(
-            query, key, value, scale=attn.scale, mask=attention_mask, method=method, upcast=upcast
-        )  # probs: [B, heads, N, T]
-        self.tap._record_attention(self.name, probs, grid)
-
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(value.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
 
 
 # ---------------------------------------------------------------------------- per-run state
@@ -177,11 +117,7 @@ class DiffusersTap:
     ):
         if method not in ("auto", *CAPTURE_METHODS):
             raise ValueError(f"method must be 'auto' or one of {CAPTURE_METHODS}, got {method!r}")
-        if getattr(pipe, "unet", None) is None or getattr(pipe, "scheduler", None) is None:
-            raise TypeError(
-                f"trace() needs a diffusers UNet pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline); "
-                f"{type(pipe).__name__} has no unet/scheduler"
-            )
+        self.family = family_of(pipe)
         if keep_layers not in (False, True, "resolution"):
             raise ValueError(f"keep_layers must be False, True (every layer) or 'resolution', got {keep_layers!r}")
         self.pipe = pipe
@@ -215,12 +151,13 @@ class DiffusersTap:
         if self.pipe in _ACTIVE:
             raise RuntimeError("this pipeline is already being traced; nest no trace() blocks on one pipeline")
         try:
-            self._install_processors()
+            method = "explicit" if self.method == "auto" else self.method
+            self._undo.extend(self.family.install_capture(self.pipe, self._record_attention, method))
             self._patch(self.pipe, "encode_prompt", self._wrap_encode_prompt(self.pipe.encode_prompt))
             self._patch(self.pipe.scheduler, "step", self._wrap_step(self.pipe.scheduler))
             if getattr(self.pipe, "vae", None) is not None:
                 self._patch(self.pipe.vae, "decode", self._wrap_decode(self.pipe.vae.decode))
-            handle = self.pipe.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
+            handle = self.family.denoiser(self.pipe).register_forward_pre_hook(self._before_model, with_kwargs=True)
             self._undo.append(handle.remove)
         except BaseException:
             self.remove()
@@ -251,30 +188,6 @@ class DiffusersTap:
                 delattr(obj, attr)
 
         self._undo.append(undo)
-
-    def _install_processors(self) -> None:
-        captured, skipped = 0, []
-        for name, module in self.pipe.unet.named_modules():
-            if not name.endswith("attn2") or not getattr(module, "is_cross_attention", False):
-                continue
-            original = module.processor
-            if type(original).__name__ not in _PLAIN_PROCESSORS:
-                skipped.append(f"{name} ({type(original).__name__})")
-                continue
-            module.set_processor(CaptureCrossAttnProcessor(name, self))
-            self._undo.append(lambda m=module, p=original: m.set_processor(p))
-            captured += 1
-        if skipped:
-            warnings.warn(
-                "these cross-attention layers use custom processors and are not traced (their attention is "
-                "missing from the maps): " + ", ".join(skipped),
-                stacklevel=4,
-            )
-        if captured == 0:
-            raise RuntimeError(
-                "the UNet has no cross-attention layer with a standard diffusers processor to trace"
-                + (f" (custom processors: {', '.join(skipped)})" if skipped else "")
-            )
 
     # ------------------------------------------------------------------ hooks
     def _wrap_encode_prompt(self, original):
@@ -339,9 +252,8 @@ class DiffusersTap:
             store_dtype=self.store_dtype,
         )
 
-    def _before_unet(self, module, args, kwargs):
-        sample = args[0] if args else kwargs.get("sample")
-        context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+    def _before_model(self, module, args, kwargs):
+        sample, context = self.family.model_inputs(args, kwargs)
         if sample is None or context is None:
             return None
         if self._run is None:
@@ -410,7 +322,7 @@ class DiffusersTap:
             out = original(*args, **kwargs)
             if not self._decoding and self._run is not None and self._run.x_t:
                 sample = out[0] if isinstance(out, tuple) else out.sample
-                self._run.images = _to_uint8(sample.detach())
+                self._run.images = to_uint8(sample.detach())
             return out
 
         return decode
@@ -427,7 +339,7 @@ class DiffusersTap:
         scheduler = self.pipe.scheduler
         timesteps = [float(t) for t in run.timesteps]
         sigmas = [float(sg) if sg is not None else _sigma_from_alphas(scheduler, t) for sg, t in zip(run.sigmas, timesteps)]
-        space = latent_space(scheduler)
+        space = latent_space_of(scheduler)
         prediction_type = scheduler.config.get("prediction_type", "epsilon")
         x0 = []
         for sample, output, sigma in zip(run.x_t, run.model_outputs, sigmas):
@@ -501,11 +413,12 @@ class DiffusersTap:
         guidance = run.guidance_scale
         meta: dict[str, Any] = {
             "source": "diffusers",
+            "family": self.family.name,
             "model": _model_name(pipe),
             "pipeline": type(pipe).__name__,
             "scheduler": type(scheduler).__name__,
             "prediction_type": scheduler.config.get("prediction_type", "epsilon"),
-            "latent_space": latent_space(scheduler),
+            "latent_space": latent_space_of(scheduler),
             "height": h * factor,
             "width": w * factor,
             "vae_scale_factor": factor,
@@ -537,42 +450,11 @@ class DiffusersTap:
         if sigmas is not None:  # x0 + σε → the unit-variance latent the VAE can read
             scale = (1.0 + sigmas.double() ** 2).rsqrt().float().repeat_interleave(b).view(-1, 1, 1, 1)
             flat = flat * scale
-        images = [_to_uint8(self._decode(flat[i : i + chunk]), self.preview_size) for i in range(0, flat.shape[0], chunk)]
+        images = [to_uint8(decode_latents(self.pipe.vae, flat[i : i + chunk]), self.preview_size) for i in range(0, flat.shape[0], chunk)]
         out = torch.cat(images)
         return out.view(s, b, *out.shape[1:])
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        param = next(vae.parameters())
-        config = vae.config
-        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        x = latents.to(device=param.device, dtype=torch.float32)
-        if mean is not None and std is not None:
-            c = x.shape[1]
-            x = x * torch.tensor(std, device=x.device).view(1, c, 1, 1) / config.scaling_factor + torch.tensor(mean, device=x.device).view(1, c, 1, 1)
-        else:
-            x = x / config.scaling_factor
-        # fp16 VAEs that need it (SDXL) decode in float32, as the pipeline does; restored after.
-        upcast = param.dtype == torch.float16 and getattr(config, "force_upcast", False)
-        dtype = torch.float32 if upcast else param.dtype
-        if upcast:
-            vae.to(torch.float32)
-        try:
-            return vae.decode(x.to(dtype), return_dict=False)[0].float()
-        finally:
-            if upcast:
-                vae.to(param.dtype)
-
-
 # ---------------------------------------------------------------------------- helpers
-def latent_space(scheduler) -> str:
-    """"sigma" for schedulers whose latents are x0 + σε (init_noise_sigma > 1), else "vp"."""
-    try:
-        return "sigma" if float(scheduler.init_noise_sigma) > 1.0 + 1e-4 else "vp"
-    except (AttributeError, TypeError, ValueError):
-        return "vp"
-
-
 def _call_starts_step(scheduler) -> bool:
     """Whether this ``scheduler.step`` call is the one that starts a denoising step from the
     latent entering it (False for Heun's/KDPM2's second-order call and PNDM's correction)."""
@@ -614,23 +496,13 @@ def _sigma_from_alphas(scheduler, timestep: float) -> float:
     return math.exp((1 - frac) * log_sigma(float(ac[lo])) + frac * log_sigma(float(ac[hi])))
 
 
-def _to_uint8(images: torch.Tensor, max_side: int | None = None) -> torch.Tensor:
-    """VAE output [N, 3, H, W] in [-1, 1] → [N, H', W', 3] uint8 on the CPU, the longer side at
-    most ``max_side`` (area-averaged)."""
-    x = (images.float() / 2 + 0.5).clamp(0, 1)
-    if max_side is not None and max(x.shape[-2:]) > max_side:
-        h, w = x.shape[-2:]
-        f = max_side / max(h, w)
-        x = F.interpolate(x, size=(max(1, round(h * f)), max(1, round(w * f))), mode="area")
-    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
-
-
 def _model_name(pipe) -> str:
     for source in (getattr(pipe, "name_or_path", None), getattr(getattr(pipe, "config", None), "_name_or_path", None)):
         if source:
             return str(source)
-    unet_name = getattr(getattr(pipe.unet, "config", None), "_name_or_path", None)
-    return str(unet_name) if unet_name else type(pipe).__name__
+    model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    model_name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return str(model_name) if model_name else type(pipe).__name__
 
 
 # ---------------------------------------------------------------------------- public API
@@ -691,7 +563,7 @@ def generate(
     """Generate with ``pipe`` under a tap; returns ``(trace, images)`` (PIL images, or whatever
     ``output_type`` asks for). ``schedule`` is "uniform", "early" or "latter" (the paper's
     exponential time steps with shift ``lam``; needs a scheduler that takes custom timesteps)."""
-    from explain.schedules import diffusers_timesteps, normalize_schedule
+    from explain.schedules import normalize_schedule
 
     schedule = normalize_schedule(schedule)
     step_kwargs = diffusers_timesteps(pipe.scheduler, int(steps), schedule, int(lam))

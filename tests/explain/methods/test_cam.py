@@ -2,8 +2,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from explain.cam import aggregate, all_layers, df_cam, grad_cam, guidance_combine, paper_layers, resolve_layers
-from explain.denoiser import GuidedDenoiser, from_pipeline
+from explain.adapters.diffusers import from_pipeline
+from explain.denoiser import GuidedDenoiser
+from explain.methods.cam import (
+    aggregate,
+    all_layers,
+    df_cam,
+    grad_cam,
+    guidance_combine,
+    paper_layers,
+    resolve_layers,
+)
 from explain.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 from explain.trace import Trace
 from tests.explain.generation import run_and_trace

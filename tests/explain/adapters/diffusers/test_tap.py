@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from explain.adapters.diffusers import generate, trace
 from explain.schedules import exponential_timesteps
 from explain.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 from explain.tokens import PromptTruncatedWarning
-from explain.taps.diffusers import generate, trace
 from explain.trace import Trace
 
 torch.set_num_threads(1)
@@ -294,7 +294,7 @@ def test_misuse_gives_clear_errors():
                 pass
     with pytest.raises(RuntimeError, match="nothing was traced"):
         tr.trace
-    with pytest.raises(TypeError, match="UNet pipeline"):
+    with pytest.raises(TypeError, match="not a pipeline diffusion-explain can trace; supported families are unet: Stable Diffusion"):
         with trace(object()):
             pass
     with pytest.raises(ValueError, match="keep_layers"):

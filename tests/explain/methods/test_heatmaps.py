@@ -1,10 +1,16 @@
 import pytest
 import torch
 
-from explain import heatmaps
-from explain.heatmaps import UnknownWordError, parse_steps, select_steps, word_heatmap, word_heatmaps
+from explain.methods import heatmaps
+from explain.methods.heatmaps import (
+    UnknownWordError,
+    parse_steps,
+    select_steps,
+    word_heatmap,
+    word_heatmaps,
+)
 
-from .synthetic import synthetic_trace
+from tests.explain.synthetic import synthetic_trace
 
 
 def quadrant_of_max(heat: torch.Tensor) -> tuple[int, int]:

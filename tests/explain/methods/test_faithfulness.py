@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from explain.denoiser import GuidedDenoiser, from_pipeline
-from explain.faithfulness import (
+from explain.adapters.diffusers import from_pipeline, vae_decoder
+from explain.denoiser import GuidedDenoiser
+from explain.methods.faithfulness import (
     auc,
     game_latents,
     game_points,
@@ -18,12 +19,10 @@ from explain.faithfulness import (
     randomized_copy,
     saliency_order,
     spearman,
-    vae_decoder,
 )
 from explain.testing import tiny_sd_pipeline
 from explain.trace import Trace
-from tests.explain.generation import run_and_trace
-from tests.explain.test_denoiser import assert_same_state, scheduler_state
+from tests.explain.generation import assert_same_state, run_and_trace, scheduler_state
 
 
 def test_blur_is_the_papers_kernel_with_reflect_padding():
@@ -191,7 +190,7 @@ def test_image_decoder_upcasts_a_force_upcast_vae_and_applies_its_shift(tiny):
 
 
 def test_randomization_check_separates_a_model_dependent_map():
-    from explain.rise import df_rise
+    from explain.methods.rise import df_rise
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 1, 4, 12, 12, generator=g) + 1.0

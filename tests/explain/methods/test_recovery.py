@@ -3,9 +3,14 @@ import json
 import pytest
 import torch
 
-from explain.recovery import change_maps, first_settled_step, recovery_view, trace_recovery
+from explain.methods.recovery import (
+    change_maps,
+    first_settled_step,
+    recovery_view,
+    trace_recovery,
+)
 
-from .synthetic import synthetic_trace
+from tests.explain.synthetic import synthetic_trace
 
 
 def test_quadrant_recovered_early_and_the_rest_at_the_end():

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from explain.denoiser import GuidedDenoiser, from_pipeline
-from explain.rise import (
+from explain.adapters.diffusers import from_pipeline
+from explain.denoiser import GuidedDenoiser
+from explain.methods.rise import (
     MASK_CHUNK,
     MaskSampler,
     bernoulli_masks,
@@ -15,8 +16,7 @@ from explain.rise import (
 )
 from explain.testing import tiny_sd_pipeline
 from explain.trace import Trace
-from tests.explain.generation import run_and_trace
-from tests.explain.test_denoiser import assert_same_state, scheduler_state
+from tests.explain.generation import assert_same_state, run_and_trace, scheduler_state
 
 REGION = (slice(4, 8), slice(10, 14))
 

@@ -15,7 +15,8 @@ import torch
 
 gr = pytest.importorskip("gradio", reason="the app needs gradio: pip install -r requirements-dev.txt")
 
-import gradio_app as app  # noqa: E402
+import explain_app as app  # noqa: E402
+from explain_app import ui  # noqa: E402
 from explain.trace import Trace  # noqa: E402
 from tests.explain.synthetic import synthetic_trace  # noqa: E402
 
@@ -94,9 +95,9 @@ def test_model_cache_loads_once_keeps_the_recent_ones_and_explains_bad_models():
 
     def loader(spec):
         if spec == "missing/folder":
-            from explain.cli import CommandError
+            from explain.adapters.diffusers import ModelLoadError
 
-            raise CommandError("no model folder at missing/folder; pass an existing diffusers folder with --model")
+            raise ModelLoadError("no model folder at missing/folder; pass an existing diffusers folder with --model")
         loads.append(spec)
         return object(), spec
 
@@ -112,7 +113,7 @@ def test_model_cache_loads_once_keeps_the_recent_ones_and_explains_bad_models():
 
 
 def test_ui_wrapper_shows_errors_as_messages_and_passes_results():
-    @app._ui
+    @ui._ui
     def fails(kind):
         if kind == "input":
             raise app.InputError("type a prompt")
@@ -156,7 +157,7 @@ def test_word_heatmaps_are_where_the_word_attends(session):
 def test_word_chips_are_unique_and_default_to_a_content_word(session):
     labels = [label for label, _ in app.content_words(session.trace)]
     assert labels == ["a", "red", "circle", "above", "a (2)", "blue", "square"]
-    assert app.heatmaps.prompt_words(session.trace)[app.default_word(session.trace)].text == "red"
+    assert ui.heatmaps.prompt_words(session.trace)[app.default_word(session.trace)].text == "red"
 
 
 def test_word_view_explains_bad_words_and_step_ranges(session):
@@ -283,12 +284,12 @@ def test_gpu_work_is_wrapped_for_zerogpu_when_spaces_is_importable(monkeypatch):
 
     fake.GPU = GPU
     monkeypatch.setitem(sys.modules, "spaces", fake)
-    spec = importlib.util.spec_from_file_location("gradio_app_on_zerogpu", Path(app.__file__))
+    spec = importlib.util.spec_from_file_location("explain_app_ui_on_zerogpu", Path(ui.__file__))
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
     assert sorted(name for name, _ in wrapped) == ["cam_view", "generate", "rise_view"]
-    assert app._spaces is None  # the app imported here, without spaces, wraps nothing
+    assert ui._spaces is None  # the app imported here, without spaces, wraps nothing
 
 
 def test_overlong_prompts_run_with_a_note_naming_the_cut_words(models):
@@ -328,7 +329,7 @@ def test_opened_traces_need_a_model_with_matching_latents(models, session):
 # ---------------------------------------------------------------------------- launched app
 @pytest.fixture(scope="module")
 def launched(models):
-    demo = app.build_app(default_model="tiny", models=models)
+    demo = ui.build_app(default_model="tiny", models=models)
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1")
     yield url
     demo.close()

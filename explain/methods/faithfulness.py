@@ -235,33 +235,6 @@ def random_saliency(size: tuple[int, int], seed: int = 0) -> torch.Tensor:
     return torch.rand(*size, generator=torch.Generator().manual_seed(seed))
 
 
-def vae_decoder(vae, batch_size: int = 8) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A ``decode(x0) -> images [N, 3, H, W]`` for a diffusers ``AutoencoderKL`` (scaling factor
-    and dtype handled), for image-space game curves."""
-    scale = float(getattr(vae.config, "scaling_factor", 1.0))
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-    param = next(vae.parameters())
-    # SDXL's VAE overflows in fp16 (its config says force_upcast); diffusers decodes it in fp32
-    upcast = param.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
-
-    def decode(z: torch.Tensor) -> torch.Tensor:
-        out = []
-        if upcast:
-            vae.to(torch.float32)
-        try:
-            dtype = torch.float32 if upcast else param.dtype
-            with torch.no_grad():
-                for i in range(0, z.shape[0], batch_size):
-                    chunk = (z[i : i + batch_size].float() / scale + shift).to(device=param.device, dtype=dtype)
-                    out.append(vae.decode(chunk).sample.float().clamp(-1, 1))
-        finally:
-            if upcast:
-                vae.to(torch.float16)
-        return torch.cat(out)
-
-    return decode
-
-
 # ---------------------------------------------------------------------------- sanity check
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman rank correlation of two maps of the same size (average ranks for ties; NaN when

@@ -4,9 +4,16 @@ import math
 import pytest
 import torch
 
-from explain.concepts import ConceptScores, concept_scores, emergence_step, per_step_minmax, spearman, token_mass
+from explain.methods.concepts import (
+    ConceptScores,
+    concept_scores,
+    emergence_step,
+    per_step_minmax,
+    spearman,
+    token_mass,
+)
 
-from .synthetic import synthetic_trace
+from tests.explain.synthetic import synthetic_trace
 
 
 def test_mass_is_the_pixel_mean_of_the_words_tokens_summed():

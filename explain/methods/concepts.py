@@ -31,7 +31,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from explain.heatmaps import StepSelection, WordSpec, prompt_words, resolve_words, select_steps
+from explain.methods.heatmaps import (
+    StepSelection,
+    WordSpec,
+    prompt_words,
+    resolve_words,
+    select_steps,
+)
 from explain.trace import Trace
 
 DEFINITIONS = {
