@@ -24,6 +24,11 @@ if os.path.dirname(os.path.realpath(_explain.__file__)) != os.path.join(_HERE, "
         _HERE,
     )
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+if __package__:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+else:
+    # Imported as a plain module, not as the pack: pytest does so in a clone whose folder name is no
+    # Python identifier (`git clone …/diffusion-explain`), where `.nodes` cannot resolve.
+    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
