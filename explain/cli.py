@@ -71,55 +71,46 @@ def load_model(spec: str | None, device: str = "auto", dtype: str = "auto", anno
 # ---------------------------------------------------------------------------- commands
 def cmd_report(args) -> int:
     progress = Progress(args.quiet)
-    from explain import sizes
+    from explain.adapters.diffusers.loading import is_embedded
+    from explain.report import build_report
+    from explain.run import GenerationRequest, generate_and_trace
 
-    # everything the model is not needed for, before it loads: the sizes where its folder
-    # tells its geometry (a hub model's once loaded, still before generating), and the output
-    geometry = sizes.spec_geometry(args.model)
-    for note in check_sizes(args, geometry, args.model or "the embedded model"):
+    geometry, folder = prepare_report(args, progress)  # everything checkable before the model loads
+    progress(f"loading the model ({args.model or 'embedded'})")
+    t = time.perf_counter()
+    pipe, model_name = load_model(args.model, args.device, args.dtype, announce=progress)
+    load_s = time.perf_counter() - t
+    check_loaded_sizes(args, geometry, pipe, model_name, progress)
+    guidance = args.guidance
+    if guidance is None:
+        from explain import embedded
+
+        guidance = embedded.DEFAULT_GUIDANCE if is_embedded(model_name) else PAPER_GUIDANCE
+
+    import torch
+
+    threads = f", {torch.get_num_threads()} CPU threads" if str(pipe.device) == "cpu" else ""
+    progress(f"generating {args.steps} steps, seed {args.seed}, guidance {guidance}, schedule {args.schedule}{threads}")
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=args.quiet or not sys.stderr.isatty(), leave=False, desc="denoising")
+    request = GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative,
+        steps=args.steps,
+        guidance=guidance,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        schedule=args.schedule,
+        lam=args.lam,
+        previews=not args.no_previews,
+    )
+    result = generate_and_trace(pipe, model_name, request)
+    for note in result.notes:
         progress(f"warning: {note}")
-    with ReportFolder(args.out, "--out", args.overwrite) as folder:
-        from explain.adapters.diffusers.loading import is_embedded
-        from explain.report import build_report
-        from explain.run import GenerationRequest, generate_and_trace
-
-        progress(f"loading the model ({args.model or 'embedded'})")
-        t = time.perf_counter()
-        pipe, model_name = load_model(args.model, args.device, args.dtype, announce=progress)
-        load_s = time.perf_counter() - t
-        if geometry is None:
-            for note in check_sizes(args, sizes.pipeline_geometry(pipe), model_name):
-                progress(f"warning: {note}")
-        guidance = args.guidance
-        if guidance is None:
-            from explain import embedded
-
-            guidance = embedded.DEFAULT_GUIDANCE if is_embedded(model_name) else PAPER_GUIDANCE
-
-        import torch
-
-        threads = f", {torch.get_num_threads()} CPU threads" if str(pipe.device) == "cpu" else ""
-        progress(f"generating {args.steps} steps, seed {args.seed}, guidance {guidance}, schedule {args.schedule}{threads}")
-        if hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(disable=args.quiet or not sys.stderr.isatty(), leave=False, desc="denoising")
-        request = GenerationRequest(
-            prompt=args.prompt,
-            negative_prompt=args.negative,
-            steps=args.steps,
-            guidance=guidance,
-            seed=args.seed,
-            height=args.height,
-            width=args.width,
-            schedule=args.schedule,
-            lam=args.lam,
-            previews=not args.no_previews,
-        )
-        result = generate_and_trace(pipe, model_name, request)
-        for note in result.notes:
-            progress(f"warning: {note}")
-        timings = {"time: load model (s)": round(load_s, 2), "time: generate + trace (s)": round(result.seconds, 2)}
-        report = build_report(result.trace, folder.staging, extra_settings=timings, progress=progress)
-        report = folder.commit(report)
+    timings = {"time: load model (s)": round(load_s, 2), "time: generate + trace (s)": round(result.seconds, 2)}
+    report = build_report(result.trace, folder.staging, extra_settings=timings, progress=progress)
+    report = folder.commit(report)
     _done(report, progress, timings)
     return 0
 
@@ -130,15 +121,36 @@ def cmd_open(args) -> int:
     from explain.trace import Trace
 
     out = args.out or str(Path(args.trace).with_suffix("")) + "-report"
-    with ReportFolder(out, "--out" if args.out else "the report folder (next to the trace)", args.overwrite) as folder:
-        progress(f"reading {args.trace}")
-        trace = Trace.load(args.trace)
-        report = folder.commit(build_report(trace, folder.staging, progress=progress))
+    folder = ReportFolder(out, "--out" if args.out else "the report folder (next to the trace)", args.overwrite).open()
+    progress(f"reading {args.trace}")
+    trace = Trace.load(args.trace)
+    report = build_report(trace, folder.staging, progress=progress)
+    report = folder.commit(report)
     _done(report, progress, {})
     return 0
 
 
 # ---------------------------------------------------------------------------- input checks
+def prepare_report(args, progress: Progress):
+    """What ``report`` checks before the model loads: the sizes, where the model's folder tells
+    its geometry, and the output folder (which it reserves). Returns (geometry, folder)."""
+    from explain import sizes
+
+    geometry = sizes.spec_geometry(args.model)
+    for note in check_sizes(args, geometry, args.model or "the embedded model"):
+        progress(f"warning: {note}")
+    return geometry, ReportFolder(args.out, "--out", args.overwrite).open()
+
+
+def check_loaded_sizes(args, geometry, pipe, model_name: str, progress: Progress) -> None:
+    """A hub model's geometry is known once it loads: its sizes are checked then, before generating."""
+    if geometry is None:
+        from explain import sizes
+
+        for note in check_sizes(args, sizes.pipeline_geometry(pipe), model_name):
+            progress(f"warning: {note}")
+
+
 def check_sizes(args, geometry, model: str) -> list[str]:
     """Refuse ``--height``/``--width`` the model cannot make (`explain.sizes.check_side`);
     return warnings for sizes it was not trained at."""
@@ -161,9 +173,10 @@ def check_sizes(args, geometry, model: str) -> list[str]:
 class ReportFolder:
     """The folder a report goes to, checked before any work (a file, a path under a file, a
     folder that cannot be written, a folder that holds something else), then written as a
-    fresh staging folder beside it and moved into place by `commit`. Until then the old
-    folder stays as it was; leaving the block any other way (an error, Ctrl-C) removes the
-    staging folder, so the folder holds exactly one complete run or none."""
+    fresh staging folder beside it (`open`) and moved into place by `commit`. Until then the
+    old folder stays as it was; a command that ends any other way (an error, Ctrl-C) leaves
+    its staging folder to `discard_unfinished_reports`, so the folder holds exactly one
+    complete run, or none."""
 
     def __init__(self, out: str | os.PathLike, label: str = "--out", overwrite: bool = False):
         self.label = label
@@ -197,7 +210,9 @@ class ReportFolder:
         except PermissionError as exc:
             raise CommandError(f"{label} {shown} cannot be read ({exc.strerror}); pass a folder you can write") from None
 
-    def __enter__(self) -> "ReportFolder":
+    def open(self) -> "ReportFolder":
+        """Create the staging folder (the real test that the place can be written); `main`
+        removes it again unless `commit` moved it into place."""
         parent = self.final.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -206,6 +221,7 @@ class ReportFolder:
             raise CommandError(
                 f"cannot write the report in {parent} ({exc.strerror or exc}); pass a {self.label} in a folder you can write"
             ) from None
+        _OPEN_FOLDERS.append(self)
         return self
 
     def commit(self, report):
@@ -227,10 +243,19 @@ class ReportFolder:
             shutil.rmtree(old, ignore_errors=True)
         return _moved(report, self.final)
 
-    def __exit__(self, *exc) -> None:
+    def discard(self) -> None:
         if self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging = None
+
+
+_OPEN_FOLDERS: list[ReportFolder] = []
+
+
+def discard_unfinished_reports() -> None:
+    """Remove the staging folders of reports that did not complete (an error, Ctrl-C)."""
+    while _OPEN_FOLDERS:
+        _OPEN_FOLDERS.pop().discard()
 
 
 def is_report_folder(path: Path) -> bool:
@@ -370,3 +395,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        discard_unfinished_reports()
