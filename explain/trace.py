@@ -685,7 +685,7 @@ def _check_numbers(name: str, t: Any, integers: bool = False, uint8: bool = Fals
         if bad:
             raise TraceFormatError(
                 f"{name} holds {bad} NaN or infinite value{'s' if bad != 1 else ''}; a trace holds finite numbers only "
-                "(an infinite guidance scale or a damaged file gives these)"
+                "(an infinite guidance scale, a float16 overflow in the model or a damaged file gives these)"
             )
 
 
