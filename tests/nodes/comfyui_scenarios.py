@@ -461,6 +461,82 @@ def unet_families(runner, nodes_module, work) -> dict:
     return facts
 
 
+# ---------------------------------------------------------------------------- newer ComfyUI
+class NewerCallingConvention:
+    """TEST SHIM (not ComfyUI code): makes the checkout under test call OUTER_SAMPLE wrappers
+    the way ComfyUI does since late October 2025, where ``CFGGuider.sample`` passes an extra
+    keyword, ``latent_shapes=[latent.shape]``, and ``CFGGuider.outer_sample`` takes it (packs
+    with a fixed wrapper signature then fail with "unexpected keyword argument 'latent_shapes'",
+    ComfyUI issue #10562). The only full checkout we can fetch (a125cd84) predates the change.
+
+    Inside the ``with`` block the first executor of an OUTER_SAMPLE chain gets the keyword, and
+    ``outer_sample`` records what reached it, so a wrapper that drops the keyword is caught too."""
+
+    def __init__(self):
+        self.received: list = []  # latent_shapes as each outer_sample call got it
+
+    def __enter__(self):
+        import comfy.patcher_extension
+        import comfy.samplers
+
+        self._executor = comfy.patcher_extension.WrapperExecutor
+        self._guider = comfy.samplers.CFGGuider
+        self._execute, self._outer = self._executor.execute, self._guider.outer_sample
+        shim, original_outer, original_execute = self, self._outer, self._execute
+
+        def outer_sample(guider, *args, latent_shapes=None, **kwargs):
+            shim.received.append(None if latent_shapes is None else [list(s) for s in latent_shapes])
+            return original_outer(guider, *args, **kwargs)
+
+        def execute(executor, *args, **kwargs):
+            starts_outer_sample = executor.idx == 0 and getattr(executor.original, "__func__", None) is outer_sample
+            if starts_outer_sample and "latent_shapes" not in kwargs:
+                latent_image = args[1] if len(args) > 1 else kwargs["latent_image"]
+                kwargs["latent_shapes"] = [latent_image.shape]
+            return original_execute(executor, *args, **kwargs)
+
+        self._guider.outer_sample = outer_sample
+        self._executor.execute = execute
+        return self
+
+    def __exit__(self, *exc):
+        self._guider.outer_sample = self._outer
+        self._executor.execute = self._execute
+        return False
+
+
+def newer_calling_convention(runner, nodes_module, work) -> dict:
+    """The example workflows and more samplers under newer ComfyUI's OUTER_SAMPLE calling
+    convention (the shim above); new seeds so that nothing comes from the cache."""
+    facts = {}
+    overrides = {**TEST_OVERRIDES, "KSampler": {"steps": 4, "seed": 1234}, "SamplerCustom": {"noise_seed": 1234}}
+    with NewerCallingConvention() as shim:
+        for name, file in (("txt2img", "txt2img_explain.json"), ("sampler_custom", "sampler_custom_exponential_sigmas.json")):
+            prompt = workflow_to_prompt(nodes_module, load_workflow(file), overrides)
+            result = runner.run(prompt)
+            facts[name] = {"result": result}
+            if result["ok"]:
+                by_type = {v["class_type"]: k for k, v in prompt.items()}
+                facts[name]["trace"] = _trace_facts(_saved(result, by_type["DiffusionExplainSaveTrace"]))
+        facts["heun"] = _run(runner, basic_prompt(sampler="heun", seed=1235, prefix="explain-test/newer-heun"))
+        advanced = basic_prompt(seed=1236, prefix="explain-test/newer-advanced")
+        advanced["6"] = {
+            "class_type": "SamplerCustomAdvanced",
+            "inputs": {"noise": ["11", 0], "guider": ["10", 0], "sampler": ["12", 0], "sigmas": ["13", 0], "latent_image": ["5", 0]},
+        }
+        advanced.update(
+            {
+                "10": {"class_type": "CFGGuider", "inputs": {"model": ["4", 0], "positive": ["2", 0], "negative": ["3", 0], "cfg": 4.0}},
+                "11": {"class_type": "RandomNoise", "inputs": {"noise_seed": 1236}},
+                "12": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "dpmpp_2m"}},
+                "13": {"class_type": "BasicScheduler", "inputs": {"model": ["4", 0], "scheduler": "karras", "steps": 3, "denoise": 1.0}},
+            }
+        )
+        facts["custom_advanced"] = _run(runner, advanced)
+    facts["latent_shapes_received"] = shim.received
+    return facts
+
+
 SCENARIOS = {
     "txt2img_workflow": txt2img_workflow,
     "sampler_custom_workflow": sampler_custom_workflow,
@@ -477,4 +553,5 @@ SCENARIOS = {
     "unet_families": unet_families,
     "custom_guidance": custom_guidance,
     "branch_patches": branch_patches,
+    "newer_calling_convention": newer_calling_convention,
 }

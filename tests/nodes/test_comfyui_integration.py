@@ -224,3 +224,21 @@ def test_probe_batches_use_comfyuis_memory_estimate(report):
     for case, branches in ((facts["pre_cfg"]["plain"], 2), (facts["cfg_one_post_cfg"]["patched"], 2), (facts["cfg_one_post_cfg"]["plain"], 1)):
         assert case["comfy_item_bytes"] > 0
         assert case["item_bytes"] == int(case["comfy_item_bytes"] * branches * 1.5) + 1  # with ComfyUI's safety factor
+
+
+def test_the_pack_runs_under_newer_comfyuis_calling_convention(report):
+    """ComfyUI since late October 2025 passes ``latent_shapes`` to OUTER_SAMPLE wrappers (a shim
+    in comfyui_scenarios.py makes a125cd84 do so): the example workflows, Heun and
+    SamplerCustomAdvanced still run, and the keyword reaches ComfyUI's outer_sample through the
+    Tap's wrapper (also for DF-RISE's and DF-CAM's probe runs)."""
+    facts = scenario(report, "newer_calling_convention")
+    for name in ("txt2img", "sampler_custom", "heun", "custom_advanced"):
+        ok(facts[name]["result"])
+    assert facts["txt2img"]["trace"]["steps"] == 4 and facts["txt2img"]["trace"]["words"][:2] == ["a", "photo"]
+    assert facts["sampler_custom"]["trace"]["meta"]["sampler"] == "dpmpp_2m"
+    assert facts["heun"]["trace"]["meta"]["model_calls"] == 5
+    assert facts["custom_advanced"]["trace"]["steps"] == 3
+    received = facts["latent_shapes_received"]
+    # 4 sampling runs, DF-RISE's probe run and DF-CAM's: every one got latent_shapes through the Tap
+    assert len(received) >= 6 and all(shapes is not None and len(shapes) == 1 for shapes in received), received
+    assert [1, 4, 4, 4] in [shapes[0] for shapes in received]
