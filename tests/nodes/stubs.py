@@ -13,7 +13,8 @@ import torch
 
 
 def install_comfy_stubs(monkeypatch) -> None:
-    """Put a minimal ``comfy.patcher_extension`` into ``sys.modules`` for this test."""
+    """Put a minimal ``comfy.patcher_extension`` and ``comfy.ldm.modules.attention`` (its
+    ``optimized_attention`` as plain SDPA) into ``sys.modules`` for this test."""
     comfy = types.ModuleType("comfy")
     ext = types.ModuleType("comfy.patcher_extension")
 
@@ -25,6 +26,17 @@ def install_comfy_stubs(monkeypatch) -> None:
     comfy.patcher_extension = ext
     monkeypatch.setitem(sys.modules, "comfy", comfy)
     monkeypatch.setitem(sys.modules, "comfy.patcher_extension", ext)
+    attention = types.ModuleType("comfy.ldm.modules.attention")
+
+    def optimized_attention(q, k, v, heads, mask=None, attn_precision=None, **kwargs):
+        b, _, inner = q.shape
+        split = [t.view(b, -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v)]
+        return torch.nn.functional.scaled_dot_product_attention(*split).transpose(1, 2).reshape(b, -1, inner)
+
+    attention.optimized_attention = optimized_attention
+    for name in ("comfy.ldm", "comfy.ldm.modules"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "comfy.ldm.modules.attention", attention)
 
 
 def install_folder_paths(monkeypatch, root) -> types.ModuleType:
