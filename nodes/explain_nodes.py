@@ -22,6 +22,7 @@ from explain.methods import concepts, heatmaps, recovery
 from explain.trace import Trace
 
 from .decode import decode_steps, to_uint8
+from .images import to_comfy_image
 from .tap_node import CATEGORY, TRACE_TYPE
 
 CAM_GUIDANCE_NOTE = (
@@ -79,7 +80,7 @@ def parse_words(text: str) -> list[str] | None:
 
 
 def as_image(array) -> torch.Tensor:
-    return render.to_comfy_image(array)
+    return to_comfy_image(array)
 
 
 def masks_of(maps: list[torch.Tensor]) -> torch.Tensor:

@@ -43,9 +43,10 @@ from typing import Any, Callable
 import torch
 
 from explain.attention import COND, UNCOND, StepAccumulator, attention_probs, attention_with_probs, branch_rows, merge_heads, select_rows, split_heads
-from explain.tokens import PromptTokens, comfy_prompt_tokens, pad_token_list
+from explain.tokens import PromptTokens, pad_token_list
 from explain.trace import Trace
 
+from .prompt_tokens import comfy_prompt_tokens
 from .runs import REGISTRY, Run, RunRegistry
 
 log = logging.getLogger("diffusion-explain")
