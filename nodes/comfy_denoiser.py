@@ -30,7 +30,6 @@ from explain.trace import Trace
 
 from .taps import probing
 
-
 MEMORY_SAFETY = 1.5  # ComfyUI's own factor on memory_required when it batches conds
 
 
