@@ -34,6 +34,7 @@ ComfyUI is imported lazily (inside functions), so this module loads without it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import uuid
@@ -153,7 +154,20 @@ class AttentionTap:
             return self.previous(q, k, v, extra_options, *args, **kwargs)
         from comfy.ldm.modules.attention import optimized_attention
 
-        return optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options)
+        options = {"attn_precision": extra_options.get("attn_precision")}
+        if _takes_transformer_options(optimized_attention):
+            options["transformer_options"] = extra_options  # for an optimized_attention_override (ComfyUI >= 0.3.60)
+        return optimized_attention(q, k, v, heads, **options)
+
+
+def _takes_transformer_options(fn) -> bool:
+    """ComfyUI's attention functions take ``transformer_options`` since 0.3.60 (before, the keyword
+    is a TypeError)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == "transformer_options" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def cross_attention_blocks(diffusion_model) -> list[tuple[str, int, int]]:
