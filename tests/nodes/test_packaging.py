@@ -230,10 +230,36 @@ def test_pyproject_has_registry_metadata_and_the_requirements():
     project = data["project"]
     assert project["name"] == "diffusion-explain" and "comfyui" not in project["name"].lower()
     assert project["version"].count(".") == 2 and project["urls"]["Repository"]
-    assert {"PublisherId", "DisplayName"} <= set(data["tool"]["comfy"])
+    assert {"PublisherId", "DisplayName", "Icon", "requires-comfyui"} <= set(data["tool"]["comfy"])
     lines = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
     assert sorted(project["dependencies"]) == sorted(line for line in lines if line)
     assert not any(d.startswith(("torch", "torchvision", "torchaudio")) for d in project["dependencies"])
+
+
+def test_registry_files_license_icon_urls_and_the_comfyui_floor():
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())
+    project, comfy = data["project"], data["tool"]["comfy"]
+    assert project["license"] == {"file": "LICENSE"} and (REPO / "LICENSE").read_text().startswith("MIT License")
+    repository = project["urls"]["Repository"].rstrip("/")
+    owner_repo = repository.removeprefix("https://github.com/")
+    assert owner_repo.count("/") == 1 and repository.startswith("https://github.com/")
+    for name, url in project["urls"].items():
+        assert url.startswith(repository) and not any(w in url.lower() for w in ("example", "todo", "your", "placeholder")), name
+    icon = comfy["Icon"]
+    prefix = f"https://raw.githubusercontent.com/{owner_repo}/main/"
+    assert icon.startswith(prefix) and (REPO / icon.removeprefix(prefix)).is_file(), icon
+    assert comfy["requires-comfyui"] == f">={environment.MIN_COMFYUI}"
+
+
+def test_publish_workflow_is_the_registry_action_on_pyproject_changes():
+    text = (REPO / ".github" / "workflows" / "publish.yml").read_text()
+    lines = [line.split("#", 1)[0].rstrip() for line in text.splitlines()]
+    code = "\n".join(line for line in lines if line.strip())
+    assert "workflow_dispatch:" in code and '- "pyproject.toml"' in code and "branches:\n      - main" in code
+    assert "uses: actions/checkout@v4" in code and "uses: Comfy-Org/publish-node-action@v1" in code
+    assert "personal_access_token: ${{ secrets.REGISTRY_ACCESS_TOKEN }}" in code
+    owner = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]["Repository"].split("/")[3]
+    assert f"if: ${{{{ github.repository_owner == '{owner}' }}}}" in code
 
 
 def _install_module():
