@@ -38,8 +38,9 @@ if os.path.dirname(os.path.realpath(_explain.__file__)) != os.path.join(_HERE, "
 _unsupported = _environment.unsupported_comfyui()
 if _unsupported:
     # ComfyUI registers packs by NODE_CLASS_MAPPINGS (V1) before comfy_entrypoint (V3): an empty
-    # mapping loads the pack with no nodes, after the line above has said why.
-    _log.warning(_unsupported)
+    # mapping loads the pack with no nodes, after this line has said why (outside ComfyUI: quietly).
+    if _environment.inside_comfyui():
+        _log.warning(_unsupported)
     NODE_CLASS_MAPPINGS: dict = {}
     NODE_DISPLAY_NAME_MAPPINGS: dict = {}
     __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -127,6 +127,12 @@ def require(modules: Sequence[str]) -> None:
 
 
 # ---------------------------------------------------------------------------- ComfyUI itself
+def inside_comfyui() -> bool:
+    """Whether this process is ComfyUI (its ``folder_paths`` module is there), as opposed to, say,
+    pytest importing the repository root as a package."""
+    return module_available("folder_paths")
+
+
 def unsupported_comfyui() -> str | None:
     """Why the running ComfyUI cannot host the pack (too old), or None."""
     found = _comfyui_version()

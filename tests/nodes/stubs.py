@@ -43,6 +43,7 @@ def install_comfy_stubs(monkeypatch) -> None:
 def install_folder_paths(monkeypatch, root) -> types.ModuleType:
     """A ``folder_paths`` whose output and temp folders live under ``root``."""
     fp = types.ModuleType("folder_paths")
+    fp.__spec__ = importlib.machinery.ModuleSpec("folder_paths", None)
     out, tmp = os.path.join(root, "output"), os.path.join(root, "temp")
     os.makedirs(out, exist_ok=True)
     os.makedirs(tmp, exist_ok=True)
