@@ -21,9 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from explain.cam import df_cam, paper_layers  # noqa: E402
 import sd15_random as sd  # noqa: E402
+
 from explain.denoiser import NoiseLevel  # noqa: E402
+from explain.methods.cam import df_cam, paper_layers  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

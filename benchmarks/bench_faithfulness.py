@@ -43,12 +43,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from explain import faithfulness as fa  # noqa: E402
-from explain import heatmaps  # noqa: E402
+from explain.adapters.diffusers import from_pipeline, vae_decoder  # noqa: E402
 from explain.embedded import world  # noqa: E402
-from explain.cam import df_cam  # noqa: E402
-from explain.denoiser import from_pipeline  # noqa: E402
-from explain.rise import df_rise, df_rise_tokens  # noqa: E402
+from explain.methods import faithfulness as fa  # noqa: E402
+from explain.methods import heatmaps  # noqa: E402
+from explain.methods.cam import df_cam  # noqa: E402
+from explain.methods.rise import df_rise, df_rise_tokens  # noqa: E402
 
 RANDOM_SEEDS = (101, 102)
 KINDS = {"rise": "DF-RISE", "cam": "DF-CAM (sum)", "cam_proj": "DF-CAM (guided projection)"}
@@ -140,10 +140,10 @@ def object_tokens(trace, scene) -> list[list[int]]:
 
 
 def run_noised(pipe, scenes, args, tally: Tally, token_tally: Tally, sanity: list) -> None:
-    from explain.taps.diffusers import trace as tap
+    from explain.adapters.diffusers import trace as tap
 
     size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    decode = fa.vae_decoder(pipe.vae)
+    decode = vae_decoder(pipe.vae)
     a = float(pipe.scheduler.alphas_cumprod[args.timestep])
     for i, scene in enumerate(scenes):
         image, masks = world.render(scene, size)
@@ -169,10 +169,10 @@ def run_noised(pipe, scenes, args, tally: Tally, token_tally: Tally, sanity: lis
 
 
 def run_generated(pipe, scenes, args, tally: Tally) -> int:
+    from explain.adapters.diffusers import generate
     from explain.embedded import checker
-    from explain.taps.diffusers import generate
 
-    decode = fa.vae_decoder(pipe.vae)
+    decode = vae_decoder(pipe.vae)
     skipped = 0
     for i, scene in enumerate(scenes):
         trace, images = generate(pipe, scene.caption, steps=20, guidance=args.guidance, seed=args.seed + i, previews=False, output_type="np")

@@ -41,7 +41,7 @@ def functions(threads: int | None) -> None:
 
     if threads:
         torch.set_num_threads(threads)
-    import gradio_app as app
+    import explain_app as app
 
     device = "cuda (" + torch.cuda.get_device_name(0) + ")" if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads"
     print(f"app functions, embedded model, {device}")
@@ -66,11 +66,12 @@ def served(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
     t_start = time.perf_counter()
-    import gradio_app as app
     from gradio_client import Client
 
-    threading.Thread(target=app._preload, args=("embedded",), daemon=True).start()
-    demo = app.build_app()
+    import gradio_app
+
+    threading.Thread(target=gradio_app._preload, args=("embedded",), daemon=True).start()
+    demo = gradio_app.build_app()
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True)
     t_served = time.perf_counter()
     client = Client(url, verbose=False)

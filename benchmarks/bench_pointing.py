@@ -47,10 +47,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from explain import heatmaps  # noqa: E402
-
-from explain.embedded import world  # noqa: E402
 from explain.cli import load_model  # noqa: E402
+from explain.embedded import world  # noqa: E402
+from explain.methods import heatmaps  # noqa: E402
 
 THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 
@@ -118,7 +117,7 @@ VARIANTS = {"raw": False, "relative": True}
 
 
 def run_noised(pipe, scenes: list[world.Scene], timesteps: list[int], guidance: float, batch: int, seed: int) -> dict[tuple, Tally]:
-    from explain.taps.diffusers import trace as tap
+    from explain.adapters.diffusers import trace as tap
 
     size = image_size(pipe)
     tallies = {(t, v): Tally() for t in timesteps for v in VARIANTS}
@@ -144,8 +143,8 @@ def run_noised(pipe, scenes: list[world.Scene], timesteps: list[int], guidance: 
 
 
 def run_generated(pipe, scenes: list[world.Scene], steps: int, guidance: float, seed: int) -> dict[tuple, Tally]:
+    from explain.adapters.diffusers import generate
     from explain.embedded import checker
-    from explain.taps.diffusers import generate
 
     tallies = {(r, v): Tally() for r in ("all steps", "second half") for v in VARIANTS}
     for i, scene in enumerate(scenes):

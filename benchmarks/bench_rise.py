@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sd15_random as sd  # noqa: E402
+
 from explain.denoiser import NoiseLevel  # noqa: E402
-from explain.rise import df_rise  # noqa: E402
+from explain.methods.rise import df_rise  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -38,8 +39,7 @@ def embedded_setup(steps: int, step: int):
     """The embedded model and a trace of its default prompt (the tiny random pipeline, with a
     note, when the weights are missing)."""
     from explain import embedded
-    from explain.denoiser import from_pipeline
-    from explain.taps.diffusers import generate
+    from explain.adapters.diffusers import from_pipeline, generate
 
     if embedded.is_available():
         pipe = embedded.load_pipeline(device="cpu")

@@ -1,4 +1,4 @@
-"""How much slower is generation under `explain.taps.diffusers.trace` than without it?
+"""How much slower is generation under `explain.adapters.diffusers.trace` than without it?
 
 Runs plain and traced generations interleaved (plain/traced, then traced/plain, ...), takes the
 median of each and prints their ratio, all measured in this one run, plus the trace's size.
@@ -55,7 +55,12 @@ SD15_UNET = dict(
 
 def sd15_pipeline(device: str, dtype: torch.dtype, width_div: int = 1):
     """SD1.5's UNet (random weights) in a StableDiffusionPipeline with tiny VAE and text encoder."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from explain.testing import tiny_tokenizer
@@ -143,7 +148,7 @@ def main(argv=None) -> int:
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - t
 
-    from explain.taps.diffusers import trace
+    from explain.adapters.diffusers import trace
 
     def sync():
         if device.startswith("cuda"):

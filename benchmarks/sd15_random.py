@@ -70,7 +70,7 @@ def random_setup(device="cuda", dtype=torch.float16, latent: int = 64, channels_
         u, c = out.chunk(2)
         return u, c
 
-    from explain.denoiser import _unet_item_bytes
+    from explain.adapters.diffusers.families.unet import unet_item_bytes
 
     denoiser = GuidedDenoiser(
         model_fn,
@@ -78,7 +78,7 @@ def random_setup(device="cuda", dtype=torch.float16, latent: int = 64, channels_
         guidance,
         modules=dict(unet.named_modules()),
         device=torch.device(device),
-        estimate_item_bytes=lambda x: _unet_item_bytes(unet, x, 2, model_fn),
+        estimate_item_bytes=lambda x: unet_item_bytes(unet, x, 2, model_fn),
     )
     a = alpha_bar(TIMESTEP)
     x = torch.randn(1, 1, 4, latent, latent, generator=g)

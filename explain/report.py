@@ -26,9 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from explain import concepts, heatmaps, recovery, render
+from explain import render
+from explain.methods import concepts, heatmaps, recovery
 from explain.trace import Trace
 
 FUNCTION_WORDS = ("a", "an", "the", "of", "and", ",", "on", "in", "at", "to", "is")

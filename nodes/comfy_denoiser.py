@@ -30,7 +30,6 @@ from explain.trace import Trace
 
 from .taps import probing
 
-
 MEMORY_SAFETY = 1.5  # ComfyUI's own factor on memory_required when it batches conds
 
 
@@ -126,7 +125,7 @@ def memory_budget(device) -> int | None:
 
 def make_room_for_weight_clones(denoiser: GuidedDenoiser, keep=()) -> int:
     """A backward pass under inference mode clones the model's inference-tensor weights
-    (`explain.cam.autograd_ready`), behind ComfyUI's memory manager. On a GPU, ask it to free
+    (`explain.methods.cam.autograd_ready`), behind ComfyUI's memory manager. On a GPU, ask it to free
     that much first, plus its reserve for a forward pass, unloading models other than ``keep``
     (ModelPatchers in use). Returns the bytes of the clones on the device."""
     device = denoiser.device
@@ -176,7 +175,9 @@ def run_with_denoiser(
     result: dict[str, Any] = {}
 
     class ExplanationSampler(comfy.samplers.Sampler):
-        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
+        # ComfyUI calls sample(model_wrap, sigmas, extra_args, callback, noise, latent_image,
+        # denoise_mask, disable_pbar); whatever it adds later is accepted and unused.
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise, *args, **kwargs):
             denoiser = make_denoiser(model_wrap, extra_args["model_options"], guidance_scale, separate_branches)
             if backward:
                 patcher = model_wrap.model_patcher

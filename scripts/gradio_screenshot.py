@@ -32,8 +32,9 @@ def main() -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         sys.exit("no system Chromium: apt-get install chromium")
-    import gradio_app as app
     from playwright.sync_api import expect, sync_playwright
+
+    import gradio_app as app  # MODELS and build_app, as the Space entry has them
 
     app.MODELS.get("embedded")
     demo = app.build_app()

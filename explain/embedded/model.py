@@ -81,7 +81,11 @@ def vocabulary() -> list[str]:
 
 def build_components(tokenizer_dir: str | Path, seed: int = 0) -> dict:
     """The untrained pipeline components (random weights from ``seed``)."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)

@@ -6,6 +6,8 @@ The x0 of every step is read from the scheduler itself (``pred_original_sample``
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from explain.noise import sigma_from_alpha_bar
@@ -59,3 +61,29 @@ def run_and_trace(pipe, prompt: str, steps: int = 4, guidance_scale: float = 5.0
         final_latent=out.images.detach().float(),
         meta=meta,
     ).validate()
+
+
+def scheduler_state(scheduler) -> dict:
+    """Everything a probe could change in a scheduler, as comparable plain values."""
+    state = {}
+    for key, value in vars(scheduler).items():
+        if isinstance(value, torch.Tensor):
+            state[key] = value.clone()
+        elif isinstance(value, list):
+            state[key] = [v.clone() if isinstance(v, torch.Tensor) else v for v in value]
+        else:
+            state[key] = copy.copy(value)
+    return state
+
+def assert_same_state(before: dict, after: dict) -> None:
+    assert before.keys() == after.keys()
+    for key in before:
+        a, b = before[key], after[key]
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), key
+        elif isinstance(a, list):
+            assert len(a) == len(b), key
+            for x, y in zip(a, b):
+                assert (torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y), key
+        else:
+            assert a == b or a is b, key

@@ -1,7 +1,12 @@
 import pytest
 import torch
 
-from explain.noise import alpha_bar_from_sigma, model_output_from_x0, sigma_from_alpha_bar, x0_from_model_output
+from explain.noise import (
+    alpha_bar_from_sigma,
+    model_output_from_x0,
+    sigma_from_alpha_bar,
+    x0_from_model_output,
+)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from explain import render
-from explain.concepts import concept_scores
-from explain.heatmaps import word_heatmaps
-from explain.recovery import trace_recovery
+from explain.methods.concepts import concept_scores
+from explain.methods.heatmaps import word_heatmaps
+from explain.methods.recovery import trace_recovery
 
-from .synthetic import synthetic_trace
+from tests.explain.synthetic import synthetic_trace
 
 
 def test_as_uint8_image_accepts_the_usual_layouts():
@@ -18,14 +18,6 @@ def test_as_uint8_image_accepts_the_usual_layouts():
     assert render.as_uint8_image(torch.zeros(4, 5, dtype=torch.uint8)).shape == (4, 5, 3)
     with pytest.raises(ValueError, match=r"expected an RGB image \[H, W, 3\]"):
         render.as_uint8_image(np.zeros((3, 4, 5)))
-
-
-def test_to_comfy_image_is_a_float_batch():
-    a = np.zeros((6, 7, 3), np.uint8)
-    out = render.to_comfy_image([a, a + 255])
-    assert out.shape == (2, 6, 7, 3) and out.dtype == torch.float32 and float(out[1].min()) == 1.0
-    with pytest.raises(ValueError, match="must share a size"):
-        render.to_comfy_image([a, np.zeros((3, 3, 3), np.uint8)])
 
 
 def test_paper_overlay_follows_the_formula():

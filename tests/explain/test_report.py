@@ -6,7 +6,7 @@ import pytest
 from explain.report import build_report
 from explain.trace import Trace
 
-from .synthetic import synthetic_trace
+from tests.explain.synthetic import synthetic_trace
 
 
 def test_report_writes_every_part_and_a_self_contained_page(tmp_path):

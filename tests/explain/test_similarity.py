@@ -3,7 +3,15 @@ import math
 import pytest
 import torch
 
-from explain.similarity import PAPER_C3, SIMILARITIES, cosine, gaussian_window, get_similarity, neg_mse, ssim_structure
+from explain.similarity import (
+    PAPER_C3,
+    SIMILARITIES,
+    cosine,
+    gaussian_window,
+    get_similarity,
+    neg_mse,
+    ssim_structure,
+)
 
 
 def _pair(seed=0, n=3, c=4, h=12, w=10):

@@ -74,9 +74,9 @@ def test_object_word_heatmaps_point_at_their_objects(pipe):
     tap, each object's words peak inside that object's mask on noised ground-truth images. Guards
     the weights and the whole capture → aggregate → upsample path; the full figure is
     benchmarks/bench_pointing.py."""
-    from explain import heatmaps
+    from explain.adapters.diffusers import trace
     from explain.embedded import world
-    from explain.taps.diffusers import trace
+    from explain.methods import heatmaps
 
     scenes = world.scenes(6, seed=31, split="held_out")
     rendered = [world.render(s) for s in scenes]

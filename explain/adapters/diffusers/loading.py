@@ -1,0 +1,137 @@
+"""Loading a diffusers text-to-image pipeline by name, folder or hub id, with clear errors.
+
+``"embedded"`` is the shapes model shipped in the package (`explain.embedded`); a local
+diffusers folder loads offline; ``org/name`` goes to the Hugging Face hub (which needs the
+network). ``"tiny"`` is a random-weight pipeline for tests.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import warnings
+from pathlib import Path
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+EMBEDDED_NAMES = ("embedded",)
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded; the message says what to pass instead."""
+
+
+def resolve_dtype(name: str, device: str, external: bool):
+    """The weights' dtype for ``name`` ("auto" or a dtype name); see `explain.precision.choose_dtype`."""
+    return choose(name, device, external).dtype
+
+
+def choose(name: str, device: str, external: bool):
+    from explain.precision import choose_dtype
+
+    try:
+        return choose_dtype(name, device, external)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name} was asked for but torch sees no CUDA GPU; use cpu")
+    return name
+
+
+def is_embedded(model_name: str) -> bool:
+    """Whether a loaded model's name (as `load_model` returns it) is an embedded model."""
+    return model_name.startswith("embedded")
+
+
+def load_model(spec: str | None, device: str = "auto", dtype: str = "auto", announce=None):
+    """A diffusers text-to-image pipeline and a short, shareable name for it (never a local path).
+
+    ``dtype="auto"`` picks bf16 on CPUs with native bf16 and fp16 for external models on CUDA
+    (`explain.precision.choose_dtype`); ``announce(message)`` is told the choice and its reason
+    (default: printed once per process on stderr)."""
+    device = resolve_device(device)
+    external = spec not in (None, "", *EMBEDDED_NAMES, "tiny")
+    choice = choose(dtype, device, external)
+    (announce or _announce_once)(f"dtype: {choice.reason}")
+    if spec in (None, "", *EMBEDDED_NAMES):
+        from explain import embedded
+
+        quiet_loading()
+        try:
+            pipe = embedded.load_pipeline(device=device, dtype=choice.dtype)
+        except embedded.EmbeddedModelMissing as exc:
+            raise ModelLoadError(f"{exc}; or pass another model") from None
+        return pipe, f"embedded ({embedded.MODEL_ID})"
+    if spec == "tiny":  # random weights, for tests: exercises the whole path in a second
+        from explain.testing import tiny_sd_pipeline
+
+        return tiny_sd_pipeline().to(device, choice.dtype), "tiny (random weights, test only)"
+
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file():
+            raise ModelLoadError(f"{spec} is a single file; pass a diffusers model folder (with model_index.json) or a hub id")
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"{spec} is not a diffusers model folder: it has no model_index.json")
+        quiet_loading()
+        return from_pretrained(str(path), device, choice.dtype, local=True), path.name
+    looks_like_path = spec.startswith((".", "/", "~")) or "\\" in spec or not _HUB_ID.match(spec)
+    if looks_like_path:
+        raise ModelLoadError(f"no model folder at {spec}; pass an existing diffusers folder, a hub id like org/name, or the embedded model")
+    quiet_loading()
+    return from_pretrained(spec, device, choice.dtype, local=False), spec
+
+
+def quiet_loading() -> None:
+    """Silence the libraries' own loading bars and notices; the front ends print their own progress."""
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except (ImportError, AttributeError):  # older versions name these differently; the bars are harmless
+        pass
+
+
+def pipeline_class():
+    from diffusers import AutoPipelineForText2Image
+
+    return AutoPipelineForText2Image
+
+
+def from_pretrained(source: str, device: str, dtype, local: bool):
+    kwargs = {"local_files_only": True} if local else {}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*safety_checker.*")
+            pipe = pipeline_class().from_pretrained(source, **kwargs)
+    except Exception as exc:  # the hub client raises many kinds; all mean "cannot load this"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if local:
+            raise ModelLoadError(f"could not load the model folder {source}: {reason}") from None
+        raise ModelLoadError(
+            f"could not load {source!r} from the Hugging Face hub ({reason}); check the id and the network, "
+            "or download the model elsewhere and pass its local folder"
+        ) from None
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None  # it would blank images and costs time; explanations need the real output
+    pipe.to(device, resolve_dtype(dtype, device, external=True) if isinstance(dtype, str) else dtype)
+    return pipe
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def _announce_once(message: str) -> None:
+    if message not in _ANNOUNCED:
+        _ANNOUNCED.add(message)
+        print(message, file=sys.stderr, flush=True)

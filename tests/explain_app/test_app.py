@@ -1,0 +1,426 @@
+"""Tests of the Gradio app: its functions on synthetic traces and tiny pipelines, four concurrent
+users against the launched app (each must see only their own results), and an end-to-end
+browser test driving Debian's Chromium with Playwright."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gr = pytest.importorskip("gradio", reason="the app needs gradio: pip install -r requirements-dev.txt")
+
+import explain_app as app  # noqa: E402
+from explain_app import ui  # noqa: E402
+from explain.trace import Trace  # noqa: E402
+from tests.explain.synthetic import synthetic_trace  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def solid_previews(steps: int, size: int) -> torch.Tensor:
+    """x0 previews whose colour encodes the step: red channel = 10 * step."""
+    previews = torch.zeros(steps, 1, size, size, 3, dtype=torch.uint8)
+    for s in range(steps):
+        previews[s, ..., 0] = 10 * s
+        previews[s, ..., 2] = 200
+    return previews
+
+
+def quadrant_change(overlay: np.ndarray, base: np.ndarray) -> tuple[float, float]:
+    """Mean change an overlay made to the top-left and to the bottom-right quadrant."""
+    diff = np.abs(overlay.astype(np.float32) - base.astype(np.float32)).mean(-1)
+    h, w = diff.shape
+    return float(diff[: h // 2, : w // 2].mean()), float(diff[h // 2 :, w // 2 :].mean())
+
+
+@pytest.fixture(scope="module")
+def models():
+    return app.ModelCache()
+
+
+@pytest.fixture
+def session():
+    return app.Session(trace=synthetic_trace(steps=6, negative=True), source="test")
+
+
+# ---------------------------------------------------------------------------- input checks
+def test_empty_and_overlong_prompts_are_refused_with_what_to_change():
+    for empty in ("", "   ", None):
+        with pytest.raises(app.InputError, match="prompt is empty"):
+            app.check_prompt(empty)
+    with pytest.raises(app.InputError, match="characters"):
+        app.check_prompt("red " * 1000)
+    assert app.check_prompt("  a red circle ") == "a red circle"
+
+
+@pytest.mark.parametrize("value", [0, 151, 2.5, "many", None, float("nan")])
+def test_steps_out_of_range_or_not_whole_are_refused(value):
+    with pytest.raises(app.InputError, match="steps must be"):
+        app.check_int("steps", value, 1, app.MAX_STEPS)
+
+
+def test_sizes_must_be_multiples_of_eight_in_range():
+    assert app.parse_size("model default") is None
+    assert app.parse_size("512") == 512
+    with pytest.raises(app.InputError, match="multiple of 8"):
+        app.parse_size(100)
+    with pytest.raises(app.InputError, match="between 64 and 1024"):
+        app.parse_size(2048)
+
+
+def test_generate_checks_input_before_loading_any_model():
+    def loader(spec):
+        raise AssertionError("the model must not load for bad input")
+
+    lazy = app.ModelCache(loader=loader)
+    with pytest.raises(app.InputError, match="prompt is empty"):
+        app.generate("", models=lazy)
+    with pytest.raises(app.InputError, match="steps must be between 1 and"):
+        app.generate("a red circle", steps=0, models=lazy)
+    with pytest.raises(app.InputError, match="guidance"):
+        app.generate("a red circle", guidance=-1, models=lazy)
+    with pytest.raises(app.InputError, match="unknown schedule"):
+        app.generate("a red circle", schedule="sideways", models=lazy)
+
+
+def test_model_cache_loads_once_keeps_the_recent_ones_and_explains_bad_models():
+    loads = []
+
+    def loader(spec):
+        if spec == "missing/folder":
+            from explain.adapters.diffusers import ModelLoadError
+
+            raise ModelLoadError("no model folder at missing/folder; pass an existing diffusers folder with --model")
+        loads.append(spec)
+        return object(), spec
+
+    cache = app.ModelCache(loader=loader, max_models=2)
+    first = cache.get("one")
+    assert cache.get(" one ") is first and cache.get(None)[1] == "embedded"
+    cache.get("one")
+    cache.get("two")  # "embedded" is now the least recently used and goes
+    cache.get("embedded")
+    assert loads == ["one", "embedded", "two", "embedded"]
+    with pytest.raises(app.InputError, match="with the model box"):
+        cache.get("missing/folder")
+
+
+def test_ui_wrapper_shows_errors_as_messages_and_passes_results():
+    @ui._ui
+    def fails(kind):
+        if kind == "input":
+            raise app.InputError("type a prompt")
+        if kind == "key":
+            raise KeyError("no such word")
+        return "ok"
+
+    with pytest.raises(gr.Error, match="type a prompt"):
+        fails("input")
+    with pytest.raises(gr.Error, match="no such word"):
+        fails("key")
+    assert fails("fine") == "ok"
+
+
+# ---------------------------------------------------------------------------- browsing a trace
+def test_step_view_shows_the_chosen_steps_prediction(session):
+    trace = session.trace
+    trace.x0_previews = solid_previews(trace.num_steps, 32)
+    for step in (0, 3, 5):
+        _, x0, caption = app.step_view(trace, step)
+        assert x0.shape[0] >= app.DISPLAY_SIDE
+        assert int(np.median(x0[..., 0])) == 10 * step
+        assert f"step {step} of 5" in caption
+    with pytest.raises(app.InputError, match="between 0 and 5"):
+        app.step_view(trace, 6)
+
+
+def test_word_heatmaps_are_where_the_word_attends(session):
+    trace = session.trace
+    base = app.enlarge(trace.images[0].numpy())
+    red = dict(app.content_words(trace))["red"]
+    red_overlay, grid, caption = app.word_view(trace, red, "", 0, 5)
+    top_left, bottom_right = quadrant_change(red_overlay, base)
+    assert top_left > 2 * bottom_right
+    blue_overlay, _, _ = app.word_view(trace, None, "blue square", 3, 5)
+    top_left, bottom_right = quadrant_change(blue_overlay, base)
+    assert bottom_right > 2 * top_left
+    assert "'red', steps 0-5" in caption and grid.ndim == 3
+
+
+def test_word_chips_are_unique_and_default_to_a_content_word(session):
+    labels = [label for label, _ in app.content_words(session.trace)]
+    assert labels == ["a", "red", "circle", "above", "a (2)", "blue", "square"]
+    assert ui.heatmaps.prompt_words(session.trace)[app.default_word(session.trace)].text == "red"
+
+
+def test_word_view_explains_bad_words_and_step_ranges(session):
+    with pytest.raises(app.InputError, match="'green' is not in the prompt; its words are: 'a', 'red'"):
+        app.word_view(session.trace, None, "green", 0, 5)
+    with pytest.raises(app.InputError, match="after 'to step'"):
+        app.word_view(session.trace, 1, "", 4, 2)
+    with pytest.raises(app.InputError, match="between 0 and 5"):
+        app.word_view(session.trace, 1, "", 0, 9)
+    with pytest.raises(app.InputError, match="choose a word"):
+        app.word_view(session.trace, None, "", 0, 5)
+
+
+def test_concept_curves_cover_content_words_and_show_the_trend(session):
+    frame, table = app.concept_frame(session.trace, "share")
+    assert sorted(set(frame["word"])) == ["above", "blue", "circle", "red", "square"]
+    assert sorted(set(frame["step"])) == list(range(6))
+    red = frame[frame["word"] == "red"].sort_values("step")["value"].to_numpy()
+    blue = frame[frame["word"] == "blue"].sort_values("step")["value"].to_numpy()
+    assert red[-1] > red[0] and blue[-1] < blue[0]
+    assert list(table["word"]) == ["red", "circle", "above", "blue", "square"]
+    with pytest.raises(app.InputError, match="unknown curve"):
+        app.concept_frame(session.trace, "volume")
+
+
+def test_recovery_view_and_tolerance_bounds(session):
+    grid, curves = app.recovery_views(session.trace, 0.25)
+    assert grid.ndim == 3 and curves.ndim == 3
+    with pytest.raises(app.InputError, match="tolerance"):
+        app.recovery_views(session.trace, 0)
+
+
+def test_summary_lists_prompt_negative_prompt_and_notes(session):
+    session.notes = ["a | note"]
+    text = app.summary(session)
+    assert "a red circle above a blue square" in text and "green triangle" in text and "a \\| note" in text
+    with pytest.raises(app.InputError, match="generate an image or open a trace"):
+        app.summary(app.Session())
+
+
+# ---------------------------------------------------------------------------- files
+def test_trace_files_round_trip_and_bad_files_get_clear_messages(tmp_path, session):
+    path = app.save_trace_file(session)
+    opened = app.open_trace(str(path))
+    assert opened.trace.prompts == session.trace.prompts and opened.source == "opened trace.safetensors"
+    assert torch.allclose(opened.trace.x0, session.trace.x0)
+
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "model.safetensors"
+    save_file({"weight": torch.zeros(2, 2)}, str(weights))
+    with pytest.raises(app.InputError, match="not a diffusion-explain trace"):
+        app.open_trace(str(weights))
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00\x01 not a safetensors file")
+    with pytest.raises(app.InputError, match="not a readable safetensors file"):
+        app.open_trace(str(broken))
+    picture = tmp_path / "image.png"
+    picture.write_bytes(b"\x89PNG")
+    with pytest.raises(app.InputError, match="image.png is not a trace"):
+        app.open_trace(str(picture))
+    with pytest.raises(app.InputError, match="choose a trace file"):
+        app.open_trace(None)
+    app.close_session(session)
+    assert not path.parent.exists()
+
+
+def test_report_download_is_a_self_contained_page(session):
+    html = app.save_report(session)
+    page = html.read_text()
+    assert html.name == "index.html" and "a red circle above a blue square" in page and "data:image/png;base64," in page
+    app.close_session(session)
+
+
+# ---------------------------------------------------------------------------- with a model
+@pytest.fixture(scope="module")
+def tiny_session(models):
+    return app.generate("a red circle above a blue square", steps=4, seed=3, model="tiny", models=models)
+
+
+def test_generation_traces_the_prompt_with_the_chosen_settings(tiny_session):
+    trace = tiny_session.trace
+    assert trace.prompts == ["a red circle above a blue square"]
+    assert trace.num_steps == 4 and trace.meta["seed"] == 3 and trace.attention is not None
+    assert trace.x0_previews is not None and tiny_session.model == "tiny"
+    assert [label for label, _ in app.content_words(trace)][:3] == ["a", "red", "circle"]
+    assert set(tiny_session.timings) == {"time: load model", "time: generate + trace"}
+
+
+def test_paper_schedules_run_on_a_pndm_model_and_leave_its_scheduler_alone():
+    from explain.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline("pndm")
+    own = pipe.scheduler
+    cache = app.ModelCache(loader=lambda spec: (pipe, "tiny pndm"))
+    session = app.generate("a red circle", steps=3, schedule="early", lam=10, model="pndm", models=cache)
+    assert type(session.trace.meta["scheduler"]) is str and session.trace.meta["scheduler"] == "DPMSolverMultistepScheduler"
+    assert any("PNDMScheduler cannot run custom time steps" in note for note in session.notes)
+    assert pipe.scheduler is own  # other users of the cached pipeline keep PNDM
+
+
+def test_generation_reports_progress_step_by_step(models):
+    seen = []
+    app.generate("a red circle", steps=3, model="tiny", models=models, progress=lambda fraction, desc=None: seen.append((fraction, desc)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(0.9)
+    assert [d for _, d in seen][-3:] == [f"denoising: model call {i} of 3" for i in (1, 2, 3)]
+
+
+def test_gpu_work_is_wrapped_for_zerogpu_when_spaces_is_importable(monkeypatch):
+    import importlib.util
+    import sys
+    import types
+
+    wrapped = []
+    fake = types.ModuleType("spaces")
+
+    def GPU(duration=60):  # noqa: N802 - the name the spaces package uses
+        def decorate(fn):
+            wrapped.append((fn.__name__, duration))
+            return fn
+
+        return decorate
+
+    fake.GPU = GPU
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    spec = importlib.util.spec_from_file_location("explain_app_ui_on_zerogpu", Path(ui.__file__))
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    assert sorted(name for name, _ in wrapped) == ["cam_view", "generate", "rise_view"]
+    assert ui._spaces is None  # the app imported here, without spaces, wraps nothing
+
+
+def test_overlong_prompts_run_with_a_note_naming_the_cut_words(models):
+    prompt = "a red circle above a blue square " * 12 + "green triangle"
+    session = app.generate(prompt, steps=2, model="tiny", models=models)
+    assert any("cut off" in note and "green triangle" in note for note in session.notes)
+
+
+def test_df_rise_panel_gives_maps_game_curves_and_aucs(tiny_session, models):
+    view = app.rise_view(tiny_session, 2, 16, models=models)
+    assert view.overlay_final.shape[:2] == view.overlay_x0.shape[:2]
+    assert set(view.curves["curve"]) == {"insertion (DF-RISE)", "deletion (DF-RISE)", "insertion (random)", "deletion (random)"}
+    assert len(view.aucs) == 4 and "step 2" in view.caption
+    with pytest.raises(app.InputError, match="between 8 and"):
+        app.rise_view(tiny_session, 2, 1, models=models)
+    with pytest.raises(app.InputError, match="DF-RISE step must be between 0 and 3"):
+        app.rise_view(tiny_session, 7, 16, models=models)
+
+
+def test_df_cam_panel_by_layer_group_and_bad_layer(tiny_session, models):
+    pipe = models.get("tiny")[0]
+    choices = app.cam_layer_choices(pipe)
+    assert choices[:5] == list(app.CAM_GROUPS) and any(c.startswith("up_blocks.") for c in choices[5:])
+    on_final, on_x0, caption = app.cam_view(tiny_session, 1, "up_blocks", models=models)
+    assert on_final.shape == on_x0.shape and "up_blocks" in caption
+    with pytest.raises(app.InputError, match="no layer 'nowhere'"):
+        app.cam_view(tiny_session, 1, "nowhere", models=models)
+
+
+def test_opened_traces_need_a_model_with_matching_latents(models, session):
+    with pytest.raises(app.InputError, match="4-channel latents but this trace has 3"):
+        session.trace.x_t = session.trace.x_t[:, :, :3]
+        session.trace.x0 = session.trace.x0[:, :, :3]
+        app.model_for_trace(session, "tiny", models)
+
+
+# ---------------------------------------------------------------------------- launched app
+@pytest.fixture(scope="module")
+def launched(models):
+    demo = ui.build_app(default_model="tiny", models=models)
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1")
+    yield url
+    demo.close()
+
+
+def test_four_users_at_once_see_only_their_own_results(launched, tmp_path):
+    gradio_client = pytest.importorskip("gradio_client", reason="needs gradio_client (installed with gradio)")
+    prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle above a purple square"]
+    results: dict[int, object] = {}
+    errors: dict[int, Exception] = {}
+    barrier = threading.Barrier(len(prompts))
+
+    def user_downloads(i: int) -> None:
+        try:
+            client = gradio_client.Client(launched, verbose=False, download_files=str(tmp_path / f"user{i}"))
+            barrier.wait(timeout=60)
+            out = client.predict(prompts[i], "", i, 2, 5.0, "model default", "uniform", 60, "tiny", api_name="/generate")
+            barrier.wait(timeout=120)  # everyone has generated before anyone reads back: shared state would show
+            path = client.predict(api_name="/download_trace")
+            results[i] = (out[1], Trace.load(path))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors[i] = exc
+            barrier.abort()
+
+    threads = [threading.Thread(target=user_downloads, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not errors, errors
+    assert sorted(results) == list(range(len(prompts))), results
+    for i, (summary_text, trace) in results.items():
+        assert prompts[i] in summary_text
+        assert trace.prompts == [prompts[i]] and trace.meta["seed"] == i
+
+
+def test_bad_input_over_the_api_gets_the_message_and_the_app_keeps_running(launched):
+    gradio_client = pytest.importorskip("gradio_client", reason="needs gradio_client (installed with gradio)")
+    client = gradio_client.Client(launched, verbose=False)
+    with pytest.raises(Exception, match="prompt is empty"):
+        client.predict("", "", 0, 2, 5.0, "model default", "uniform", 60, "tiny", api_name="/generate")
+    with pytest.raises(Exception, match="generate an image or open a trace"):
+        client.predict(api_name="/download_trace")
+    out = client.predict("a red circle", "", 0, 2, 5.0, "model default", "uniform", 60, "tiny", api_name="/generate")
+    assert "a red circle" in out[1]
+
+
+# ---------------------------------------------------------------------------- browser
+@pytest.mark.browser
+def test_browser_generate_explain_and_open_a_trace(launched, tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("no system Chromium: apt-get install chromium (Playwright's own browser download is not used)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright: pip install -r requirements-dev.txt")
+    synthetic_trace(steps=6).save(tmp_path / "synthetic.safetensors")
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(launched)
+            # an empty prompt gets a message, and the app keeps working
+            page.locator("#prompt textarea").fill("")
+            page.locator("#generate").click()
+            sync_api.expect(page.get_by_text("the prompt is empty").first).to_be_visible(timeout=30_000)
+
+            page.locator("#prompt textarea").fill("a red circle above a blue square")
+            page.locator("#steps input[type=number]").fill("3")
+            page.locator("#generate").click()
+            sync_api.expect(page.locator("#summary")).to_contain_text("a red circle above a blue square", timeout=120_000)
+            sync_api.expect(page.locator("#final-image img")).to_be_visible()
+            sync_api.expect(page.locator("#summary")).to_contain_text("3")
+
+            page.get_by_role("tab", name="Words").click()
+            sync_api.expect(page.locator("#word-heatmap img")).to_be_visible()
+            page.locator("#word-chips").get_by_text("blue", exact=True).click()
+            sync_api.expect(page.locator("#word-heatmap")).to_contain_text("heatmap")
+            sync_api.expect(page.get_by_text("'blue', steps 0-2")).to_be_visible(timeout=30_000)
+
+            page.get_by_role("tab", name="Concepts").click()
+            sync_api.expect(page.locator("#concept-plot svg").first).to_be_visible(timeout=30_000)
+            sync_api.expect(page.locator("#concept-plot")).to_contain_text("circle")
+            shot = Path(os.environ.get("GRADIO_APP_SCREENSHOT") or tmp_path / "gradio_app.png")
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+
+            page.locator("#download-trace").click()
+            sync_api.expect(page.locator("#download a[href$='trace.safetensors']")).to_be_visible(timeout=30_000)
+
+            page.get_by_role("tab", name="Open a trace").click()
+            page.locator("#trace-file input[type=file]").set_input_files(str(tmp_path / "synthetic.safetensors"))
+            sync_api.expect(page.locator("#summary")).to_contain_text("opened synthetic.safetensors", timeout=60_000)
+            sync_api.expect(page.locator("#word-chips")).to_contain_text("square")
+        finally:
+            browser.close()
