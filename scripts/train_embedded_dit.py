@@ -148,7 +148,16 @@ def save_pipeline(comps: dict, ema: dict, out: Path, info: dict) -> None:
     pipe = dit.assemble(parts)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out), safe_serialization=True, max_shard_size="12MB")
+    text_encoders_load_in_float32(out)
     (out / "training.json").write_text(json.dumps(info, indent=2))
+
+
+def text_encoders_load_in_float32(folder: Path) -> None:
+    """Stock ``from_pretrained`` would load the fp16-stored text encoders in fp16 (transformers
+    >= 5 follows the config's dtype) next to an fp32 transformer and fail on the CPU; the configs
+    ask for float32, the weights stay fp16 (see train_embedded.load_text_encoder_in_float32)."""
+    for name in ("text_encoder", "text_encoder_2"):
+        unet_script.load_text_encoder_in_float32(folder / name / "config.json")
 
 
 def save_train_state(comps: dict, opt: torch.optim.Optimizer, out: Path, state: dict) -> None:
@@ -250,6 +259,7 @@ def ship(run: Path, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(run, out, ignore=shutil.ignore_patterns("train_state"))
+    text_encoders_load_in_float32(out)  # runs saved before this fix
 
 
 def main(argv=None):

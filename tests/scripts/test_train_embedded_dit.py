@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,10 +124,23 @@ def test_tiny_run_writes_a_loadable_pipeline_and_its_record(runs):
     assert isinstance(pipe, StableDiffusion3Pipeline)
     assert pipe.transformer.config.num_layers == 1 and pipe.tokenizer.model_max_length == 32
     # saved in fp16, the resume state beside it in safetensors only
-    assert json.loads((out / "text_encoder" / "config.json").read_text())["dtype"] == "float16"
+    from safetensors import safe_open
+
+    for name in ("text_encoder", "text_encoder_2"):
+        assert json.loads((out / name / "config.json").read_text())["dtype"] == "float32"  # the load dtype
+        with safe_open(str(out / name / "model.safetensors"), framework="pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # the stored one
     assert sorted(p.name for p in (out / "train_state").iterdir()) == ["optimizer.safetensors", "raw.safetensors", "state.json"]
-    image = pipe("a red circle on the left", num_inference_steps=2, output_type="np", **embedded.call_kwargs(pipe)).images
+    g = torch.Generator().manual_seed(0)
+    image = pipe("a red circle on the left", num_inference_steps=2, generator=g, output_type="np", **embedded.call_kwargs(pipe)).images
     assert image.shape == (1, 64, 64, 3)
+    # stock diffusers, nothing of ours in between: all fp32 on load (the weights are fp16 on disk)
+    stock = StableDiffusion3Pipeline.from_pretrained(str(out), text_encoder_3=None, tokenizer_3=None, local_files_only=True)
+    assert {m.dtype for m in (stock.transformer, stock.vae, stock.text_encoder, stock.text_encoder_2)} == {torch.float32}
+    stock.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    again = stock("a red circle on the left", num_inference_steps=2, generator=g, output_type="np", max_sequence_length=0).images
+    np.testing.assert_allclose(again, image, rtol=0, atol=1e-6)
     assert len(list((runs / "cache").iterdir())) == 1  # the continued run found its pool's latents
 
 

@@ -192,6 +192,27 @@ def test_shipped_dit_loads_by_name_within_the_size_budget():
 
 
 @shipped
+def test_shipped_dit_generates_the_same_image_through_stock_diffusers():
+    """As a diffusers user would load it: the T5 slots set to None, nothing else of ours."""
+    from diffusers import StableDiffusion3Pipeline
+
+    stock = StableDiffusion3Pipeline.from_pretrained(
+        str(embedded.DIT_MODEL_DIR), text_encoder_3=None, tokenizer_3=None, local_files_only=True
+    )
+    stock.set_progress_bar_config(disable=True)
+    assert {m.dtype for m in (stock.transformer, stock.vae, stock.text_encoder, stock.text_encoder_2)} == {torch.float32}
+    ours = embedded.load_pipeline("dit", device="cpu")
+
+    def image(pipe):
+        g = torch.Generator().manual_seed(3)
+        return pipe(embedded.DEFAULT_PROMPT, num_inference_steps=4, guidance_scale=5.0, generator=g, output_type="np", max_sequence_length=0).images
+
+    a = image(stock)
+    assert np.isfinite(a).all() and a.std() > 0.01
+    np.testing.assert_allclose(a, image(ours), rtol=0, atol=1e-6)
+
+
+@shipped
 def test_shipped_dit_record_says_no_grounding_loss():
     info = embedded.training_info("dit")
     assert info["generator_version"] == world.GENERATOR_VERSION
