@@ -8,8 +8,15 @@ A `Trace` holds, per denoising *step* (not per model call):
 * ``x0[s]``: the model's guided prediction of the clean latent at step ``s``;
 * ``attention[s]``: per-token cross-attention probabilities of the conditional branch,
   averaged over heads and layers at latent resolution, ``[B, T, h, w]``;
-* optionally ``attention_negative[s]`` (the unconditional / negative-prompt branch) and
-  ``attention_layers[name][s]`` (one layer or resolution, at its own resolution).
+* optionally ``attention_negative[s]`` (the unconditional / negative-prompt branch),
+  ``attention_layers[name][s]`` (one layer or resolution, at its own resolution) and, for
+  joint-attention models traced with concepts, ``concept_maps[s]`` ``[B, K, h, w]`` over the
+  ``concepts`` (words that need not be in the prompt; ``meta["concept_maps"]`` says whether they
+  are attention- or output-space maps).
+
+``sigmas`` are in the scheduler's own terms, which ``meta["latent_space"]`` names: for "vp" and
+"sigma" traces the k-diffusion σ above, for "flow" traces (SD3, Flux) the flow-matching σ in
+[0, 1] of x_t = (1-σ)·x0 + σ·ε.
 
 Token axis ``T`` is the text-encoder context as it was fed to the model, cut after the
 last end-of-text token of the longest prompt, so position 0 is the start token.
@@ -76,6 +83,8 @@ class Trace:
     x0_previews: torch.Tensor | None = None  # [S, B, Hp, Wp, 3] uint8
     x_t_previews: torch.Tensor | None = None  # [S, B, Hp, Wp, 3] uint8
     meta: dict[str, Any] = field(default_factory=dict)
+    concepts: list[str] = field(default_factory=list)  # names of concept_maps' K axis
+    concept_maps: torch.Tensor | None = None  # [S, B, K, h, w]
 
     # ------------------------------------------------------------------ shape helpers
     @property
@@ -170,6 +179,14 @@ class Trace:
                         f"{which} word {word.text!r} points at token positions {word.token_indices}, "
                         f"outside the {t} positions of {name}"
                     )
+        if self.concept_maps is not None:
+            c = self.concept_maps
+            if c.ndim != 5 or tuple(c.shape[:2]) != (s, b) or tuple(c.shape[-2:]) != (h, w) or c.shape[2] != len(self.concepts):
+                raise TraceFormatError(
+                    f"concept_maps must be [steps={s}, batch={b}, concepts={len(self.concepts)}, {h}, {w}], got {tuple(c.shape)}"
+                )
+        elif self.concepts:
+            raise TraceFormatError(f"the trace names {len(self.concepts)} concepts but has no concept_maps")
         for name, att in self.attention_layers.items():
             if att.ndim != 5 or tuple(att.shape[:2]) != (s, b):
                 raise TraceFormatError(f"attention layer {name!r} must be [steps, batch, tokens, h, w]")
@@ -208,6 +225,8 @@ class Trace:
             out["attention_negative"] = self.attention_negative.detach().to(attention_dtype)
         for name, t in self.attention_layers.items():
             out[f"attention_layers/{name}"] = t.detach().to(attention_dtype)
+        if self.concept_maps is not None:
+            out["concept_maps"] = self.concept_maps.detach().to(attention_dtype)
         if self.final_latent is not None:
             out["final_latent"] = self.final_latent.detach().float()
         for name in ("images", "x0_previews", "x_t_previews"):
@@ -225,7 +244,7 @@ class Trace:
             "negative_tokens": [list(t) for t in self.negative_tokens],
             "negative_words": [[w.to_json() for w in wl] for wl in self.negative_words],
             "meta": self.meta,
-        }
+        } | ({"concepts": list(self.concepts)} if self.concepts else {})
 
     def save(self, path: str | os.PathLike, attention_dtype: torch.dtype = torch.float16) -> Path:
         """Write the trace to ``path`` (a ``.safetensors`` file), atomically: an existing file is
@@ -325,6 +344,8 @@ class Trace:
                 x0_previews=tensors.get("x0_previews"),
                 x_t_previews=tensors.get("x_t_previews"),
                 meta=dict(header.get("meta", {})),
+                concepts=[str(c) for c in header.get("concepts", [])],
+                concept_maps=_float_or_none(tensors.get("concept_maps")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TraceFormatError(f"{source} has a damaged trace header ({exc!r})") from None
