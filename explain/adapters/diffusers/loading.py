@@ -157,7 +157,7 @@ def from_pretrained(source: str, device: str, dtype, local: bool):
     try:
         family_of(pipe)
     except UnsupportedPipelineError as exc:
-        raise ModelLoadError(f"{source} loads as {exc}") from None
+        raise ModelLoadError(f"{source}: {exc}") from None
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # it would blank images and costs time; explanations need the real output
     pipe.to(device, resolve_dtype(dtype, device, external=True) if isinstance(dtype, str) else dtype)
