@@ -72,8 +72,8 @@ MAX_IMAGE_SIDE = 4096
 MAX_LAYERS = 1024
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TENSOR_NAMES = ("timesteps", "sigmas", "x_t", "x0", "attention", "attention_negative", "concept_maps", "final_latent", "images",
-                 "x0_previews", "x_t_previews")
+_TENSOR_NAMES = ("timesteps", "sigmas", "x_t", "x0", "attention", "attention_negative", "final_latent", "images", "x0_previews", "x_t_previews")
+_CONCEPT_TENSOR = "concept_maps"  # optional (joint-attention traces with concepts); one tensor, read beside the others
 # meta keys that name the model: a local path there would tell everyone the file is shared with
 # where the author keeps models (and their user name)
 MODEL_KEYS = ("model", "model_source", "model_path", "model_name", "name_or_path", "_name_or_path", "pretrained_model_name_or_path", "checkpoint")
@@ -444,6 +444,8 @@ class Trace:
                 if len(names) > len(_TENSOR_NAMES) + MAX_LAYERS:
                     raise TraceFormatError(f"{path.name} holds {len(names)} trace tensors; a trace holds at most {len(_TENSOR_NAMES) + MAX_LAYERS}")
                 tensors = {k: f.get_tensor(k) for k in names}
+                if _CONCEPT_TENSOR in f.keys():
+                    tensors[_CONCEPT_TENSOR] = f.get_tensor(_CONCEPT_TENSOR)
         except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
             if isinstance(exc, TraceFormatError):
                 raise

@@ -137,6 +137,12 @@ def test_concept_traces_save_and_load_and_damaged_ones_are_refused(tmp_path):
     back.concepts = ["circle"]
     with pytest.raises(TraceFormatError, match="concept_maps must be"):
         back.validate()
+    back.concepts = [1, 2]
+    with pytest.raises(TraceFormatError, match="concepts must be a list of strings"):
+        back.validate()
+    back.concepts, back.concept_maps = ["circle", "zebra"], back.concept_maps * float("nan")
+    with pytest.raises(TraceFormatError, match="concept_maps holds .* NaN"):
+        back.validate()
     back.concept_maps = None
     with pytest.raises(TraceFormatError, match="no concept_maps"):
         back.validate()
