@@ -167,3 +167,26 @@ def test_options_are_checked_and_unets_refuse_joint_options():
     with pytest.raises(ValueError, match="joint-attention models"):
         with trace(tiny_sd_pipeline(), concepts=["circle"]):
             pass
+
+
+@pytest.mark.parametrize("family,maps", [("sd3", "attention"), ("sd3", "output"), ("flux", "output")])
+def test_a_concept_stream_fed_the_prompt_itself_retraces_the_text_stream(monkeypatch, family, maps):
+    """With the prompt's own text tokens as concepts, the concept stream sees exactly what the text
+    stream sees in every block (its keys, its modulation, its feed-forward), so its maps must equal
+    the prompt's maps over the whole context: a check of the stream through all blocks."""
+    from explain.adapters.diffusers.families import flux, sd3
+
+    pipe = tiny_sd3_pipeline() if family == "sd3" else tiny_flux_pipeline()
+    module = sd3 if family == "sd3" else flux
+    with torch.no_grad():
+        if family == "sd3":
+            context = pipe.encode_prompt(PROMPT, None, None, max_sequence_length=16, do_classifier_free_guidance=False)[0][0]
+        else:
+            context = pipe.encode_prompt(PROMPT, None, max_sequence_length=16)[0][0]
+    monkeypatch.setattr(module.FAMILY, "encode_concepts", lambda p, concepts, length: context)
+    names = [f"position {i}" for i in range(context.shape[0])]
+    with trace(pipe, previews=False, maps=maps, concepts=names, full_context=True) as tr:
+        _run(pipe, guidance_scale=1.0)
+    t = tr.trace
+    assert t.attention.shape == t.concept_maps.shape
+    assert torch.allclose(t.concept_maps, t.attention, atol=1e-5)
