@@ -109,7 +109,6 @@ class JointCapture:
         image_out: torch.Tensor | None = None,
         text_out: torch.Tensor | None = None,
         block: torch.nn.Module | None = None,
-        rotate_concepts: bool = False,
     ) -> None:
         """One joint attention layer's maps, from its joint ``query``/``key``/``value``
         ``[B, H, S, D]`` (as the attention kernel got them) and, where the block projects both

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from explain.adapters.diffusers.families import Family, ProbeFunctions, TextSegment
 from explain.adapters.diffusers.families.joint import JointCapture, JointOptions, mean_concept_tokens, transformer_item_bytes
-from explain.attention import COND, UNCOND
 from explain.denoiser import NoiseLevel
 
 STOCK_PROCESSORS = {"JointAttnProcessor2_0"}
