@@ -587,7 +587,7 @@ _JS = r"""
     });
   });
   if (att) { buildWordButtons(); toggleGroup("range", "range"); toggleGroup("base", "base"); toggleGroup("kind", "kind"); setWord(state.word); }
-  else { $("word-panel").style.display = "none"; }
+  else { ["word-panel", "word-controls", "range-controls", "concept-part"].forEach(function (id) { $(id).style.display = "none"; }); }
   setStep(S - 1);
 })();
 """
@@ -660,17 +660,19 @@ def _explorer_html() -> str:
 <div class="controls" id="word-controls">
   <span>word:</span><span id="words"></span>
 </div>
-<div class="controls">
+<div class="controls" id="range-controls">
   <span>attention of:</span>
   <button data-range="step" class="active" type="button">this step</button><button data-range="upto" type="button">steps up to this one</button><button data-range="all" type="button">all steps</button>
   <span>on:</span>
   <button data-base="final" class="active" type="button">the final image</button><button data-base="x0" type="button">x0 at this step</button>
 </div>
+<div id="concept-part">
 <h3>Which concepts matter when</h3>
 <div class="controls"><span>curve:</span>
   <button data-kind="share" class="active" type="button">share</button><button data-kind="normalized" type="button">normalized (paper)</button><button data-kind="mass" type="button">mass</button>
   <span class="note">click a line to pick its word, or the chart to pick a step</span></div>
 <svg id="concept-chart" width="100%" style="max-width:720px"></svg>
+</div>
 <h3>How much of the image is already there (R1)</h3>
 <svg id="recovery-chart" width="100%" style="max-width:720px"></svg>
 </section>

@@ -233,7 +233,7 @@ def _map_view(trace: Trace, method) -> MapView:
             "better is": "lower" if g.mode == "insertion" else "higher",
             "beats random": {True: "yes", False: "no", None: "—"}[g.beats_random],
         })
-    verdict = "\n".join(f"**{line.split(':', 1)[0]}:**{line.split(':', 1)[1]}" for line in method.verdict_lines())
+    verdict = "\n\n".join(f"**{line.split(':', 1)[0]}:**{line.split(':', 1)[1]}" for line in method.verdict_lines())
     return MapView(
         render.with_colorbar(render.overlay(base, heat), low="0 least", high="1 most", label=label),
         render.with_colorbar(render.overlay(x0, heat), low="0 least", high="1 most", label=label),

@@ -255,6 +255,17 @@ def test_browser_interactive_report_scrubs_selects_words_and_ranks_them_under_th
             assert not errors, errors
             assert all(u.startswith(("file:", "data:")) for u in requests), requests
 
+            # a trace without prompt words: the scrubber still works, the word parts are hidden
+            tr.words = [[]]
+            wordless = build_report(tr, tmp_path / "wordless", save_trace=False)
+            other = browser.new_page()
+            other.on("pageerror", lambda exc: errors.append(str(exc)))
+            other.goto(wordless.html_path.as_uri())
+            expect(other.locator("#step-label")).to_contain_text("step 5 of 5")
+            expect(other.locator("#word-panel")).to_be_hidden()
+            expect(other.locator("#concept-part")).to_be_hidden()
+            assert not errors, errors
+
             # without JavaScript: the static figures
             plain = browser.new_context(java_script_enabled=False).new_page()
             plain.goto(rep.html_path.as_uri())
