@@ -1,7 +1,7 @@
 """Pictures of explanations: heatmap overlays, step grids, concept curves, recovery views.
 
-Everything returns ``numpy`` ``uint8`` RGB arrays ``[H, W, 3]`` (what Gradio shows) and
-`to_comfy_image` turns them into ComfyUI ``IMAGE`` tensors; `save_png` writes one. Figures
+Everything returns ``numpy`` ``uint8`` RGB arrays ``[H, W, 3]`` (what Gradio shows; the node
+pack turns them into ComfyUI ``IMAGE`` tensors); `save_png` writes one. Figures
 are drawn with matplotlib's object API on an Agg canvas, never through pyplot, so nothing
 needs a display, no global backend is switched and renders from several threads do not
 share state.
@@ -39,17 +39,6 @@ def as_uint8_image(image) -> np.ndarray:
     if a.dtype == np.uint8:
         return np.ascontiguousarray(a)
     return (np.clip(a.astype(np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
-def to_comfy_image(images) -> torch.Tensor:
-    """ComfyUI ``IMAGE``: float ``[B, H, W, 3]`` in 0..1 from one image or a list of equal size."""
-    if isinstance(images, (list, tuple)):
-        arrays = [as_uint8_image(i) for i in images]
-    else:
-        arrays = [as_uint8_image(images)]
-    if len({a.shape for a in arrays}) != 1:
-        raise ValueError(f"images in one ComfyUI batch must share a size, got {sorted({a.shape for a in arrays})}")
-    return torch.from_numpy(np.stack(arrays)).float() / 255.0
 
 
 def save_png(image, path: str | os.PathLike) -> Path:

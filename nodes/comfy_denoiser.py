@@ -30,7 +30,6 @@ from explain.trace import Trace
 
 from .taps import probing
 
-
 MEMORY_SAFETY = 1.5  # ComfyUI's own factor on memory_required when it batches conds
 
 
@@ -176,7 +175,9 @@ def run_with_denoiser(
     result: dict[str, Any] = {}
 
     class ExplanationSampler(comfy.samplers.Sampler):
-        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
+        # ComfyUI calls sample(model_wrap, sigmas, extra_args, callback, noise, latent_image,
+        # denoise_mask, disable_pbar); whatever it adds later is accepted and unused.
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise, *args, **kwargs):
             denoiser = make_denoiser(model_wrap, extra_args["model_options"], guidance_scale, separate_branches)
             if backward:
                 patcher = model_wrap.model_patcher

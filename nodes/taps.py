@@ -20,6 +20,10 @@ user loaded is never changed) with three things, all keyed ``"diffusion-explain"
   of Heun, DPM-2 or DPM++ SDE (made after the callback, for the correction) are discarded, so
   every sampler gives one attention record per step, at the noise level of ``x``.
 
+Every patch and wrapper takes the arguments it uses and passes all others on as they came
+(ComfyUI adds some over time: ``latent_shapes`` for OUTER_SAMPLE since late October 2025), and a
+recording that goes wrong stops recording, never the user's sampling.
+
 When the run ends, the recorder builds a `Trace` (latents in the model's own space,
 ``x = x0 + σ·ε``, ``meta["latent_space"] = "sigma"``) and files it in `nodes.runs.REGISTRY`
 with the latents the sampler returned, so explanation nodes can find it by their LATENT.
@@ -30,6 +34,7 @@ ComfyUI is imported lazily (inside functions), so this module loads without it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import uuid
@@ -39,9 +44,10 @@ from typing import Any, Callable
 import torch
 
 from explain.attention import COND, UNCOND, StepAccumulator, attention_probs, attention_with_probs, branch_rows, merge_heads, select_rows, split_heads
-from explain.tokens import PromptTokens, comfy_prompt_tokens, pad_token_list
+from explain.tokens import PromptTokens, pad_token_list
 from explain.trace import Trace
 
+from .prompt_tokens import comfy_prompt_tokens
 from .runs import REGISTRY, Run, RunRegistry
 
 log = logging.getLogger("diffusion-explain")
@@ -111,31 +117,57 @@ class AttentionTap:
     def __deepcopy__(self, memo):
         return self  # ModelPatcher.clone deep-copies model_options; the recorder must stay shared
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict, *args, **kwargs) -> torch.Tensor:
+        # ComfyUI calls attn2 replace patches as (q, k, v, extra_options); anything it adds later
+        # is passed on to a chained patch untouched.
         heads = int(extra_options["n_heads"])
         run = self.recorder.active
-        if run is None or _probing:
-            return self._plain(q, k, v, extra_options, heads)
+        if run is None or _probing or run.failed:
+            return self._plain(q, k, v, extra_options, heads, *args, **kwargs)
         dim_head = q.shape[-1] // heads
-        qh, kh = split_heads(q, heads), split_heads(k, heads)
         if self.previous is not None:
-            out = self.previous(q, k, v, extra_options)
-            probs = attention_probs(qh, kh, scale=dim_head**-0.5)
+            out = self.previous(q, k, v, extra_options, *args, **kwargs)
+            try:
+                probs = attention_probs(split_heads(q, heads), split_heads(k, heads), scale=dim_head**-0.5)
+            except Exception as exc:  # noqa: BLE001 - the other pack's output stands; only the recording stops
+                run.fail(f"the attention of {self.name} could not be read ({type(exc).__name__}: {exc})")
+                return out
         else:
-            # On a GPU the probabilities come out of the fused SDPA kernel (the same kernel ComfyUI
-            # uses by default); on a CPU the explicit float32 softmax is as fast and exact.
-            method = "sdpa" if q.is_cuda else "explicit"
-            out, probs = attention_with_probs(qh, kh, split_heads(v, heads), scale=dim_head**-0.5, method=method, upcast=True)
-            out = merge_heads(out)
-        run.add_attention(self.name, probs, extra_options)  # [B, H, N, T]
+            try:
+                # On a GPU the probabilities come out of the fused SDPA kernel (the same kernel ComfyUI
+                # uses by default); on a CPU the explicit float32 softmax is as fast and exact.
+                method = "sdpa" if q.is_cuda else "explicit"
+                qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
+                out, probs = attention_with_probs(qh, kh, vh, scale=dim_head**-0.5, method=method, upcast=True)
+                out = merge_heads(out)
+            except Exception as exc:  # noqa: BLE001 - never fail the user's sampling because of the tap
+                run.fail(f"the attention of {self.name} could not be recorded ({type(exc).__name__}: {exc})")
+                return self._plain(q, k, v, extra_options, heads, *args, **kwargs)
+        try:
+            run.add_attention(self.name, probs, extra_options)  # [B, H, N, T]
+        except Exception as exc:  # noqa: BLE001
+            run.fail(f"the attention of {self.name} could not be recorded ({type(exc).__name__}: {exc})")
         return out
 
-    def _plain(self, q, k, v, extra_options, heads):
+    def _plain(self, q, k, v, extra_options, heads, *args, **kwargs):
         if self.previous is not None:
-            return self.previous(q, k, v, extra_options)
+            return self.previous(q, k, v, extra_options, *args, **kwargs)
         from comfy.ldm.modules.attention import optimized_attention
 
-        return optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options)
+        options = {"attn_precision": extra_options.get("attn_precision")}
+        if _takes_transformer_options(optimized_attention):
+            options["transformer_options"] = extra_options  # for an optimized_attention_override (ComfyUI >= 0.3.60)
+        return optimized_attention(q, k, v, heads, **options)
+
+
+def _takes_transformer_options(fn) -> bool:
+    """ComfyUI's attention functions take ``transformer_options`` since 0.3.60 (before, the keyword
+    is a TypeError)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == "transformer_options" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def cross_attention_blocks(diffusion_model) -> list[tuple[str, int, int]]:
@@ -182,6 +214,12 @@ class _RunState:
         self.evaluations = 0
         self.output: torch.Tensor | None = None  # what the sampler returned (its LATENT, VAE space)
         self.notes: set[str] = set()
+        self.failed: str | None = None  # why recording stopped (sampling itself goes on unchanged)
+
+    def fail(self, reason: str) -> None:
+        if self.failed is None:
+            self.failed = reason
+            log.warning("diffusion-explain: recording stopped, sampling goes on: %s", reason)
 
     # ComfyUI calls, in order: begin_evaluation, add_attention (per layer and batch chunk), on_step
     def begin_evaluation(self) -> None:
@@ -267,6 +305,26 @@ def _token_count(info: PromptInfo | None) -> int | None:
     return len(info.tokens.tokens) if info is not None and info.tokens is not None else None
 
 
+# OUTER_SAMPLE's arguments in the order CFGGuider.sample passes them; newer ComfyUI adds more
+# after these (as keywords), which the wrapper passes on without knowing them.
+OUTER_SAMPLE_ARGUMENTS = ("noise", "latent_image", "sampler", "sigmas", "denoise_mask", "callback", "disable_pbar", "seed")
+
+
+def outer_sample_argument(args: tuple, kwargs: dict, name: str, default=None):
+    """Argument ``name`` of an OUTER_SAMPLE call, given positionally or by keyword."""
+    index = OUTER_SAMPLE_ARGUMENTS.index(name)
+    return args[index] if index < len(args) else kwargs.get(name, default)
+
+
+def with_outer_sample_argument(args: tuple, kwargs: dict, name: str, value) -> tuple[tuple, dict]:
+    """The same call with argument ``name`` set to ``value`` where the caller put it (positional
+    or keyword); every other argument stays as it was."""
+    index = OUTER_SAMPLE_ARGUMENTS.index(name)
+    if index < len(args):
+        return (*args[:index], value, *args[index + 1 :]), dict(kwargs)
+    return tuple(args), {**kwargs, name: value}
+
+
 # ---------------------------------------------------------------------------- the recorder
 class TapRecorder:
     """Shared by every patch and wrapper of one Tap node output; files finished runs under
@@ -295,22 +353,31 @@ class TapRecorder:
         return self
 
     # ------------------------------------------------------------------ wrappers
-    def outer_sample(self, executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False, seed=None):
+    def outer_sample(self, executor, *args, **kwargs):
+        """OUTER_SAMPLE wrapper. ComfyUI adds arguments over time (``latent_shapes`` since late
+        October 2025), so this reads the few it needs, swaps in its step callback and passes
+        every argument on as it came."""
         if _probing or self.active is not None:
-            return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+            return executor(*args, **kwargs)
         guider = executor.class_obj
+        noise, sigmas = outer_sample_argument(args, kwargs, "noise"), outer_sample_argument(args, kwargs, "sigmas")
+        sampler, seed = outer_sample_argument(args, kwargs, "sampler"), outer_sample_argument(args, kwargs, "seed")
         run = _RunState(self, noise.shape, sigmas, context_lengths(getattr(guider, "conds", None) or getattr(guider, "original_conds", {})))
-        outer_callback = callback
+        outer_callback = outer_sample_argument(args, kwargs, "callback")
 
-        def step_callback(i, denoised, x, total_steps):
-            if self.active is run:
-                run.on_step(i, denoised, x)
+        def step_callback(i, denoised, x, *more, **named):  # ComfyUI: (i, denoised, x, total_steps)
+            if self.active is run and not run.failed:
+                try:
+                    run.on_step(i, denoised, x)
+                except Exception as exc:  # noqa: BLE001 - never fail the user's sampling because of the tap
+                    run.fail(f"step {i} could not be recorded ({type(exc).__name__}: {exc})")
             if outer_callback is not None:
-                return outer_callback(i, denoised, x, total_steps)
+                return outer_callback(i, denoised, x, *more, **named)
 
+        args, kwargs = with_outer_sample_argument(args, kwargs, "callback", step_callback)
         self.active = run
         try:
-            output = executor(noise, latent_image, sampler, sigmas, denoise_mask, step_callback, disable_pbar, seed)
+            output = executor(*args, **kwargs)
         finally:
             self.active = None
         try:
@@ -321,14 +388,18 @@ class TapRecorder:
             log.warning("diffusion-explain: this run could not be recorded: %s", exc)
         return output
 
-    def predict_noise(self, executor, x, timestep, model_options={}, seed=None):  # noqa: B006 - ComfyUI's signature
+    def predict_noise(self, executor, *args, **kwargs):
+        """PREDICT_NOISE wrapper ((x, timestep, model_options, seed) today): marks where a model
+        evaluation begins and passes every argument on."""
         run = self.active
-        if run is not None and not _probing:
+        if run is not None and not _probing and not run.failed:
             run.begin_evaluation()
-        return executor(x, timestep, model_options, seed)
+        return executor(*args, **kwargs)
 
     # ------------------------------------------------------------------ building the trace
     def _file(self, run: _RunState, guider, output: torch.Tensor, sampler, seed) -> None:
+        if run.failed:
+            raise RuntimeError(run.failed)
         if not run.x_t:
             raise RuntimeError("the sampler never called its step callback, so no step was recorded")
         model = guider.model_patcher.model

@@ -20,14 +20,6 @@ def test_as_uint8_image_accepts_the_usual_layouts():
         render.as_uint8_image(np.zeros((3, 4, 5)))
 
 
-def test_to_comfy_image_is_a_float_batch():
-    a = np.zeros((6, 7, 3), np.uint8)
-    out = render.to_comfy_image([a, a + 255])
-    assert out.shape == (2, 6, 7, 3) and out.dtype == torch.float32 and float(out[1].min()) == 1.0
-    with pytest.raises(ValueError, match="must share a size"):
-        render.to_comfy_image([a, np.zeros((3, 3, 3), np.uint8)])
-
-
 def test_paper_overlay_follows_the_formula():
     img = np.full((2, 2, 3), 100, np.uint8)
     heat = torch.tensor([[0.0, 1.0], [0.5, 0.25]])

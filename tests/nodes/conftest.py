@@ -1,6 +1,8 @@
 import pytest
 
-from tests.nodes.stubs import install_folder_paths
+from tests.nodes.stubs import install_comfy_api_stand_in, install_folder_paths
+
+install_comfy_api_stand_in()  # before any test module imports the node classes
 
 
 @pytest.fixture(autouse=True)
