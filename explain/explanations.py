@@ -19,6 +19,7 @@ a default changed by measurement changes every front end at once. Results are pl
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -48,10 +49,9 @@ class Game:
         return self.auc < self.random_auc if self.mode == "insertion" else self.auc > self.random_auc
 
     def line(self) -> str:
-        sign = "<" if self.mode == "insertion" else ">"
         verdict = {True: "yes", False: "no", None: "undecided"}[self.beats_random]
         want = "lower" if self.mode == "insertion" else "higher"
-        return f"{self.mode}: {verdict} (AUC {self.auc:.4g} vs random {self.random_auc:.4g}; {want} is better, want {sign})"
+        return f"{self.mode}: {verdict} (AUC {self.auc:.4g} vs random {self.random_auc:.4g}; {want} is better)"
 
     def to_json(self) -> dict:
         return {
@@ -121,9 +121,10 @@ def sanity_verdict(method_id: str, model: str | None) -> tuple[bool | None, str]
         verdict = known_verdict(method_id, name)
         if verdict is not None:
             passes = bool(verdict.passes)
-            line = verdict.line() if hasattr(verdict, "line") else ""
+            # the verdict's own line repeats the head ("FAILS the sanity checks (ρ ...): note"): keep the rest
+            detail = re.sub(r"^(passes|fails) the sanity checks:?\s*", "", verdict.line() if hasattr(verdict, "line") else "", flags=re.I)
             head = f"passes the sanity checks: {'yes' if passes else 'no'}"
-            return passes, head + (f" — {line}" if line else "")
+            return passes, head + (f" {detail}" if detail.startswith("(") else f" — {detail}" if detail else "")
     return None, NOT_MEASURED
 
 
