@@ -237,6 +237,10 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
     def on_model_box(box):
         return gr.update(choices=model_size_choices(model_of(box), models), value="model default")
 
+    def on_sizes(box):
+        """The size menu read from the pipeline once a Generate has loaded it (the choice stays)."""
+        return gr.update(choices=model_size_choices(model_of(box), models))
+
     def on_play(state, step, playing):
         trace = _session(state).trace
         if playing or trace is None or trace.num_steps < 2:
@@ -380,6 +384,7 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
             api_name="generate",
             show_progress_on=[final],  # the progress text sits on the image, not over the summary's placeholder
         )
+        generated.success(on_sizes, [model], [size], show_progress="hidden", api_name=False)
         opened = trace_file.upload(on_open, [state, trace_file], first_outputs, api_name="open_trace", show_progress_on=[final])
         for event in (generated, opened):
             event.success(on_views, [state, kind], view_outputs, api_name=False).success(

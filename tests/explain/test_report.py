@@ -195,6 +195,7 @@ def test_browser_interactive_report_scrubs_selects_words_and_ranks_them_under_th
     if CHROMIUM is None:
         pytest.skip("no system Chromium: apt-get install chromium (Playwright's own browser download is not used)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright: pip install -r requirements-dev.txt")
+    sync_api.expect.set_options(timeout=20_000)  # the machine is shared: give each check time
     tr = synthetic_trace(steps=6)
     tr.x0_previews = torch.zeros(6, 1, 32, 32, 3, dtype=torch.uint8)
     for s in range(6):
@@ -244,7 +245,8 @@ def test_browser_interactive_report_scrubs_selects_words_and_ranks_them_under_th
             ticks = page.locator("#concept-chart .xtick").evaluate_all("els => els.map(e => e.textContent)")
             assert ticks and all(t.isdigit() for t in ticks)
             page.locator("#play").click()
-            expect(page.locator("#step-label")).to_contain_text("step 4 of 5", timeout=5000)
+            expect(page.locator("#step-label")).to_contain_text("step 5 of 5")  # played on from step 2 to the end
+            expect(page.locator("#play")).to_have_text("▶ play")
             expect(page.locator("#df-rise-step2")).to_be_visible()
             page.screenshot(path=str(shot), full_page=True)
 

@@ -478,7 +478,9 @@ def _browser(p):
 def _need_browser():
     if CHROMIUM is None:
         pytest.skip("no system Chromium: apt-get install chromium (Playwright's own browser download is not used)")
-    return pytest.importorskip("playwright.sync_api", reason="needs playwright: pip install -r requirements-dev.txt")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright: pip install -r requirements-dev.txt")
+    sync_api.expect.set_options(timeout=20_000)  # the machine is shared: give each check time, not just 5 s
+    return sync_api
 
 
 @pytest.mark.browser
@@ -492,6 +494,7 @@ def test_browser_generate_explain_and_open_a_trace(launched, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(launched)
+            expect(page.locator("#generate")).to_be_visible(timeout=60_000)  # a loaded machine serves the page slowly
             # nothing to download before there is an image
             expect(page.locator("#download-trace")).to_be_disabled()
             expect(page.locator("#download-report")).to_be_disabled()
@@ -516,6 +519,7 @@ def test_browser_generate_explain_and_open_a_trace(launched, tmp_path):
             heights = cells.evaluate_all("els => els.map(e => e.getBoundingClientRect().height)")
             assert max(heights[:4]) < 1.6 * min(heights[:4])  # one line each
             # the size menu offers the model's size and a few it was not trained at, not 1024 px
+            expect(page.locator("#size input")).to_have_value("32 px (the model's size)", timeout=30_000)  # read from the loaded pipeline
             page.locator("#size input").click()
             options = page.get_by_role("option").all_inner_texts()
             page.keyboard.press("Escape")
@@ -626,6 +630,7 @@ def test_browser_says_the_model_is_loading_and_shows_progress_on_the_image(tmp_p
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 page.goto(url)
+                expect(page.locator("#generate")).to_be_visible(timeout=60_000)
                 expect(page.locator("#model-status")).to_contain_text("loading the model", timeout=30_000)
                 page.locator("#steps input[type=number]").fill("2")
                 page.locator("#generate").click()
