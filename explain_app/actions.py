@@ -104,16 +104,11 @@ def generate(prompt, negative="", seed=0, steps=20, guidance=5.0, size="model de
 
 # ---------------------------------------------------------------------------- sizes
 def native_size(pipe) -> int | None:
-    """The side the model was trained at: its UNet's sample size times the VAE's factor
-    (diffusers' default size), or None when the pipeline does not say."""
-    unet = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    sample = getattr(getattr(unet, "config", None), "sample_size", None)
-    factor = getattr(pipe, "vae_scale_factor", None)
-    if isinstance(sample, (list, tuple)):
-        sample = sample[0]
-    if not isinstance(sample, int) or not isinstance(factor, int):
-        return None
-    return int(sample) * int(factor)
+    """The side the model was trained at (`explain.sizes.pipeline_geometry`), or None when the
+    pipeline does not say."""
+    from explain import sizes
+
+    return sizes.pipeline_geometry(pipe).native
 
 
 def size_note(side: int, trained: int) -> str:
@@ -123,41 +118,32 @@ def size_note(side: int, trained: int) -> str:
     )
 
 
-def size_choices(trained: int | None) -> list[tuple[str, str]]:
-    """The size menu: the model's own size first, then a few it was not trained at, labelled so.
-    For an unknown model, the usual sizes."""
+def size_choices(trained: int | None, factor: int = 8) -> list[tuple[str, str]]:
+    """The size menu: the model's own size first, then a few it was not trained at (up to
+    `explain.sizes.MAX_TIMES_NATIVE` times it, within the app's limits), labelled so. For an
+    unknown model, the usual sizes within the limits."""
+    from explain import sizes
+    from explain_app import inputs
+
+    top = inputs.LIMITS.max_side
     if trained is None:
-        return [("model default", "model default")] + [(f"{s} px", s) for s in ("512", "768", "1024")]
-    others = sorted({s for s in (trained // 2, trained * 3 // 2, trained * 2) if 64 <= s <= 1024 and s % 8 == 0 and s != trained})
+        return [("model default", "model default")] + [(f"{s} px", s) for s in inputs.size_choices() if s != "model default"]
+    candidates = {trained // 2, trained * 3 // 2, trained * 2}
+    others = sorted(s for s in candidates if 64 <= s <= min(top, sizes.MAX_TIMES_NATIVE * trained) and s % max(factor, 8) == 0 and s != trained)
     return [(f"{trained} px (the model's size)", "model default")] + [(f"{s} px (not trained: expect artefacts)", str(s)) for s in others]
 
 
 def model_size_choices(spec: str | None, models: ModelCache | None = None) -> list[tuple[str, str]]:
     """`size_choices` for the model box's model: read from its pipeline when it is loaded, from
     its config files on disk otherwise (nothing is loaded for this)."""
+    from explain import sizes
+
     models = models or MODELS
     pipe = models.loaded(spec)
-    if pipe is not None:
-        return size_choices(native_size(pipe))
-    return size_choices(_native_size_on_disk(spec))
-
-
-def _native_size_on_disk(spec: str | None) -> int | None:
-    import json
-
-    spec = (spec or DEFAULT_MODEL).strip() or DEFAULT_MODEL
-    if spec == "embedded":
-        from explain import embedded
-
-        folder = Path(embedded.MODEL_DIR)
-    else:
-        folder = Path(spec).expanduser()
-    try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        vae = json.loads((folder / "vae" / "config.json").read_text())
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    geometry = sizes.pipeline_geometry(pipe) if pipe is not None else sizes.spec_geometry((spec or DEFAULT_MODEL).strip() or DEFAULT_MODEL)
+    if geometry is None:
+        return size_choices(None)
+    return size_choices(geometry.native, geometry.factor)
 
 
 def model_status(spec: str | None, models: ModelCache | None = None) -> str:

@@ -20,6 +20,9 @@ from explain_app.actions import (
 )
 from explain_app.inputs import CURVE_KINDS, DEFAULT_MODEL, MAX_GUIDANCE, MAX_LAM, MAX_MASKS, MAX_SEED, MAX_STEPS, InputError, check_int
 from explain_app.session import MODELS, ModelCache, Session, _session, close_session
+from explain_app import inputs
+from explain_app.inputs import user_error
+from explain_app.session import check_generation
 from explain_app.views import CURVE_TITLES, concept_colors, concept_frame, content_words, default_word, final_view, recovery_views, step_view, summary, word_view
 
 try:  # ZeroGPU on Hugging Face Spaces; a no-op decorator elsewhere
@@ -102,10 +105,10 @@ def _ui(fn):
         try:
             return fn(*args, **kwargs)
         except (InputError, TraceFormatError, heatmaps.UnknownWordError) as exc:
-            raise gr.Error(str(exc)) from None
+            raise user_error(exc) from None
         except (ValueError, KeyError, IndexError) as exc:
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            raise gr.Error(str(message)) from None
+            raise user_error(message) from None
 
     return wrapper
 
@@ -163,6 +166,7 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
 
     @_ui
     def on_generate(state, prompt, negative, seed, steps, guidance, size, schedule, lam, model, progress=gr.Progress()):
+        check_generation(models, model_of(model), size, steps)  # before the queue for the model
         session = _generate_on_gpu(prompt, negative, seed, steps, guidance, size, schedule, lam, model_of(model), models=_custom(models), progress=progress)
         close_session(state)
         for note in session.notes:
@@ -208,6 +212,7 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
 
     @_ui
     def on_rise(state, step, n_masks, preset, similarity, centered, model_box, progress=gr.Progress()):
+        inputs.check_masks(n_masks)
         return panel(_rise_on_gpu(_session(state), step, n_masks, centered, model_of(model_box), models=_custom(models), progress=progress, preset=preset, similarity=similarity))
 
     @_ui
@@ -279,23 +284,30 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
                     negative = gr.Textbox(label="negative prompt", value="", elem_id="negative")
                     with gr.Row():
                         seed = gr.Number(label="seed", value=0, precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
-                        steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="steps", elem_id="steps")
+                        steps = gr.Slider(1, inputs.LIMITS.max_steps, value=20, step=1, label="steps", elem_id="steps")
                     with gr.Row():
                         guidance = gr.Slider(0, MAX_GUIDANCE, value=5.0, step=0.5, label="guidance", elem_id="guidance")
                         size = gr.Dropdown(model_size_choices(default_model, models), value="model default", label="size", info="the model's own size, or sizes it was not trained at", elem_id="size")
                     with gr.Row():
                         schedule = gr.Radio(list(schedules.SCHEDULES), value="uniform", label="time-step schedule", info="early: more steps at high noise (semantics); latter: more at low noise (details)")
                         lam = gr.Number(label="λ (early/latter)", value=60, precision=0, minimum=1, maximum=MAX_LAM)
-                    model = gr.Textbox(
-                        label="model",
-                        value=default_model,
-                        info="'embedded' (the shapes model), a local diffusers folder or a hub id",
-                        interactive=allow_model_choice,
-                        elem_id="model",
-                    )
+                    if models.policy.allow_any:
+                        model = gr.Textbox(
+                            label="model",
+                            value=default_model,
+                            info="'embedded' (the shapes model), a local diffusers folder or a hub id",
+                            interactive=allow_model_choice,
+                            elem_id="model",
+                        )
+                    else:  # a public app: the operator's models only (any other is refused, whatever it names)
+                        model = gr.Dropdown(
+                            list(dict.fromkeys([default_model, *models.policy.choices])), value=default_model, label="model",
+                            info="the models this app offers", interactive=allow_model_choice, allow_custom_value=True, elem_id="model",
+                        )
                     run = gr.Button("Generate & explain", variant="primary", elem_id="generate")
                     status = gr.Markdown(model_status(default_model, models), elem_id="model-status")
                     gr.Examples(EXAMPLES, [prompt, seed], label="examples (click one, then Generate)", elem_id="examples")
+                    gr.Markdown(inputs.LIMITS.describe(), elem_id="limits")
                 with gr.Tab("Open a trace"):
                     gr.Markdown("Browse a trace saved by this app, the CLI (`python -m explain`) or the ComfyUI Save Trace node; no model needed.")
                     trace_file = gr.File(label="trace file (.safetensors)", file_types=[".safetensors"], type="filepath", elem_id="trace-file")
@@ -343,7 +355,7 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
                 rise_step = gr.Slider(0, 1, value=0, step=1, label="step", elem_id="rise-step")
                 preset = gr.Radio(list(RISE_PRESETS), value="default", label="settings", elem_id="rise-preset")
             with gr.Row():
-                masks = gr.Slider(8, MAX_MASKS, value=defaults.RISE.n_masks, step=8, label="masks", info=f"the paper used {defaults.PAPER_RISE.n_masks}; a few hundred take seconds with the embedded model", elem_id="rise-masks")
+                masks = gr.Slider(8, inputs.LIMITS.max_masks, value=min(defaults.RISE.n_masks, inputs.LIMITS.max_masks), step=8, label="masks", info=f"the paper used {defaults.PAPER_RISE.n_masks}; a few hundred take seconds with the embedded model", elem_id="rise-masks")
                 similarity = gr.Dropdown(list(SIMILARITIES), value=defaults.RISE.similarity, label="similarity", elem_id="rise-similarity")
                 centered = gr.Checkbox(value=defaults.RISE.centered, label="centered (subtracts each pixel's mean similarity: less noisy)", elem_id="rise-centered")
             rise_run = gr.Button("Run DF-RISE", variant="primary", elem_id="run-rise")
@@ -417,7 +429,9 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
         status_timer = gr.Timer(1.0, active=True)
         status_timer.tick(on_status, [model], [status, status_timer, size], show_progress="hidden", api_name=False)
         demo.load(on_status, [model], [status, status_timer, size], show_progress="hidden", api_name=False)
-        model.blur(on_model_box, [model], [size], api_name=False)
-        model.submit(on_model_box, [model], [size], api_name=False)
+        # a typed model: when the box is left or Enter pressed; a public app's menu: when picked
+        for event in (model.blur, model.submit) if isinstance(model, gr.Textbox) else (model.change,):
+            event(on_model_box, [model], [size], api_name=False)
     demo.queue(default_concurrency_limit=4, max_size=64)
+    inputs.quiet_request_errors(demo)
     return demo
