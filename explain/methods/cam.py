@@ -228,6 +228,7 @@ def df_cam(
     quantity: str = "epsilon",
     normalize: bool = True,
     image_size: tuple[int, int] | None = None,
+    progress=None,
 ) -> CamResult:
     """DF-CAM at ``step`` of ``trace`` (item ``item``) on ``layers`` (``"paper"``, ``"all"``, a
     module name or a list of names from ``denoiser.modules``), all from one forward and one
@@ -247,6 +248,9 @@ def df_cam(
 
     captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     handles = []
+    from explain.progress import bar
+
+    counter = bar(progress, 2, "DF-CAM forward and backward pass")
 
     def hook_for(name):
         def hook(module, inputs, output):
@@ -265,6 +269,7 @@ def df_cam(
                 x = x.to(denoiser.device)
             x.requires_grad_(True)
             uncond, cond = denoiser.branches(x, level, quantity)
+            counter.update(1)
             has_uncond = uncond is not None
             if target == "sum":
                 y = cond.sum() + (uncond.sum() if has_uncond else 0.0)
@@ -280,6 +285,7 @@ def df_cam(
             # made by torch.cat is not in y's graph, so its gradient would be None (all-zero maps).
             flat = [t for n in names for t in captured[n]]
             flat_grads = torch.autograd.grad(y, flat, allow_unused=True)
+            counter.update(1)
             activations, grads, k = [], [], 0
             for n in names:
                 parts = captured[n]
@@ -305,6 +311,7 @@ def df_cam(
         for h in handles:
             h.remove()
         captured.clear()
+        counter.close()
     latent = aggregate(maps, size, normalize)
     image = aggregate(maps, image_size, normalize)
     return CamResult(latent, image, maps, target, step, item, normalize)
