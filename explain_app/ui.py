@@ -8,6 +8,9 @@ from explain.trace import TraceFormatError
 from explain_app.actions import CAM_GROUPS, cam_layer_choices, cam_view, generate, open_trace, rise_view, save_report, save_trace_file
 from explain_app.inputs import CURVE_KINDS, DEFAULT_MASKS, DEFAULT_MODEL, MAX_GUIDANCE, MAX_LAM, MAX_MASKS, MAX_SEED, MAX_STEPS, SIZES, InputError
 from explain_app.session import MODELS, ModelCache, Session, _session, close_session
+from explain_app import inputs
+from explain_app.inputs import user_error
+from explain_app.session import check_generation
 from explain_app.views import concept_frame, content_words, default_word, final_view, recovery_views, step_view, summary, word_view
 
 try:  # ZeroGPU on Hugging Face Spaces; a no-op decorator elsewhere
@@ -44,10 +47,10 @@ def _ui(fn):
         try:
             return fn(*args, **kwargs)
         except (InputError, TraceFormatError, heatmaps.UnknownWordError) as exc:
-            raise gr.Error(str(exc)) from None
+            raise user_error(exc) from None
         except (ValueError, KeyError, IndexError) as exc:
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            raise gr.Error(str(message)) from None
+            raise user_error(message) from None
 
     return wrapper
 
@@ -86,6 +89,7 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
 
     @_ui
     def on_generate(state, prompt, negative, seed, steps, guidance, size, schedule, lam, model, progress=gr.Progress()):
+        check_generation(models, model if allow_model_choice else default_model, size, steps)  # before the queue for the model
         session = _generate_on_gpu(prompt, negative, seed, steps, guidance, size, schedule, lam, model if allow_model_choice else default_model, models=_custom(models), progress=progress)
         close_session(state)
         for note in session.notes:
@@ -118,6 +122,7 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
 
     @_ui
     def on_rise(state, step, n_masks, centered, model_box, progress=gr.Progress()):
+        inputs.check_masks(n_masks)
         view = _rise_on_gpu(_session(state), step, n_masks, centered, model_box if allow_model_choice else default_model, models=_custom(models), progress=progress)
         return view.overlay_final, view.overlay_x0, view.curves, view.aucs, view.caption
 
@@ -150,21 +155,28 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
                     negative = gr.Textbox(label="negative prompt", value="", elem_id="negative")
                     with gr.Row():
                         seed = gr.Number(label="seed", value=0, precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
-                        steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="steps", elem_id="steps")
+                        steps = gr.Slider(1, inputs.LIMITS.max_steps, value=20, step=1, label="steps", elem_id="steps")
                     with gr.Row():
                         guidance = gr.Slider(0, MAX_GUIDANCE, value=5.0, step=0.5, label="guidance", elem_id="guidance")
-                        size = gr.Dropdown(list(SIZES), value="model default", label="size (px)", elem_id="size")
+                        size = gr.Dropdown(inputs.size_choices(), value="model default", label="size (px)", elem_id="size")
                     with gr.Row():
                         schedule = gr.Radio(list(schedules.SCHEDULES), value="uniform", label="time-step schedule", info="early: more steps at high noise (semantics); latter: more at low noise (details)")
                         lam = gr.Number(label="λ (early/latter)", value=60, precision=0, minimum=1, maximum=MAX_LAM)
-                    model = gr.Textbox(
-                        label="model",
-                        value=default_model,
-                        info="'embedded' (the shapes model), a local diffusers folder or a hub id",
-                        interactive=allow_model_choice,
-                        elem_id="model",
-                    )
+                    if models.policy.allow_any:
+                        model = gr.Textbox(
+                            label="model",
+                            value=default_model,
+                            info="'embedded' (the shapes model), a local diffusers folder or a hub id",
+                            interactive=allow_model_choice,
+                            elem_id="model",
+                        )
+                    else:  # a public app: the operator's models only (any other is refused, whatever it names)
+                        model = gr.Dropdown(
+                            list(dict.fromkeys([default_model, *models.policy.choices])), value=default_model, label="model",
+                            info="the models this app offers", interactive=allow_model_choice, allow_custom_value=True, elem_id="model",
+                        )
                     run = gr.Button("Generate & explain", variant="primary", elem_id="generate")
+                    gr.Markdown(inputs.LIMITS.describe(), elem_id="limits")
                 with gr.Tab("Open a trace"):
                     gr.Markdown("Browse a trace saved by this app, the CLI (`python -m explain`) or the ComfyUI Save Trace node; no model needed.")
                     trace_file = gr.File(label="trace file (.safetensors)", file_types=[".safetensors"], type="filepath", elem_id="trace-file")
@@ -206,7 +218,7 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
             gr.Markdown("Re-runs the model on randomly masked copies of the latent at one step (needs the model that made the trace).")
             with gr.Row():
                 rise_step = gr.Slider(0, 1, value=0, step=1, label="step", elem_id="rise-step")
-                masks = gr.Slider(8, MAX_MASKS, value=DEFAULT_MASKS, step=8, label="masks", info="the paper used 500; ~200 take about 15 s on a 2-core CPU with the embedded model")
+                masks = gr.Slider(8, inputs.LIMITS.max_masks, value=min(DEFAULT_MASKS, inputs.LIMITS.max_masks), step=8, label="masks", info="the paper used 500; ~200 take about 15 s on a 2-core CPU with the embedded model")
                 centered = gr.Checkbox(value=False, label="centered (less noisy; subtracts each pixel's mean similarity)")
             rise_run = gr.Button("Run DF-RISE", variant="primary", elem_id="run-rise")
             with gr.Row():
@@ -265,4 +277,5 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
         for button, fn, name in ((download_trace, on_download_trace, "download_trace"), (download_report, on_report, "report")):
             button.click(fn, [state], [download], api_name=name).success(lambda: gr.Column(visible=True), None, download_box, api_name=False)
     demo.queue(default_concurrency_limit=4, max_size=64)
+    inputs.quiet_request_errors(demo)
     return demo

@@ -26,18 +26,16 @@ def output_directory() -> str:
 
 
 def is_trace_file(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a safetensors file whose header says it is a diffusion-explain
-    trace (reads only the header, so listing a folder of model weights stays cheap)."""
+    """True when ``path`` is a trace file whose header the core can read (`explain.trace.read_header`:
+    format tag, schema, the JSON header's size and depth; not the tensors), so Load Trace never
+    offers a damaged or hostile file, and listing a folder of model weights stays cheap."""
+    from explain.trace import TraceFormatError, read_header
+
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n <= 0 or n > 100_000_000:
-                return False
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error):
+        read_header(path)
+    except (TraceFormatError, OSError):
         return False
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return isinstance(meta, dict) and meta.get("format") == FORMAT_TAG
+    return True
 
 
 def list_trace_files(root: str | os.PathLike) -> list[str]:

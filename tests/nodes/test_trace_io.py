@@ -80,3 +80,32 @@ def test_a_tap_handle_needs_the_samplers_latent(folder_paths):
 
     with pytest.raises(TraceLookupError, match="LATENT"):
         ExplainSaveTrace.execute(TraceHandle(tap_key="k", registry=RunRegistry()), "t")
+
+
+def test_hostile_traces_are_not_offered_and_load_with_the_clis_error(folder_paths, capsys):
+    # issue 17: a header nested 200,000 levels deep crashed the node with a RecursionError and
+    # stayed in the file list; the node must say what the CLI says
+    from explain.cli import main
+    from explain.trace import TraceFormatError
+    from tests.explain.test_trace import parts
+
+    out = Path(folder_paths.get_output_directory())
+    good = synthetic_trace().save(out / "good.safetensors")
+    hostile = {}
+    for name, edit in {
+        "deep": lambda t, m: m.update(trace="[" * 200_000 + "]" * 200_000),
+        "nan": lambda t, m: t["x_t"].view(-1).__setitem__(0, float("nan")),
+        "huge-height": lambda t, m: m.update(trace=m["trace"].replace('"height": 32', '"height": 16000')),
+    }.items():
+        tensors, _, metadata = parts(good)
+        edit(tensors, metadata)
+        save_file(tensors, str(out / f"{name}.safetensors"), metadata=metadata)
+        hostile[name] = out / f"{name}.safetensors"
+    listed = list_trace_files(out)
+    assert "good.safetensors" in listed and "deep.safetensors" not in listed
+    for name, path in hostile.items():
+        # what Load Trace runs: the path inside the output folder, then the core's loader
+        with pytest.raises(TraceFormatError) as caught:
+            Trace.load(resolve_trace_path(path.name, out))
+        assert main(["open", str(path), "--out", str(out / f"{name}-report")]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {caught.value}"

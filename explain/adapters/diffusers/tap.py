@@ -58,7 +58,7 @@ from explain.attention import (
 )
 from explain.noise import x0_from_model_output
 from explain.tokens import PromptTokens, pad_token_list, tokenize_prompt
-from explain.trace import Trace
+from explain.trace import Trace, shareable_model_name
 
 _ACTIVE: "weakref.WeakSet" = weakref.WeakSet()  # pipelines being traced (one tap at a time)
 
@@ -497,12 +497,13 @@ def _sigma_from_alphas(scheduler, timestep: float) -> float:
 
 
 def _model_name(pipe) -> str:
+    """The pipeline's hub id or, for a local folder, the folder's name (a trace is shared; a path is not)."""
     for source in (getattr(pipe, "name_or_path", None), getattr(getattr(pipe, "config", None), "_name_or_path", None)):
         if source:
-            return str(source)
+            return shareable_model_name(str(source))
     model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     model_name = getattr(getattr(model, "config", None), "_name_or_path", None)
-    return str(model_name) if model_name else type(pipe).__name__
+    return shareable_model_name(str(model_name)) if model_name else type(pipe).__name__
 
 
 # ---------------------------------------------------------------------------- public API
