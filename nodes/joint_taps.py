@@ -33,15 +33,12 @@ ComfyUI is imported lazily (inside functions), so this module loads without it.
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from explain.attention import attention_probs, joint_image_text_probs, split_heads
-
-log = logging.getLogger("diffusion-explain")
 
 MIN_COMFYUI_FOR_DIT = "0.3.60"  # optimized_attention_override (ComfyUI commit d7f40442)
 
@@ -66,7 +63,7 @@ FLUX = JointFamily("flux", "Flux (dev, schnell)", "double_blocks", "single_block
 CHROMA = JointFamily("chroma", "Chroma", "double_blocks", "single_blocks")
 
 # ComfyUI diffusion-model class -> family. Tested at a125cd84 with tiny models of each.
-FAMILIES = {"OpenAISignatureMMDITWrapper": SD3, "MMDiT": SD3, "Flux": FLUX, "Chroma": CHROMA}
+FAMILIES = {"OpenAISignatureMMDITWrapper": SD3, "Flux": FLUX, "Chroma": CHROMA}
 SUPPORTED = "SD1.x, SD2.x and SDXL UNets, SD3 / SD3.5, Flux and Chroma"
 
 

@@ -10,7 +10,6 @@ columns, each row renormalised over the text, heads and blocks averaged."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -363,6 +362,34 @@ def dit_probes_match_the_sampler(runner, nodes_module, work) -> dict:
     return facts
 
 
+def dit_batch_of_two(runner, nodes_module, work) -> dict:
+    """A batch of two non-square latents on SD3 and Flux: one map per item, matching the untapped
+    sampling, the items' maps differ (their noise does)."""
+    if not _supported():
+        return {"supported": False}
+    import nodes as comfy_nodes
+
+    tap_node = pack_module("nodes.tap_node")
+    facts = {"supported": True}
+    for family in ("sd3", "flux-schnell"):
+        with torch.inference_mode():
+            model, clip, _vae = dit_models.tiny_dit(family)
+            positive = comfy_nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
+            negative = comfy_nodes.CLIPTextEncode().encode(clip, NEGATIVE)[0]
+            tapped, handle = tap_node.tap(model, clip=clip, prompt=PROMPT, negative_prompt=NEGATIVE, unique_id=f"batch-{family}")
+            latent = {"samples": torch.zeros(2, 16, 6, 4)}
+            (out,) = comfy_nodes.common_ksampler(tapped, 12, 2, 3.0, "euler", "simple", positive, negative, latent)
+            (plain,) = comfy_nodes.common_ksampler(model, 12, 2, 3.0, "euler", "simple", positive, negative, latent)
+            trace = handle.resolve(out)
+        facts[family] = {
+            "attention_shape": list(trace.attention.shape),
+            "attention_negative_shape": list(trace.attention_negative.shape),
+            "items_differ": bool((trace.attention[:, 0] - trace.attention[:, 1]).abs().max() > 1e-6),
+            "bit_identical": bool(torch.equal(out["samples"], plain["samples"])),
+        }
+    return facts
+
+
 def dit_trace_roundtrip(runner, nodes_module, work) -> dict:
     """Save Trace writes an SD3 run's trace; the file loads back equal (attention as float16) and
     Explain Load Trace → Word Heatmaps works on it without a model."""
@@ -428,6 +455,7 @@ SCENARIOS = {
     "dit_families": dit_families,
     "dit_without_speed_pack": dit_without_speed_pack,
     "dit_probes_match_the_sampler": dit_probes_match_the_sampler,
+    "dit_batch_of_two": dit_batch_of_two,
     "dit_trace_roundtrip": dit_trace_roundtrip,
     "dit_newer_calling_convention": dit_newer_calling_convention,
     "dit_old_comfyui": dit_old_comfyui,

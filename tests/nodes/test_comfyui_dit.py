@@ -165,6 +165,14 @@ def test_probes_reproduce_the_samplers_x0_in_the_flow_space(report, supported, f
     assert facts["flow_identity_max_abs_diff"] <= 1e-4  # x = (1-σ)·x0 + σ·ε for the probe's x0 and ε
 
 
+@pytest.mark.parametrize("family,tokens", [("sd3", 19), ("flux-schnell", 10)])
+def test_a_batch_of_two_gets_one_map_per_item(report, supported, family, tokens):
+    need_override(supported)
+    facts = scenario(report, "dit_batch_of_two")[family]
+    assert facts["attention_shape"] == [2, 2, tokens, 6, 4] and facts["attention_negative_shape"][:2] == [2, 2]
+    assert facts["items_differ"] and facts["bit_identical"]
+
+
 def test_a_saved_dit_trace_loads_back_and_explains_without_a_model(report, supported):
     need_override(supported)
     facts = scenario(report, "dit_trace_roundtrip")
