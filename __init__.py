@@ -17,6 +17,12 @@ import sys
 _HERE = os.path.dirname(os.path.realpath(__file__))
 if _HERE not in sys.path:
     sys.path.append(_HERE)
+if not __package__:
+    # Imported as a plain module, not as the pack: pytest does so in a clone whose folder name is no
+    # Python identifier (`git clone …/diffusion-explain`). Be the package ComfyUI imports, so that
+    # the relative imports below resolve.
+    __path__ = [_HERE]
+    __package__ = __name__
 
 from .nodes import environment as _environment  # noqa: E402 - standard library only
 
