@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +14,13 @@ from explain import render, schedules
 from explain.methods import defaults
 from explain.report import trace_notes
 from explain.trace import Trace, TraceFormatError
+from explain_app import inputs
 from explain_app.inputs import (
-    DEFAULT_MASKS,
     DEFAULT_MODEL,
     MAX_GUIDANCE,
     MAX_LAM,
-    MAX_MASKS,
     MAX_PROMPT_CHARS,
     MAX_SEED,
-    MAX_STEPS,
     InputError,
     _no_progress,
     check_float,
@@ -38,11 +37,12 @@ def open_trace(path) -> Session:
     """A session browsing the trace file at ``path``; a clear error for anything else."""
     if path is None or path == "":
         raise InputError("choose a trace file (.safetensors) saved by the app, the CLI or the Save Trace node")
-    path = Path(getattr(path, "name", path))
+    # an uploaded file object carries its path in .name; a Path's .name is only its last part
+    path = Path(path if isinstance(path, (str, os.PathLike)) else getattr(path, "name", path))
     if path.suffix.lower() != ".safetensors":
         raise InputError(f"{path.name} is not a trace: traces are .safetensors files saved by the app, the CLI or the Save Trace node")
     try:
-        trace = Trace.load(path)
+        trace = Trace.load(path, max_bytes=inputs.LIMITS.max_upload_mb * 2**20)
     except TraceFormatError as exc:
         raise InputError(str(exc)) from None
     notes = trace_notes(trace)  # the warnings recorded when it was made
@@ -60,7 +60,7 @@ def generate(prompt, negative="", seed=0, steps=20, guidance=5.0, size="model de
     negative = ("" if negative is None else str(negative)).strip()
     if len(negative) > MAX_PROMPT_CHARS:
         raise InputError(f"the negative prompt has {len(negative)} characters; keep it under {MAX_PROMPT_CHARS}")
-    steps = check_int("steps", steps, 1, MAX_STEPS)
+    steps = check_int("steps", steps, 1, inputs.LIMITS.max_steps)
     seed = check_int("seed", seed, 0, MAX_SEED)
     guidance = check_float("guidance", guidance, 0.0, MAX_GUIDANCE)
     side = parse_size(size)
@@ -248,7 +248,7 @@ def rise_settings(n_masks=None, preset: str = "default", similarity=None, center
     settings = defaults.PRESETS[preset]
     changes = {}
     if n_masks is not None:
-        changes["n_masks"] = check_int("number of masks", n_masks, 8, MAX_MASKS)
+        changes["n_masks"] = check_int("number of masks", n_masks, 8, inputs.LIMITS.max_masks)
     if similarity not in (None, ""):
         if similarity not in SIMILARITIES:
             raise InputError(f"unknown similarity {similarity!r}; choose one of {', '.join(SIMILARITIES)}")
@@ -294,7 +294,6 @@ def cam_layer_choices(pipe=None) -> list[str]:
 def cam_view(session: Session, step, layer=None, model_box=None, models: ModelCache | None = None, progress=_no_progress) -> MapView:
     """DF-CAM at one step on a layer or group of layers (default: `defaults.CAM`'s), with its
     games and verdicts."""
-    import torch
 
     from explain import explanations
     from explain.adapters.diffusers import vae_decoder

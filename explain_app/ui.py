@@ -18,7 +18,7 @@ from explain_app.actions import (
     save_report,
     save_trace_file,
 )
-from explain_app.inputs import CURVE_KINDS, DEFAULT_MODEL, MAX_GUIDANCE, MAX_LAM, MAX_MASKS, MAX_SEED, MAX_STEPS, InputError, check_int
+from explain_app.inputs import CURVE_KINDS, DEFAULT_MODEL, MAX_GUIDANCE, MAX_LAM, MAX_SEED, InputError, check_int
 from explain_app.session import MODELS, ModelCache, Session, _session, close_session
 from explain_app import inputs
 from explain_app.inputs import user_error
@@ -97,8 +97,6 @@ def _custom(models: ModelCache | None) -> ModelCache | None:
 def _ui(fn):
     """Turn the core's clear errors into a message in the UI; the app keeps running."""
     import functools
-
-    import gradio as gr
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

@@ -315,3 +315,19 @@ def test_a_public_app_over_its_api(public_app, tmp_path, capfd, caplog):
     # and the app still works
     result = client.predict("a red circle", "", 0, 2, 5.0, "model default", "uniform", 60, "tiny", api_name="/generate")
     assert "a red circle" in result[1]
+
+
+def test_direct_calls_obey_the_deployments_bounds(monkeypatch, tmp_path):
+    """The library functions behind the UI read the same limits the UI shows (a public app's)."""
+    import dataclasses
+
+    import explain_app as app
+    from explain_app import inputs
+
+    monkeypatch.setattr(inputs, "LIMITS", dataclasses.replace(inputs.PUBLIC_LIMITS, max_steps=7, max_upload_mb=1))
+    with pytest.raises(app.InputError, match="steps must be between 1 and 7"):
+        app.generate("a red circle", steps=8)
+    big = tmp_path / "big.safetensors"
+    big.write_bytes(b"\0" * (2 * 2**20))
+    with pytest.raises(app.InputError, match="more than the 1.0 MiB accepted here"):
+        app.open_trace(big)
