@@ -167,22 +167,32 @@ def joint_image_text_probs(
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     b, h = query.shape[:2]
-    keys = key.float() if not renormalize else key[:, :, text].float()
-    k_text = keys[:, :, text] if not renormalize else keys
-    out = query.new_empty((b, len(img), len(txt)) if mean_heads else (b, h, len(img), len(txt)), dtype=torch.float32)
+    k_all = key if key.dtype == torch.float32 else key.float()
+    k_text = k_all[:, :, text]
+    keys = k_text if renormalize else k_all
     rows = max(1, int(chunk_bytes // max(1, 4 * b * h * keys.shape[-2])))
-    for start in range(0, len(img), rows):
-        q = query[:, :, img.start + start : img.start + min(start + rows, len(img))].float() * scale
-        scores = torch.matmul(q, k_text.transpose(-1, -2))
+
+    def part(start: int, stop: int) -> torch.Tensor:
+        q = query[:, :, img.start + start : img.start + stop]
+        q = q if q.dtype == torch.float32 else q.float()
+        # scores in place: scaling them costs no extra allocation (queries would)
+        scores = torch.matmul(q, k_text.transpose(-1, -2)).mul_(scale)
         if renormalize:
             probs = scores.softmax(dim=-1)
         else:
-            lse = torch.matmul(q, keys.transpose(-1, -2)).logsumexp(dim=-1, keepdim=True)
-            probs = (scores - lse).exp()
+            lse = torch.matmul(q, k_all.transpose(-1, -2)).mul_(scale).logsumexp(dim=-1, keepdim=True)
+            probs = scores.sub_(lse).exp_()
+        return probs.mean(dim=1) if mean_heads else probs
+
+    if rows >= len(img):
+        return part(0, len(img))  # the usual case: one chunk, no output buffer
+    out = query.new_empty((b, len(img), len(txt)) if mean_heads else (b, h, len(img), len(txt)), dtype=torch.float32)
+    for start in range(0, len(img), rows):
+        stop = min(start + rows, len(img))
         if mean_heads:
-            out[:, start : start + q.shape[2]] = probs.mean(dim=1)
+            out[:, start:stop] = part(start, stop)
         else:
-            out[:, :, start : start + q.shape[2]] = probs
+            out[:, :, start:stop] = part(start, stop)
     return out
 
 
