@@ -4,6 +4,10 @@
                    run, explains it and writes an HTML report with its PNGs and the trace;
 ``open TRACE``     makes the same report from a saved ``.safetensors`` trace, without a model.
 
+``report --rise [STEP] --cam [STEP]`` adds DF-RISE and DF-CAM at a step (default: the middle
+one), with their insertion / deletion games and verdicts, using the settings of
+`explain.methods.defaults`.
+
 Bad input (a missing model folder, an unreachable hub id, a word the model never saw, a
 trace from another program, a number out of range, an output folder that cannot be written)
 ends with one ``error:`` line that says what to change, and exit status 2. Everything that can
@@ -71,6 +75,9 @@ def load_model(spec: str | None, device: str = "auto", dtype: str = "auto", anno
 # ---------------------------------------------------------------------------- commands
 def cmd_report(args) -> int:
     progress = Progress(args.quiet)
+    for name in ("rise", "cam"):  # a bad step is refused before the model loads
+        if getattr(args, name, None) is not None:
+            _method_step(getattr(args, name), f"--{name}", args.steps)
     from explain.adapters.diffusers.loading import is_embedded
     from explain.report import build_report
     from explain.run import GenerationRequest, generate_and_trace
@@ -109,7 +116,10 @@ def cmd_report(args) -> int:
     for note in result.notes:
         progress(f"warning: {note}")
     timings = {"time: load model (s)": round(load_s, 2), "time: generate + trace (s)": round(result.seconds, 2)}
-    report = build_report(result.trace, folder.staging, extra_settings=timings, progress=progress)
+    methods = report_methods(args, pipe, result.trace, guidance, progress)
+    for method in methods:
+        timings[f"time: {method.method} (s)"] = round(method.seconds, 2)
+    report = build_report(result.trace, folder.staging, extra_settings=timings, progress=progress, methods=methods, palette=word_palette(model_name))
     report = folder.commit(report)
     _done(report, progress, timings)
     return 0
@@ -124,7 +134,7 @@ def cmd_open(args) -> int:
     folder = ReportFolder(out, "--out" if args.out else "the report folder (next to the trace)", args.overwrite).open()
     progress(f"reading {args.trace}")
     trace = Trace.load(args.trace)
-    report = build_report(trace, folder.staging, progress=progress)
+    report = build_report(trace, folder.staging, progress=progress, palette=word_palette(str(trace.meta.get("model", ""))))
     report = folder.commit(report)
     _done(report, progress, {})
     return 0
@@ -282,6 +292,94 @@ def _done(report, progress: Progress, timings: dict) -> None:
         print(report.html_path)
 
 
+# ---------------------------------------------------------------------------- DF-RISE / DF-CAM in the report
+MIDDLE = "middle"
+
+
+def add_method_options(rep: argparse.ArgumentParser) -> None:
+    """``--rise [STEP]``, ``--cam [STEP]`` and their settings; defaults from `explain.methods.defaults`."""
+    from explain.methods import defaults
+
+    group = rep.add_argument_group("DF-RISE and DF-CAM in the report (settings from explain.methods.defaults)")
+    group.add_argument("--rise", nargs="?", const=MIDDLE, default=None, metavar="STEP",
+                       help="add DF-RISE at STEP (default: the middle step), with its insertion/deletion games")
+    group.add_argument("--cam", nargs="?", const=MIDDLE, default=None, metavar="STEP",
+                       help="add DF-CAM at STEP (default: the middle step), with its insertion/deletion games")
+    group.add_argument("--masks", type=_positive_int, default=defaults.RISE.n_masks,
+                       help=f"DF-RISE masks (default {defaults.RISE.n_masks}; the paper used {defaults.PAPER_RISE.n_masks})")
+    group.add_argument("--rise-preset", choices=sorted(defaults.PRESETS), default="default",
+                       help="DF-RISE settings: 'default' (the project's, explain.methods.defaults.RISE) or 'paper' (as published)")
+    group.add_argument("--cam-layers", default=defaults.CAM.layers,
+                       help=f"DF-CAM layers: paper, all, down_blocks, mid_block, up_blocks or a block name (default {defaults.CAM.layers})")
+
+
+def _method_step(value: str, option: str, num_steps: int) -> int:
+    if value == MIDDLE:
+        return num_steps // 2
+    try:
+        step = int(value)
+    except ValueError:
+        raise CommandError(f"{option} takes a step number, got {value!r}; e.g. {option} {num_steps // 2}") from None
+    if not 0 <= step < num_steps:
+        raise CommandError(f"{option} {step} is outside the run: choose a step between 0 and {num_steps - 1}")
+    return step
+
+
+def report_methods(args, pipe, trace, guidance: float, progress: Progress) -> list:
+    """The DF-RISE / DF-CAM maps asked for with ``--rise`` / ``--cam`` (`explain.explanations`)."""
+    if getattr(args, "rise", None) is None and getattr(args, "cam", None) is None:
+        return []
+    import dataclasses
+
+    from explain import explanations
+    from explain.adapters.diffusers import from_pipeline, vae_decoder
+    from explain.methods import defaults
+
+    steps = {name: _method_step(value, f"--{name}", trace.num_steps) for name, value in (("rise", args.rise), ("cam", args.cam)) if value is not None}
+    denoiser = from_pipeline(pipe, trace, guidance_scale=float(guidance))
+    decode = vae_decoder(pipe.vae) if getattr(pipe, "vae", None) is not None else None
+    methods = []
+    if "rise" in steps:
+        settings = dataclasses.replace(defaults.PRESETS[args.rise_preset], n_masks=args.masks)
+        progress(f"DF-RISE at step {steps['rise']}: {settings.n_masks} masks, then the insertion and deletion games")
+        methods.append(explanations.run_rise(denoiser, trace, steps["rise"], settings, decode=decode, progress=_bar(progress, "DF-RISE")))
+    if "cam" in steps:
+        progress(f"DF-CAM at step {steps['cam']} on {args.cam_layers}, then the insertion and deletion games")
+        try:
+            methods.append(explanations.run_cam(denoiser, trace, steps["cam"], layers=args.cam_layers, decode=decode, progress=_bar(progress, "DF-CAM")))
+        except KeyError as exc:
+            raise CommandError(f"{exc.args[0] if exc.args else exc}; pass --cam-layers paper, all, down_blocks, mid_block, up_blocks or a block name") from None
+    for method in methods:
+        progress(f"{method.method}: " + "; ".join(method.verdict_lines()))
+    return methods
+
+
+def _bar(progress: Progress, name: str):
+    """A tqdm bar on an interactive terminal; nothing otherwise (the phase lines say enough)."""
+    if progress.quiet or not progress.stream.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=100, desc=name, leave=False, file=progress.stream)
+
+    def update(fraction, desc):
+        bar.set_description(f"{name}: {desc}", refresh=False)
+        bar.update(round(fraction * 100) - bar.n)
+        if fraction >= 1:
+            bar.close()
+
+    return update
+
+
+def word_palette(model_name: str) -> dict | None:
+    """The colours of the embedded model's world, so its colour words are drawn in them."""
+    if not model_name.startswith("embedded"):
+        return None
+    from explain.embedded import world
+
+    return dict(world.COLORS)
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="python -m explain", description="Explain how a text-to-image diffusion model denoises.")
@@ -309,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-previews", action="store_true", help="do not decode x_t/x0 previews (faster on large models; grids show latents)")
     rep.add_argument("--overwrite", action="store_true", help="replace the report already in --out (never a folder that holds anything else)")
     rep.add_argument("--quiet", action="store_true", help="print only the report's path")
+    add_method_options(rep)
     rep.set_defaults(func=cmd_report)
 
     opn = sub.add_parser("open", help="make the report from a saved trace (.safetensors), without any model")

@@ -10,8 +10,15 @@ A Hugging Face ``CLIPTokenizer`` (diffusers) gives one context of ``model_max_le
 positions; longer prompts are cut, and `PromptTruncatedWarning` names the words lost. (ComfyUI's
 token lists are read by the node pack, ``nodes.prompt_tokens``, into the same types.)
 
+Sentencepiece tokenizers (T5, the long text encoder of SD3 and Flux) mark the *first* piece of
+every word with ``▁`` instead ("▁zebra", "fish"); `tokenize_prompt` detects them and splits words
+there, with punctuation-only pieces a word of their own as in CLIP. T5 has no start token and
+ends with ``</s>``.
+
 The result is a `PromptTokens`: the token strings of the kept positions (start token through
-the last end token) and the `Word` list.
+the last end token) and the `Word` list. `concat_prompt_tokens` joins the token lists of a
+context made of several text encoders' sequences side by side (SD3: CLIP then T5), so that a
+word's positions cover all of them.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Sequence
 from explain.trace import Word
 
 END_OF_WORD = "</w>"
+WORD_START = "\u2581"  # sentencepiece's "▁"
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
 
@@ -68,24 +76,34 @@ def _byte_decoder() -> dict[str, int]:
 
 
 def token_text(token: str) -> str:
-    """Readable text of one BPE token string (end-of-word marker removed, bytes decoded)."""
+    """Readable text of one BPE or sentencepiece token string (word markers removed, bytes decoded)."""
     piece = token[: -len(END_OF_WORD)] if token.endswith(END_OF_WORD) else token
+    piece = piece[len(WORD_START) :] if piece.startswith(WORD_START) else piece
     decoder = _byte_decoder()
     if all(ch in decoder for ch in piece):
         return bytes(decoder[ch] for ch in piece).decode("utf-8", errors="replace")
     return piece
 
 
-def is_special(token: str) -> bool:
-    return token.startswith("<|") and token.endswith("|>")
+def is_special(token: str, specials: frozenset[str] | set[str] = frozenset()) -> bool:
+    return (token.startswith("<|") and token.endswith("|>")) or token in specials
 
 
-def words_from_tokens(tokens: Sequence[str], offset: int = 0) -> list[Word]:
-    """Merge a run of BPE token strings into words at their ``</w>`` markers.
+def _is_punctuation(piece: str) -> bool:
+    text = token_text(piece)
+    return bool(text) and all(not ch.isalnum() and not ch.isspace() for ch in text)
 
-    Special tokens (``<|...|>``) belong to no word. ``offset`` is added to every position, for
-    token lists that start inside a longer context. A trailing run without ``</w>`` (a word cut
-    by truncation) still becomes a word."""
+
+def words_from_tokens(tokens: Sequence[str], offset: int = 0, style: str = "bpe", specials: frozenset[str] | set[str] = frozenset()) -> list[Word]:
+    """Merge a run of token strings into words: at their ``</w>`` markers (``style="bpe"``,
+    CLIP) or before their ``▁`` markers (``"sentencepiece"``, T5; punctuation-only pieces are
+    words of their own).
+
+    Special tokens (``<|...|>`` and ``specials``) belong to no word. ``offset`` is added to every
+    position, for token lists that start inside a longer context. A trailing run without
+    ``</w>`` (a word cut by truncation) still becomes a word."""
+    if style not in ("bpe", "sentencepiece"):
+        raise ValueError(f"unknown tokenizer style {style!r}; expected 'bpe' or 'sentencepiece'")
     words: list[Word] = []
     pieces: list[str] = []
     positions: list[int] = []
@@ -97,8 +115,16 @@ def words_from_tokens(tokens: Sequence[str], offset: int = 0) -> list[Word]:
             positions.clear()
 
     for i, tok in enumerate(tokens):
-        if is_special(tok):
+        if is_special(tok, specials):
             flush()
+            continue
+        if style == "sentencepiece":
+            if tok.startswith(WORD_START) or _is_punctuation(tok) or (pieces and _is_punctuation(pieces[-1])):
+                flush()
+            if tok == WORD_START:  # a bare marker before a piece the vocabulary splits off
+                continue
+            pieces.append(tok)
+            positions.append(i + offset)
             continue
         pieces.append(tok)
         positions.append(i + offset)
@@ -122,17 +148,19 @@ def tokenize_prompt(tokenizer, prompt: str, max_length: int | None = None, warn:
         raise ValueError(f"the tokenizer's context length {limit} is not usable; pass max_length= (77 for CLIP)")
     full_ids = list(tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids)
     full = list(tokenizer.convert_ids_to_tokens(full_ids))
-    has_start = bool(full) and is_special(full[0])
-    has_end = bool(full) and is_special(full[-1])
+    specials = frozenset(getattr(tokenizer, "all_special_tokens", ()) or ())
+    style = "sentencepiece" if any(t.startswith(WORD_START) for t in full) else "bpe"
+    has_start = bool(full) and is_special(full[0], specials) and len(full) > 1
+    has_end = bool(full) and is_special(full[-1], specials)
     body = full[int(has_start) : len(full) - int(has_end)]
     room = limit - int(has_start) - int(has_end)
     kept_body, cut_body = body[:room], body[room:]
     tokens = ([full[0]] if has_start else []) + kept_body + ([full[-1]] if has_end else [])
-    words = words_from_tokens(tokens)
+    words = words_from_tokens(tokens, style=style, specials=specials)
 
     dropped: list[str] = []
     if cut_body:
-        all_words = words_from_tokens(body, offset=int(has_start))
+        all_words = words_from_tokens(body, offset=int(has_start), style=style, specials=specials)
         kept_positions = set(range(int(has_start), int(has_start) + len(kept_body)))
         dropped = [w.text for w in all_words if not set(w.token_indices) <= kept_positions]
         if warn:
@@ -150,3 +178,37 @@ def pad_token_list(tokens: Sequence[str], length: int, pad: str = END_TOKEN) -> 
     """``tokens`` cut or padded to ``length`` positions (to line up with an attention axis)."""
     out = list(tokens[:length])
     return out + [pad] * (length - len(out))
+
+
+def concat_prompt_tokens(parts: Sequence[PromptTokens], lengths: Sequence[int], pads: Sequence[str] | None = None) -> PromptTokens:
+    """One `PromptTokens` for a context made of several encoders' sequences side by side.
+
+    Part ``k`` is cut or padded (with ``pads[k]``, default the CLIP end token) to ``lengths[k]``
+    positions and placed after the parts before it. Words are joined in order by their text: a
+    word of a later part that matches the next unmatched word of the same text in the parts
+    before it adds its positions to that word (SD3's "circle" is one word with a CLIP and a T5
+    position), otherwise it is a word of its own."""
+    if len(parts) != len(lengths):
+        raise ValueError(f"{len(parts)} token lists for {len(lengths)} lengths")
+    pads = list(pads) if pads is not None else [END_TOKEN] * len(parts)
+    tokens: list[str] = []
+    words: list[Word] = []
+    dropped: list[str] = []
+    offset = 0
+    for part, length, pad in zip(parts, lengths, pads):
+        tokens += pad_token_list(part.tokens, length, pad)
+        cursor = 0
+        for w in part.words:
+            kept = [i + offset for i in w.token_indices if i < length]
+            if not kept:
+                continue
+            match = next((j for j in range(cursor, len(words)) if words[j].text.lower() == w.text.lower()), None)
+            if match is None or offset == 0:
+                words.append(Word(text=w.text, token_indices=kept))
+            else:
+                words[match].token_indices = sorted(words[match].token_indices + kept)
+                cursor = match + 1
+        dropped += [d for d in part.dropped_words if d not in dropped]
+        offset += length
+    prompt = parts[0].prompt if parts else ""
+    return PromptTokens(prompt=prompt, tokens=tokens, words=words, dropped_words=dropped)

@@ -8,8 +8,15 @@ A `Trace` holds, per denoising *step* (not per model call):
 * ``x0[s]``: the model's guided prediction of the clean latent at step ``s``;
 * ``attention[s]``: per-token cross-attention probabilities of the conditional branch,
   averaged over heads and layers at latent resolution, ``[B, T, h, w]``;
-* optionally ``attention_negative[s]`` (the unconditional / negative-prompt branch) and
-  ``attention_layers[name][s]`` (one layer or resolution, at its own resolution).
+* optionally ``attention_negative[s]`` (the unconditional / negative-prompt branch),
+  ``attention_layers[name][s]`` (one layer or resolution, at its own resolution) and, for
+  joint-attention models traced with concepts, ``concept_maps[s]`` ``[B, K, h, w]`` over the
+  ``concepts`` (words that need not be in the prompt; ``meta["concept_maps"]`` says whether they
+  are attention- or output-space maps).
+
+``sigmas`` are in the scheduler's own terms, which ``meta["latent_space"]`` names: for "vp" and
+"sigma" traces the k-diffusion σ above, for "flow" traces (SD3, Flux) the flow-matching σ in
+[0, 1] of x_t = (1-σ)·x0 + σ·ε.
 
 Token axis ``T`` is the text-encoder context as it was fed to the model, cut after the
 last end-of-text token of the longest prompt, so position 0 is the start token.
@@ -66,6 +73,7 @@ MAX_LAYERS = 1024
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TENSOR_NAMES = ("timesteps", "sigmas", "x_t", "x0", "attention", "attention_negative", "final_latent", "images", "x0_previews", "x_t_previews")
+_CONCEPT_TENSOR = "concept_maps"  # optional (joint-attention traces with concepts); one tensor, read beside the others
 # meta keys that name the model: a local path there would tell everyone the file is shared with
 # where the author keeps models (and their user name)
 MODEL_KEYS = ("model", "model_source", "model_path", "model_name", "name_or_path", "_name_or_path", "pretrained_model_name_or_path", "checkpoint")
@@ -115,6 +123,8 @@ class Trace:
     x0_previews: torch.Tensor | None = None  # [S, B, Hp, Wp, 3] uint8
     x_t_previews: torch.Tensor | None = None  # [S, B, Hp, Wp, 3] uint8
     meta: dict[str, Any] = field(default_factory=dict)
+    concepts: list[str] = field(default_factory=list)  # names of concept_maps' K axis
+    concept_maps: torch.Tensor | None = None  # [S, B, K, h, w]
 
     # ------------------------------------------------------------------ shape helpers
     @property
@@ -173,7 +183,7 @@ class Trace:
         return self
 
     def _check_text(self) -> None:
-        for name in ("prompts", "negative_prompts"):
+        for name in ("prompts", "negative_prompts", "concepts"):
             _check_strings(getattr(self, name), name)
         for name in ("tokens", "negative_tokens"):
             lists = getattr(self, name)
@@ -203,7 +213,7 @@ class Trace:
         a latent or a map turns every figure made from it into NaN without a word."""
         _check_numbers("timesteps", self.timesteps, integers=True)
         _check_numbers("sigmas", self.sigmas)
-        for name in ("x_t", "x0", "attention", "attention_negative", "final_latent"):
+        for name in ("x_t", "x0", "attention", "attention_negative", "concept_maps", "final_latent"):
             if getattr(self, name) is not None:
                 _check_numbers(name, getattr(self, name))
         for name, t in self.attention_layers.items():
@@ -270,6 +280,16 @@ class Trace:
                         f"{which} word {word.text!r} points at token positions {word.token_indices}, "
                         f"outside the {t} positions of {name}"
                     )
+        if self.concept_maps is not None:
+            c = self.concept_maps
+            if c.ndim != 5 or tuple(c.shape[:2]) != (s, b) or tuple(c.shape[-2:]) != (h, w) or c.shape[2] != len(self.concepts):
+                raise TraceFormatError(
+                    f"concept_maps must be [steps={s}, batch={b}, concepts={len(self.concepts)}, {h}, {w}], got {tuple(c.shape)}"
+                )
+            if not 1 <= c.shape[2] <= MAX_TOKENS:
+                raise TraceFormatError(f"concept_maps has {c.shape[2]} concepts; a trace holds 1 to {MAX_TOKENS}")
+        elif self.concepts:
+            raise TraceFormatError(f"the trace names {len(self.concepts)} concepts but has no concept_maps")
         for name, att in self.attention_layers.items():
             if att.ndim != 5 or tuple(att.shape[:2]) != (s, b):
                 raise TraceFormatError(f"attention layer {name!r} must be [steps, batch, tokens, h, w]")
@@ -365,6 +385,8 @@ class Trace:
             out["attention_negative"] = self.attention_negative.detach().to(attention_dtype)
         for name, t in self.attention_layers.items():
             out[f"attention_layers/{name}"] = t.detach().to(attention_dtype)
+        if self.concept_maps is not None:
+            out["concept_maps"] = self.concept_maps.detach().to(attention_dtype)
         if self.final_latent is not None:
             out["final_latent"] = self.final_latent.detach().float()
         for name in ("images", "x0_previews", "x_t_previews"):
@@ -382,7 +404,7 @@ class Trace:
             "negative_tokens": [list(t) for t in self.negative_tokens],
             "negative_words": [[w.to_json() for w in wl] for wl in self.negative_words],
             "meta": shareable_meta(self.meta),
-        }
+        } | ({"concepts": list(self.concepts)} if self.concepts else {})
 
     def save(self, path: str | os.PathLike, attention_dtype: torch.dtype = torch.float16) -> Path:
         """Write the trace to ``path`` (a ``.safetensors`` file), atomically: an existing file is
@@ -422,6 +444,8 @@ class Trace:
                 if len(names) > len(_TENSOR_NAMES) + MAX_LAYERS:
                     raise TraceFormatError(f"{path.name} holds {len(names)} trace tensors; a trace holds at most {len(_TENSOR_NAMES) + MAX_LAYERS}")
                 tensors = {k: f.get_tensor(k) for k in names}
+                if _CONCEPT_TENSOR in f.keys():
+                    tensors[_CONCEPT_TENSOR] = f.get_tensor(_CONCEPT_TENSOR)
         except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
             if isinstance(exc, TraceFormatError):
                 raise
@@ -468,6 +492,8 @@ class Trace:
                 x0_previews=tensors.get("x0_previews"),
                 x_t_previews=tensors.get("x_t_previews"),
                 meta=shareable_meta(meta),
+                concepts=header.get("concepts", []),
+                concept_maps=_float_or_none(tensors.get("concept_maps")),
             )
             return trace.validate()
         except TraceFormatError as exc:

@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from explain.methods import defaults
 from explain.trace import Trace
 
 
@@ -22,7 +23,7 @@ MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 2000
 MAX_LAM = 10_000
 MAX_MASKS = 4000
-DEFAULT_MASKS = 200
+DEFAULT_MASKS = defaults.RISE.n_masks  # one default for every front end
 SIZES = ("model default", "64", "128", "256", "384", "512", "768", "1024")
 DISPLAY_SIDE = 256  # small images are enlarged by whole pixels to at least this side
 FUNCTION_WORDS = ("a", "an", "the", "of", "and", ",", "on", "in", "at", "to", "is")

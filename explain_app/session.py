@@ -33,6 +33,7 @@ class Session:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     folder: Path | None = None
+    explanations: dict = field(default_factory=dict)  # method name -> its latest explain.explanations.MethodMap
 
     def require_trace(self) -> Trace:
         if self.trace is None and getattr(self, "dropped", False):
@@ -207,12 +208,50 @@ class ModelCache:
         self._max_models = max(1, int(max_models))
         self._load_lock = threading.Lock()
         self.run_lock = threading.Lock()
+        self._loading: dict[str, int] = {}  # spec -> requests waiting for it
+        self._failed: dict[str, str] = {}
+        self._count_lock = threading.Lock()
 
     def get(self, spec: str | None):
         spec = (spec or DEFAULT_MODEL).strip() or DEFAULT_MODEL
+        with self._count_lock:
+            self._loading[spec] = self._loading.get(spec, 0) + 1
+        try:
+            return self._get(spec)
+        finally:
+            with self._count_lock:
+                self._loading[spec] -= 1
+                if not self._loading[spec]:
+                    del self._loading[spec]
+
+    def status(self, spec: str | None) -> str:
+        """``"ready"``, ``"loading"``, ``"failed: <why>"`` or ``"not loaded"``, without waiting
+        for a load in progress (the page shows it while the model preloads)."""
+        spec = (spec or DEFAULT_MODEL).strip() or DEFAULT_MODEL
+        if spec in self._pipes:
+            return "ready"
+        if spec in self._loading:
+            return "loading"
+        if spec in self._failed:
+            return f"failed: {self._failed[spec]}"
+        return "not loaded"
+
+    def loaded(self, spec: str | None):
+        """The cached pipeline for ``spec``, or None when it is not loaded (never loads)."""
+        entry = self._pipes.get((spec or DEFAULT_MODEL).strip() or DEFAULT_MODEL)
+        return entry[0] if entry is not None else None
+
+    def _get(self, spec: str):
         with self._load_lock:
             if spec not in self._pipes:
-                self._pipes[spec] = self._load(spec)
+                try:
+                    self._pipes[spec] = self._load(spec)
+                except Exception as exc:
+                    # shown on the page: on a public app only what the refusal itself says
+                    hide = getattr(self.policy, "hide_load_errors", False) and not isinstance(exc, InputError)
+                    self._failed[spec] = "it could not be loaded on this server" if hide else str(exc)
+                    raise
+                self._failed.pop(spec, None)
                 while len(self._pipes) > self._max_models:  # the least recently used goes; runs holding it finish
                     self._pipes.popitem(last=False)
             self._pipes.move_to_end(spec)

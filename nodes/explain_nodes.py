@@ -435,9 +435,10 @@ class ExplainCam(ExplanationNode):
             display_name="Explain DF-CAM (Grad-CAM)",
             category=CATEGORY,
             description=(
-                "DF-CAM at one step: Grad-CAM on the UNet's blocks (the paper's 43 modules, or all), from one forward "
-                "and one backward pass. Runs with gradients outside ComfyUI's inference mode and leaves the model "
-                "unchanged. Connect the same MODEL and conditionings as the sampler."
+                "DF-CAM at one step: Grad-CAM on the UNet's blocks (the paper's 43 modules, or all), or on the image "
+                "tokens of every transformer block of an SD3/Flux-family model, from one forward and one backward pass. "
+                "Runs with gradients outside ComfyUI's inference mode and leaves the model unchanged. Connect the same "
+                "MODEL and conditionings as the sampler."
             ),
             is_output_node=True,
             inputs=[
@@ -445,7 +446,11 @@ class ExplainCam(ExplanationNode):
                 latent_input(),
                 *model_inputs(),
                 io.Int.Input("step", default=0, min=-1000, max=1000, tooltip="Step index in the run; -1 = last."),
-                io.Combo.Input("layers", options=["paper", "all"], default=d.layers, tooltip="'paper': the paper's 43 UNet modules; 'all': every block."),
+                io.Combo.Input(
+                    "layers", options=["paper", "all"], default=d.layers,
+                    tooltip="'paper': the paper's 43 UNet modules; 'all': every block. SD3/Flux-family models: every "
+                    "transformer block's image tokens either way.",
+                ),  # fmt: skip
                 io.Combo.Input(
                     "target", options=list(cam.TARGETS), default=d.target,
                     tooltip="What the gradients are taken of ('sum': the whole predicted output).",
@@ -467,6 +472,7 @@ class ExplainCam(ExplanationNode):
         from explain.methods import cam
 
         from .comfy_denoiser import guidance_of, run_with_denoiser
+        from .joint_taps import with_image_token_probes
 
         cls.check_requirements()
         tr = trace.resolve(latent)
@@ -475,18 +481,24 @@ class ExplainCam(ExplanationNode):
         scale = guidance_of(tr, cfg)
         base = base_image(tr, item, image)
         size = tuple(render.as_uint8_image(base).shape[:2])
+        # a DiT's blocks give token sequences: a clone shows each block's image tokens as a feature map
+        probed, probes = with_image_token_probes(model, tr.latent_size)
 
         hosted = {}
 
         def work(denoiser):
             hosted["guidance"] = denoiser.guide_fn is not None
-            return cam.df_cam(denoiser, tr, step, item, layers=layers, target=target, quantity=quantity, image_size=size)
+            chosen = layers
+            if probes:
+                denoiser.modules.update(probes)
+                chosen = list(probes)  # the paper's layer list is UNet-specific: every block of a DiT plays that role
+            return cam.df_cam(denoiser, tr, step, item, layers=chosen, target=target, quantity=quantity, image_size=size)
 
-        result = run_with_denoiser(model, positive, negative, tr, step, scale, work, separate_branches=True, backward=True)
+        result = run_with_denoiser(probed, positive, negative, tr, step, scale, work, separate_branches=True, backward=True)
         mask = heatmaps.normalize_map(result.display().float(), "minmax")
         overlay = as_image(render.overlay(base, mask))
-        info = {"step": step, "timestep": float(tr.timesteps[step]), "layers": layers, "modules": len(result.layers),
-                "target": target, "quantity": quantity, "cfg": scale, "item": item}  # fmt: skip
+        info = {"step": step, "timestep": float(tr.timesteps[step]), "layers": "image tokens of every transformer block" if probes else layers,
+                "modules": len(result.layers), "target": target, "quantity": quantity, "cfg": scale, "item": item}  # fmt: skip
         if hosted.get("guidance"):
             info["note"] = CAM_GUIDANCE_NOTE
             logging.warning("DF-CAM: %s", CAM_GUIDANCE_NOTE)

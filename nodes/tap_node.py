@@ -30,13 +30,17 @@ class ExplainTap(io.ComfyNode):
             display_name="Explain Tap (attention + x0 per step)",
             category=CATEGORY,
             description=(
-                "Records what the model does while a stock sampler runs: per-token cross-attention of every UNet "
-                "cross-attention block and the predicted clean latent (x0) at every step. Put it between the model "
-                "loader and the sampler; connect CLIP and the prompt text to name the prompt's words. The model you "
-                "loaded stays unpatched (the Tap patches a clone)."
+                "Records what the model does while a stock sampler runs: per-token text attention (UNets: every "
+                "cross-attention block; SD3/3.5, Flux, Chroma: the image × text part of every joint attention, from "
+                "ComfyUI 0.3.60) and the predicted clean latent (x0) at every step. Put it between the model loader "
+                "and the sampler; connect CLIP and the prompt text to name the prompt's words. The model you loaded "
+                "stays unpatched (the Tap patches a clone)."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="A UNet model (SD1.x, SD2.x, SDXL), e.g. from Load Checkpoint."),
+                io.Model.Input(
+                    "model", tooltip="A UNet model (SD1.x, SD2.x, SDXL) or a joint-attention one (SD3/3.5, Flux, Chroma; "
+                    "ComfyUI 0.3.60 or newer), e.g. from Load Checkpoint or Load Diffusion Model.",
+                ),  # fmt: skip
                 io.Clip.Input("clip", optional=True, tooltip="The CLIP the prompt was encoded with; names the prompt's words."),
                 io.String.Input(
                     "prompt", optional=True, multiline=True, default="",
@@ -48,7 +52,8 @@ class ExplainTap(io.ComfyNode):
                     "record_negative", optional=True, default=True, tooltip="Also record the negative (unconditional) branch's attention."
                 ),
                 io.Boolean.Input(
-                    "per_resolution_maps", optional=True, default=False, tooltip="Also keep the attention of each UNet resolution separately."
+                    "per_resolution_maps", optional=True, default=False,
+                    tooltip="Also keep the attention of each UNet resolution separately (a DiT's blocks share one: its token grid).",
                 ),
             ],
             outputs=[

@@ -47,13 +47,19 @@ from explain.attention import COND, UNCOND, StepAccumulator, attention_probs, at
 from explain.tokens import PromptTokens, pad_token_list
 from explain.trace import Trace
 
-from .prompt_tokens import comfy_prompt_tokens
+from .joint_taps import SUPPORTED, JointCallState, joint_family, require_override
+from .joint_taps import install as install_joint
+from .prompt_tokens import comfy_prompt_tokens, joint_context_tokens
 from .runs import REGISTRY, Run, RunRegistry
 
 log = logging.getLogger("diffusion-explain")
 
 PATCH_KEY = "diffusion-explain"
 _probing = 0  # > 0 while an explanation node re-runs the model: nothing is recorded then
+
+
+def is_probing() -> bool:
+    return _probing > 0
 
 
 @contextlib.contextmanager
@@ -76,6 +82,10 @@ class PromptInfo:
     text: str
     tokens: PromptTokens | None = None
     conditioning: torch.Tensor | None = None  # [1, T_ctx, dim] on the CPU
+    # every token stream the CLIP made ("l", "g", "t5xxl"...) and its length in the context as
+    # encoded (all chunks, padding included): joint-attention models concatenate several
+    streams: dict[str, PromptTokens] = field(default_factory=dict)
+    stream_lengths: dict[str, int] = field(default_factory=dict)
 
 
 def clip_token_key(tokens: dict) -> str:
@@ -93,9 +103,13 @@ def prompt_info_from_clip(clip, text: str, verify: bool = True) -> PromptInfo:
     tokens and words, and (with ``verify``) encode it once for the conditioning check."""
     tokens = clip.tokenize(text, return_word_ids=True)
     key = clip_token_key(tokens)
-    inner = getattr(clip.tokenizer, f"clip_{key}", None)
-    inv_vocab = getattr(inner, "inv_vocab", None)
-    info = PromptInfo(text=text, tokens=comfy_prompt_tokens(tokens[key], inv_vocab, prompt=text))
+    info = PromptInfo(text=text, tokens=comfy_prompt_tokens(tokens[key], _inv_vocab(clip, key), prompt=text))
+    for name, chunks in tokens.items():
+        try:
+            info.streams[name] = info.tokens if name == key else comfy_prompt_tokens(chunks, _inv_vocab(clip, name), prompt=text)
+            info.stream_lengths[name] = sum(len(chunk) for chunk in chunks)
+        except (TypeError, ValueError):  # an empty or unreadable stream: it names no positions
+            info.streams.pop(name, None)
     if verify:
         try:
             cond = clip.encode_from_tokens(clip.tokenize(text))
@@ -103,6 +117,13 @@ def prompt_info_from_clip(clip, text: str, verify: bool = True) -> PromptInfo:
         except Exception as exc:  # noqa: BLE001 - the check is a courtesy; naming tokens still works
             log.warning("diffusion-explain: could not encode the prompt to check it against the sampler's (%s)", exc)
     return info
+
+
+def _inv_vocab(clip, stream: str):
+    """Token id -> string of one of a CLIP's token streams (``clip_l``, ``clip_g``, ``t5xxl``...)."""
+    tokenizer = getattr(clip, "tokenizer", None)
+    inner = getattr(tokenizer, f"clip_{stream}", None) or getattr(tokenizer, stream, None)
+    return getattr(inner, "inv_vocab", None)
 
 
 # ---------------------------------------------------------------------------- attention patch
@@ -200,10 +221,16 @@ class _RunState:
         self.latent_size = (int(latent_shape[-2]), int(latent_shape[-1]))
         self.sigmas = sigmas.detach().double().cpu()
         self.context_lengths = context_lengths
-        self.token_limits = {
-            COND: _token_count(recorder.positive),
-            UNCOND: _token_count(recorder.negative),
-        }
+        self.notes: set[str] = set()
+        # per branch: the context positions kept (a count from the start, or a list for joint
+        # models' several token streams), the tokens naming them and the streams they came from
+        self.token_limits: dict[int, int | list[int] | None] = {}
+        self.prompt_tokens: dict[int, PromptTokens | None] = {}
+        self.text_layout: dict[int, list[list]] = {}
+        for branch, info in ((COND, recorder.positive), (UNCOND, recorder.negative)):
+            self.token_limits[branch], self.prompt_tokens[branch], self.text_layout[branch] = recorder.context_tokens(
+                info, context_lengths.get(branch), self.notes
+            )
         branches = [COND] + ([UNCOND] if recorder.record_negative else [])
         self.acc = {b: StepAccumulator(latent_size=self.latent_size, keep_resolutions=recorder.keep_resolutions) for b in branches}
         self.attn_index: dict[int, list[int | None]] = {b: [] for b in branches}
@@ -213,7 +240,6 @@ class _RunState:
         self.step_sigmas: list[float] = []
         self.evaluations = 0
         self.output: torch.Tensor | None = None  # what the sampler returned (its LATENT, VAE space)
-        self.notes: set[str] = set()
         self.failed: str | None = None  # why recording stopped (sampling itself goes on unchanged)
 
     def fail(self, reason: str) -> None:
@@ -227,13 +253,16 @@ class _RunState:
         for acc in self.acc.values():
             acc.discard_step()
 
-    def add_attention(self, name: str, probs: torch.Tensor, extra_options: dict) -> None:
-        original = extra_options.get("original_shape")
-        if original is not None and tuple(int(s) for s in original[-2:]) != self.latent_size:
-            self.notes.add("model calls on a cropped area (area conditioning) were left out of the attention maps")
-            return
-        activations = extra_options.get("activations_shape")
-        layer_size = (int(activations[-2]), int(activations[-1])) if activations is not None else None
+    def add_attention(self, name: str, probs: torch.Tensor, extra_options: dict, layer_size: tuple[int, int] | None = None) -> None:
+        """One layer's probabilities ``[B, heads, N, T]`` or head-averaged ``[B, N, T]`` of a model
+        call; ``layer_size`` is its image grid (UNet layers: from ``extra_options``)."""
+        if layer_size is None:
+            original = extra_options.get("original_shape")
+            if original is not None and tuple(int(s) for s in original[-2:]) != self.latent_size:
+                self.notes.add("model calls on a cropped area (area conditioning) were left out of the attention maps")
+                return
+            activations = extra_options.get("activations_shape")
+            layer_size = (int(activations[-2]), int(activations[-1])) if activations is not None else None
         cond_or_uncond = list(extra_options.get("cond_or_uncond") or [COND])
         rows_per_chunk = probs.shape[0] // max(len(cond_or_uncond), 1)
         if rows_per_chunk != self.batch:
@@ -247,10 +276,7 @@ class _RunState:
             chunks = p.shape[0] // self.batch
             if chunks > 1:  # several conditionings of one branch (e.g. Conditioning Combine): their mean
                 p = p.view(chunks, self.batch, *p.shape[1:]).mean(0)
-            p = fold_repeated_context(p, self.context_lengths.get(branch))
-            limit = self.token_limits.get(branch)
-            if limit is not None:
-                p = p[..., :limit]
+            p = keep_positions(fold_repeated_context(p, self.context_lengths.get(branch)), self.token_limits.get(branch))
             acc.add(name, p, layer_size)
 
     def on_step(self, i: int, denoised: torch.Tensor, x: torch.Tensor) -> None:
@@ -301,8 +327,16 @@ def fold_repeated_context(probs: torch.Tensor, length: int | None) -> torch.Tens
     return probs.reshape(*probs.shape[:-1], t // length, length).sum(-2)
 
 
-def _token_count(info: PromptInfo | None) -> int | None:
-    return len(info.tokens.tokens) if info is not None and info.tokens is not None else None
+def keep_positions(probs: torch.Tensor, kept: int | list[int] | None) -> torch.Tensor:
+    """The kept context positions of ``probs [..., T]``: the first ``kept``, or the listed ones
+    (when they fit this context; a longer list means another context, kept whole)."""
+    if kept is None:
+        return probs
+    if isinstance(kept, int):
+        return probs[..., :kept]
+    if not kept or max(kept) >= probs.shape[-1]:
+        return probs
+    return probs.index_select(-1, torch.as_tensor(kept, dtype=torch.long, device=probs.device))
 
 
 # OUTER_SAMPLE's arguments in the order CFGGuider.sample passes them; newer ComfyUI adds more
@@ -348,6 +382,28 @@ class TapRecorder:
         self.active: _RunState | None = None
         self.chained: list[str] = []
         self.last_error: str | None = None
+        self.family = None  # a nodes.joint_taps.JointFamily for joint-attention (DiT) models, set by install_tap
+        self.joint_state = None  # nodes.joint_taps.JointCallState, shared by the DiT block wrappers and override
+
+    def context_tokens(self, info: PromptInfo | None, context_length: int | None, notes: set[str]):
+        """``(kept positions, PromptTokens naming them, text layout)`` of one branch's context of
+        ``context_length`` positions. UNets: the prompt's CLIP tokens from the start. Joint models:
+        the token streams whose lengths add up to the context (SD3: CLIP then T5), each through its
+        end token; positions are named by number when they add up to nothing."""
+        if info is None or info.tokens is None:
+            return None, None, []
+        if self.family is None:
+            return len(info.tokens.tokens), info.tokens, []
+        picked = joint_context_tokens(info.streams, info.stream_lengths, self.family.context_parts, context_length) if context_length else None
+        if picked is None:
+            notes.add(
+                f"the prompt's token streams ({', '.join(f'{k}: {n}' for k, n in info.stream_lengths.items())}) do not make up the "
+                f"conditioning's {context_length} context positions (another text encoder or an edited conditioning?); "
+                "positions are shown by number"
+            )
+            return None, None, []
+        tokens, positions, layout = picked
+        return positions, tokens, layout
 
     def __deepcopy__(self, memo):
         return self
@@ -419,13 +475,13 @@ class TapRecorder:
         attention, missing = run.attention(COND)
         if attention is None:
             raise RuntimeError(
-                "no cross-attention was recorded; is the MODEL given to the sampler the Tap's output, and a UNet "
-                "model (SD1.x, SD2.x, SDXL)?"
+                "no text attention was recorded; is the MODEL given to the sampler the Tap's output, and one the Tap "
+                f"supports ({SUPPORTED})?"
             )
         negative, missing_negative = run.attention(UNCOND)
         sigmas = torch.tensor(run.step_sigmas, dtype=torch.float64)
         timesteps = _timesteps(model, sigmas)
-        tokens, words, prompts = token_lists(self.positive, run.batch, attention.shape[2])
+        tokens, words, prompts = token_lists(run.prompt_tokens[COND], self.positive, run.batch, attention.shape[2])
         x_t = torch.stack(run.x_t)
         trace = Trace(
             prompts=prompts,
@@ -444,7 +500,9 @@ class TapRecorder:
             trace.meta["attention_borrowed_steps"] = missing
         if negative is not None:
             trace.attention_negative = negative
-            trace.negative_tokens, trace.negative_words, trace.negative_prompts = token_lists(self.negative, run.batch, negative.shape[2])
+            trace.negative_tokens, trace.negative_words, trace.negative_prompts = token_lists(
+                run.prompt_tokens[UNCOND], self.negative, run.batch, negative.shape[2]
+            )
             if missing_negative:
                 trace.meta["attention_negative_borrowed_steps"] = missing_negative
         check = prompt_check(self.positive, guider)
@@ -466,9 +524,10 @@ class TapRecorder:
         cfg = float(getattr(guider, "cfg", 1.0)) if guider is not None else 1.0
         meta: dict[str, Any] = {
             "source": "comfyui",
+            "family": self.family.name if self.family is not None else "unet",
             "model": type(getattr(model, "model_config", model)).__name__,
             "prediction_type": _prediction_type(model),
-            "latent_space": "sigma",
+            "latent_space": latent_space_of(model),
             "latent_scale_factor": float(getattr(latent_format, "scale_factor", 1.0)),
             "latent_shift_factor": float(getattr(latent_format, "shift_factor", 0.0) or 0.0),
             "height": h * factor,
@@ -491,16 +550,25 @@ class TapRecorder:
             meta["negative_prompt"] = self.negative.text
         if self.chained:
             meta["chained_attention_patches"] = list(self.chained)
+        if self.family is not None:
+            meta["maps"] = "attention"
+            meta["joint_rows"] = "renormalized"  # each pixel's softmax over the text keys of the joint key set
+            meta["text_layout"] = run.text_layout[COND]
+            for key, branch in (("text_positions", COND), ("negative_text_positions", UNCOND)):
+                kept = run.token_limits[branch]
+                if isinstance(kept, list):
+                    meta[key] = list(kept)
         return meta
 
 
-def token_lists(info: PromptInfo | None, batch: int, length: int):
+def token_lists(named: PromptTokens | None, info: PromptInfo | None, batch: int, length: int):
     """Trace ``tokens``, ``words`` and ``prompts`` for ``batch`` items sharing one prompt,
-    cut or padded to the recorded ``length`` context positions."""
-    if info is not None and info.tokens is not None:
-        tokens = pad_token_list(info.tokens.tokens, length)
-        words = [w for w in info.tokens.words if max(w.token_indices) < length]
-        return [list(tokens) for _ in range(batch)], [list(words) for _ in range(batch)], [info.text] * batch
+    cut or padded to the recorded ``length`` context positions (``named``: the tokens naming
+    them, see `TapRecorder.context_tokens`)."""
+    if named is not None:
+        tokens = pad_token_list(named.tokens, length)
+        words = [w for w in named.words if max(w.token_indices) < length]
+        return [list(tokens) for _ in range(batch)], [list(words) for _ in range(batch)], [info.text if info else named.prompt] * batch
     text = info.text if info is not None else ""
     return [[f"<position {i}>" for i in range(length)] for _ in range(batch)], [[] for _ in range(batch)], [text] * batch
 
@@ -560,7 +628,20 @@ def _timesteps(model, sigmas: torch.Tensor) -> torch.Tensor:
 
 def _prediction_type(model) -> str:
     kind = getattr(getattr(model, "model_type", None), "name", "")
-    return {"EPS": "epsilon", "V_PREDICTION": "v_prediction", "V_PREDICTION_EDM": "v_prediction"}.get(kind, kind.lower() or "epsilon")
+    names = {"EPS": "epsilon", "V_PREDICTION": "v_prediction", "V_PREDICTION_EDM": "v_prediction", "FLOW": "flow", "FLUX": "flow"}
+    return names.get(kind, kind.lower() or "epsilon")
+
+
+def latent_space_of(model) -> str:
+    """The latent space of a ComfyUI BaseModel's sampling (see `sampling_space`)."""
+    return sampling_space(getattr(model, "model_sampling", None))
+
+
+def sampling_space(model_sampling) -> str:
+    """``"flow"`` for ComfyUI's flow-matching model sampling (CONST: x = (1-σ)·x0 + σ·ε; SD3,
+    Flux...), else ``"sigma"`` (x = x0 + σ·ε)."""
+    names = {c.__name__ for c in type(model_sampling).__mro__} if model_sampling is not None else set()
+    return "flow" if "CONST" in names else "sigma"
 
 
 def _sampler_name(sampler) -> str:
@@ -573,18 +654,28 @@ def _sampler_name(sampler) -> str:
 def install_tap(model, recorder: TapRecorder):
     """A clone of ComfyUI ``model`` (a ModelPatcher) with the tap installed; ``model`` itself is
     left unchanged."""
-    from comfy.patcher_extension import WrappersMP
-
     diffusion_model = getattr(getattr(model, "model", None), "diffusion_model", None)
     if diffusion_model is None:
         raise ValueError("the MODEL has no diffusion model to tap; connect a loaded checkpoint's MODEL output")
     blocks = cross_attention_blocks(diffusion_model)
-    if not blocks:
+    family = joint_family(diffusion_model) if not blocks else None
+    if not blocks and family is None:
         raise ValueError(
-            f"{type(diffusion_model).__name__} has no UNet cross-attention blocks; the Explain Tap supports "
-            "UNet models (SD1.x, SD2.x, SDXL)"
+            f"{type(diffusion_model).__name__} has neither UNet cross-attention blocks nor joint-attention blocks the "
+            f"Explain Tap knows; it supports {SUPPORTED}"
         )
+    if family is not None:
+        require_override(family)  # before anything is cloned: DiT taps need ComfyUI >= 0.3.60
     patched = model.clone()
+    if family is not None:
+        recorder.family, recorder.joint_state = family, JointCallState()
+        recorder.chained.extend(install_joint(patched, diffusion_model, family, recorder))
+        if recorder.chained:
+            log.warning(
+                "diffusion-explain: the Tap chains to what another node installed (%s) and records softmax(q·k) of "
+                "the q and k it is handed", ", ".join(recorder.chained[:4]) + ("…" if len(recorder.chained) > 4 else "")
+            )
+        return _add_wrappers(patched, recorder)
     replace = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     for block_name, number, index in blocks:
         previous = replace.get((block_name, number, index)) or replace.get((block_name, number))
@@ -601,6 +692,12 @@ def install_tap(model, recorder: TapRecorder):
             len(recorder.chained),
             ", ".join(recorder.chained[:4]) + ("…" if len(recorder.chained) > 4 else ""),
         )
+    return _add_wrappers(patched, recorder)
+
+
+def _add_wrappers(patched, recorder: TapRecorder):
+    from comfy.patcher_extension import WrappersMP
+
     patched.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, PATCH_KEY)
     patched.remove_wrappers_with_key(WrappersMP.PREDICT_NOISE, PATCH_KEY)
     patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, PATCH_KEY, recorder.outer_sample)

@@ -73,3 +73,32 @@ def test_bad_prompt_type_is_a_clear_error(tokenizer):
 def test_pad_token_list():
     assert pad_token_list(["a", "b"], 4) == ["a", "b", "<|endoftext|>", "<|endoftext|>"]
     assert pad_token_list(["a", "b", "c"], 2) == ["a", "b"]
+
+
+def test_sentencepiece_words_start_at_their_marker_and_punctuation_stands_alone():
+    from explain.testing import tiny_t5_tokenizer
+
+    t5 = tiny_t5_tokenizer()
+    pieces = tokenize_prompt(t5, "a red circle, above", max_length=16)
+    assert pieces.tokens == ["\u2581a", "\u2581red", "\u2581circle", ",", "\u2581above", "</s>"]  # no start token
+    assert _pairs(pieces.words) == [("a", [0]), ("red", [1]), ("circle", [2]), (",", [3]), ("above", [4])]
+    assert _pairs(words_from_tokens(["\u2581zeb", "ra", "\u2581a"], style="sentencepiece")) == [("zebra", [0, 1]), ("a", [2])]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cut = tokenize_prompt(t5, "a red circle above a blue square", max_length=4)
+    assert cut.tokens[-1] == "</s>" and len(cut.tokens) == 4 and "square" in cut.dropped_words
+    assert any(issubclass(w.category, PromptTruncatedWarning) for w in caught)
+
+
+def test_concatenated_contexts_join_a_words_positions_across_encoders(tokenizer):
+    from explain.testing import tiny_t5_tokenizer
+    from explain.tokens import concat_prompt_tokens
+
+    clip = tokenize_prompt(tokenizer, "a red circle")
+    t5 = tokenize_prompt(tiny_t5_tokenizer(), "a red circle", max_length=16)
+    joined = concat_prompt_tokens([clip, t5], [6, 5], ["<|endoftext|>", "<pad>"])
+    assert joined.tokens == ["<|startoftext|>", "a</w>", "red</w>", "circle</w>", "<|endoftext|>", "<|endoftext|>",
+                             "\u2581a", "\u2581red", "\u2581circle", "</s>", "<pad>"]
+    assert _pairs(joined.words) == [("a", [1, 6]), ("red", [2, 7]), ("circle", [3, 8])]
+    with pytest.raises(ValueError, match="lengths"):
+        concat_prompt_tokens([clip], [6, 5])

@@ -153,7 +153,8 @@ def test_a_public_ui_offers_the_listed_models_and_shows_its_bounds(public_limits
     model = _component(demo, "model")
     assert isinstance(model, gr.Dropdown) and [c[1] for c in model.choices] == ["embedded", "embedded-dit"]
     assert _component(demo, "steps").maximum == 50
-    assert [c[1] for c in _component(demo, "size").choices] == inputs.size_choices()
+    sizes = [c[1] for c in _component(demo, "size").choices]  # the model's own size and a few near it (issue 16)
+    assert sizes[0] == "model default" and all(int(v) <= 512 for v in sizes[1:])
     note = _component(demo, "limits").value
     assert "at most 50 steps, images up to 512 px" in note and "500 DF-RISE masks" in note
     assert "keeps the traces of the 16 most recent sessions, 1024 MB in all" in note
@@ -314,3 +315,19 @@ def test_a_public_app_over_its_api(public_app, tmp_path, capfd, caplog):
     # and the app still works
     result = client.predict("a red circle", "", 0, 2, 5.0, "model default", "uniform", 60, "tiny", api_name="/generate")
     assert "a red circle" in result[1]
+
+
+def test_direct_calls_obey_the_deployments_bounds(monkeypatch, tmp_path):
+    """The library functions behind the UI read the same limits the UI shows (a public app's)."""
+    import dataclasses
+
+    import explain_app as app
+    from explain_app import inputs
+
+    monkeypatch.setattr(inputs, "LIMITS", dataclasses.replace(inputs.PUBLIC_LIMITS, max_steps=7, max_upload_mb=1))
+    with pytest.raises(app.InputError, match="steps must be between 1 and 7"):
+        app.generate("a red circle", steps=8)
+    big = tmp_path / "big.safetensors"
+    big.write_bytes(b"\0" * (2 * 2**20))
+    with pytest.raises(app.InputError, match="more than the 1.0 MiB accepted here"):
+        app.open_trace(big)

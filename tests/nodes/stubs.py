@@ -106,9 +106,12 @@ class FakeModelPatcher:
         return n
 
     def set_model_attn2_replace(self, patch, block_name, number, transformer_index=None):
+        self.set_model_patch_replace(patch, "attn2", block_name, number, transformer_index)
+
+    def set_model_patch_replace(self, patch, name, block_name, number, transformer_index=None):
         to = self.model_options.setdefault("transformer_options", {})
         key = (block_name, number) if transformer_index is None else (block_name, number, transformer_index)
-        to.setdefault("patches_replace", {}).setdefault("attn2", {})[key] = patch
+        to.setdefault("patches_replace", {}).setdefault(name, {})[key] = patch
 
     def add_wrapper_with_key(self, wrapper_type, key, fn):
         self.wrappers.setdefault(wrapper_type, {}).setdefault(key, []).append(fn)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.nodes.comfyui_report import ok, scenario
 
 HERE = Path(__file__).resolve().parent
 COMFYUI = os.environ.get("COMFYUI_PATH", "")
@@ -32,31 +31,8 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    work = tmp_path_factory.mktemp("comfyui")
-    out = work / "results.json"
-    cache = Path(os.environ.get("EXPLAIN_TEST_CACHE", Path(tempfile.gettempdir()) / "diffusion-explain-test-cache"))
-    cache.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable, str(HERE / "comfyui_harness.py"),
-        "--comfyui", COMFYUI, "--work", str(work), "--out", str(out), "--checkpoint-cache", str(cache),
-    ]  # fmt: skip
-    proc = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=1800)
-    if not out.is_file():
-        pytest.fail(f"the ComfyUI harness wrote no results (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
-    return json.loads(out.read_text())
-
-
-def scenario(report, name: str) -> dict:
-    facts = report.get(name)
-    assert facts is not None, f"scenario {name} did not run"
-    assert "crashed" not in facts, facts.get("traceback", facts.get("crashed"))
-    return facts
-
-
-def ok(result: dict) -> dict:
-    assert result["ok"], json.dumps(result.get("error") or result, indent=1)[:4000]
-    return result
+def report(comfyui_report):
+    return comfyui_report
 
 
 def test_comfyui_loads_every_node_of_the_pack(report):

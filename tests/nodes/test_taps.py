@@ -190,10 +190,10 @@ def test_context_lengths_and_token_lists():
     conds = {"positive": [{"cross_attn": torch.zeros(1, 154, 8)}], "negative": [{"cross_attn": torch.zeros(1, 77, 8)}]}
     assert taps.context_lengths(conds) == {COND: 154, UNCOND: 77}
     assert taps.context_lengths({}) == {COND: None, UNCOND: None}
-    tokens, words, prompts = taps.token_lists(None, 2, 4)
+    tokens, words, prompts = taps.token_lists(None, None, 2, 4)
     assert tokens[1] == ["<position 0>", "<position 1>", "<position 2>", "<position 3>"] and words == [[], []] and prompts == ["", ""]
     info = taps.PromptInfo("a b", PromptTokens("a b", ["s", "a</w>", "b</w>", "e"], [Word("a", [1]), Word("b", [2])]))
-    tokens, words, prompts = taps.token_lists(info, 1, 3)
+    tokens, words, prompts = taps.token_lists(info.tokens, info, 1, 3)
     assert tokens == [["s", "a</w>", "b</w>"]] and [w.text for w in words[0]] == ["a", "b"] and prompts == ["a b"]
 
 
