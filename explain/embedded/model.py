@@ -149,6 +149,11 @@ def load_pipeline(model_dir: str | Path | None = None, device: str | torch.devic
     or a folder, loaded by the class its ``model_index.json`` names. Call an SD3 one with
     `call_kwargs` (``max_sequence_length=0``)."""
     name = model_dir if model_dir in MODEL_NAMES else None
+    if isinstance(model_dir, str) and name is None and not _looks_like_path(model_dir):
+        raise ValueError(
+            f"{model_dir!r} is not an embedded model; use one of {', '.join(repr(n) for n in MODEL_NAMES)} "
+            "(None is 'unet'), or a model folder"
+        )
     model_dir = model_dir_for(model_dir)
     kind = _pipeline_class(model_dir)
     if not is_available(model_dir):
@@ -185,6 +190,12 @@ def load_pipeline(model_dir: str | Path | None = None, device: str | torch.devic
         if module.dtype != dtype:  # transformers keeps the fp16 the weights are stored in
             module.to(dtype)
     return pipe.to(device)
+
+
+def _looks_like_path(text: str) -> bool:
+    import os
+
+    return Path(text).expanduser().exists() or any(sep in text for sep in ("/", "\\", os.sep)) or text.startswith((".", "~"))
 
 
 def check_prompt(prompt: str, tokenizer=None) -> list[str]:

@@ -217,3 +217,43 @@ def test_shipped_dit_record_says_no_grounding_loss():
     info = embedded.training_info("dit")
     assert info["generator_version"] == world.GENERATOR_VERSION
     assert info["grounding_loss"] is None and info["samples_seen"] > 0
+
+
+def test_a_name_that_is_no_model_gets_the_names():
+    for bad in ("ditt", "DiT", "embedded-dit"):  # the CLI's names are not the library's
+        with pytest.raises(ValueError, match=r"not an embedded model; use one of 'unet', 'dit'"):
+            embedded.load_pipeline(bad)
+    with pytest.raises(embedded.EmbeddedModelMissing):  # a path stays a path, named as missing
+        embedded.load_pipeline("./no/such/folder")
+
+
+@shipped
+def test_shipped_dit_traces_through_the_joint_attention_tap():
+    """The shipped DiT through the diffusers adapter's SD3 family: the image is the untraced one,
+    and every block's map, the output-space maps and a concept stream come back."""
+    from explain.adapters.diffusers import generate
+
+    pipe = embedded.load_pipeline("dit", device="cpu")
+    prompt = "a large red circle above a small blue square"
+
+    def plain():
+        g = torch.Generator().manual_seed(0)
+        return pipe(prompt, num_inference_steps=3, guidance_scale=5.0, generator=g, output_type="np", **embedded.call_kwargs(pipe)).images
+
+    trace, images = generate(pipe, prompt, steps=3, guidance=5.0, seed=0, previews=False, keep_layers=True, output_type="np")
+    assert np.array_equal(images, plain())
+    assert trace.meta["family"] == "sd3" and trace.meta["max_sequence_length"] == 0 and not trace.meta["t5"]
+    assert [w.text for w in trace.words[0]] == prompt.split()
+    assert list(trace.attention_layers) == [f"transformer_blocks.{i}.attn" for i in range(4)]
+    assert trace.attention_layers["transformer_blocks.0.attn"].shape == (3, 1, len(trace.tokens[0]), 8, 8)  # 8×8 patch tokens
+    assert torch.isfinite(trace.attention).all()
+    # rows are renormalised over the whole 32-token CLIP context; the trace keeps it through the end
+    # token, so the kept share is below 1 (the padding after it takes the rest)
+    rows = trace.attention[:, 0].sum(1)
+    assert float(rows.min()) > 0.05 and float(rows.max()) < 1.0
+    out, _ = generate(pipe, prompt, steps=3, guidance=5.0, seed=0, previews=False, keep_layers=True, maps="output",
+                      concepts=["red circle", "blue square"], output_type="np")
+    assert list(out.attention_layers) == [f"transformer_blocks.{i}.attn" for i in range(3)]  # the last block has no text output
+    assert out.concepts == ["red circle", "blue square"] and out.concept_maps.shape == (3, 1, 2, 16, 16)
+    assert not torch.allclose(out.attention, trace.attention)
+    assert type(pipe.transformer.transformer_blocks[0].attn.processor).__name__ == "JointAttnProcessor2_0"  # restored
