@@ -1,10 +1,12 @@
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from explain import embedded
 from explain.cli import main
 from explain.trace import Trace
 
@@ -365,7 +367,7 @@ def test_the_same_seed_twice_gives_the_same_trace_file(tmp_path):
 
 
 dit_shipped = pytest.mark.skipif(
-    not __import__("explain.embedded", fromlist=["is_available"]).is_available("dit"),
+    not embedded.is_available("dit"),
     reason="the embedded DiT's weights are not shipped in explain/models/shapes-dit-64",
 )
 
@@ -401,3 +403,14 @@ def test_a_misspelt_model_name_gets_the_list_of_names(tmp_path, capsys, name, hi
     else:
         assert "did you mean" not in err  # no guess when nothing is close
     assert not (tmp_path / "out").exists()
+
+
+def test_usage_names_the_command_the_user_typed(monkeypatch, capsys):
+    """The console script's help says `diffusion-explain`, `python -m explain`'s says that."""
+    from explain import cli
+
+    for argv0, expected in (("/venv/bin/diffusion-explain", "usage: diffusion-explain"), ("/repo/explain/__main__.py", "usage: python -m explain")):
+        monkeypatch.setattr(sys, "argv", [argv0, "--help"])
+        with pytest.raises(SystemExit):
+            cli.main(["--help"])
+        assert capsys.readouterr().out.startswith(expected)

@@ -18,6 +18,7 @@ import torch
 gr = pytest.importorskip("gradio", reason="the app needs gradio: pip install -r requirements-dev.txt")
 
 import explain_app as app  # noqa: E402
+from explain import embedded  # noqa: E402
 from explain import render as ui_render  # noqa: E402
 from explain_app import ui  # noqa: E402
 from explain.trace import Trace  # noqa: E402
@@ -376,7 +377,7 @@ def test_sizes_offered_are_the_models_own_and_others_say_they_were_not_trained(m
     assert not any("trained at" in n for n in app.generate("a red circle", steps=2, model="tiny", models=models).notes)
 
 
-@pytest.mark.skipif(not __import__("explain.embedded", fromlist=["x"]).is_available("dit"), reason="the embedded DiT's weights are not shipped")
+@pytest.mark.skipif(not embedded.is_available("dit"), reason="the embedded DiT's weights are not shipped")
 def test_the_app_offers_the_embedded_dit_and_generates_with_it():
     def refuse(spec):
         raise AssertionError("the size menu must not load a model")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from explain import embedded
 from explain.adapters.diffusers import ModelLoadError, load_model
 from explain.adapters.diffusers.loading import folder_kwargs
 from explain.testing import tiny_flux_pipeline, tiny_sd3_pipeline
@@ -73,7 +74,7 @@ def test_an_unsupported_family_is_refused_with_the_supported_ones(tmp_path, monk
         folder_kwargs(tmp_path / "other")
 
 
-@pytest.mark.skipif(not __import__("explain.embedded", fromlist=["x"]).is_available("dit"), reason="the embedded DiT's weights are not shipped")
+@pytest.mark.skipif(not embedded.is_available("dit"), reason="the embedded DiT's weights are not shipped")
 def test_the_shipped_models_by_name_and_their_geometry():
     from explain import sizes
     from explain.adapters.diffusers.loading import EMBEDDED_NAMES, is_embedded
