@@ -190,6 +190,19 @@ class DiffusersTap:
             )
         return self.traces[-1]
 
+    def held_layer_maps(self) -> list[torch.Tensor]:
+        """The per-layer maps of the running call's finished steps, as the tap holds them now
+        (read from a step-end callback: on the CPU, in ``layer_dtype``, conditional rows only)."""
+        run = self._run
+        if run is None:
+            return []
+        held = []
+        for accumulator in run.accumulators.values():
+            if accumulator.moves_layers:
+                for index in range(accumulator.num_steps):
+                    held += list(accumulator.layer_maps(index).values())
+        return held
+
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
         if self.pipe in _ACTIVE:
