@@ -294,3 +294,16 @@ def test_layer_grids_of_full_size_models_built_without_weights():
     assert set(unet.FAMILY.layer_grids(SimpleNamespace(unet=sdxl), (127, 90)).values()) == {(64, 45), (32, 23)}
     for u in reversed(undo):
         u()
+
+
+def test_float16_layer_maps_save_validate_and_load(tmp_path):
+    from explain.trace import Trace
+
+    pipe = tiny_sd_pipeline("euler")
+    with trace(pipe, previews=False, keep_layers=True) as tr:
+        _run(pipe)
+    t = tr.trace.validate()
+    loaded = Trace.load(t.save(tmp_path / "layers.safetensors"))
+    assert set(loaded.attention_layers) == set(t.attention_layers)
+    for name, maps in t.attention_layers.items():
+        assert torch.equal(loaded.attention_layers[name].float(), maps.float())  # float16 in, float16 in the file
