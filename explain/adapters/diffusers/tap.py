@@ -828,10 +828,12 @@ def trace(
     ``keep_layers``: also keep each cross-attention layer's own maps (True, keyed by module
     path) or each resolution's (``"resolution"``, keyed like ``"16x16"``) in
     ``trace.attention_layers``, conditional rows only, as ``layer_dtype`` (float16 by default:
-    `Trace.save` writes attention maps as float16 anyway). ``memory_budget_mb``: refuse, at the
-    model's first call and before any step, a run whose attention maps (mean and per-layer, see
-    `explain.memory`) would take more megabytes; the error says what would fit. ``previews``: decode x0 and x_t of every step (longer side at
-    most ``preview_size``) after generation. ``negative``: record the unconditional branch's maps
+    `Trace.save` writes attention maps as float16 anyway), each step moved to the CPU when it
+    ends; their estimated size is printed at the model's first call. ``memory_budget_mb``:
+    refuse, at the model's first call and before any step, a run whose attention maps (mean
+    and per-layer, see `explain.memory`) would take more megabytes; the error says what would
+    fit. ``previews``: decode x0 and x_t of every step (longer side at most ``preview_size``)
+    after generation. ``negative``: record the unconditional branch's maps
     as ``attention_negative``. ``seed`` is only written to ``meta``. ``full_context`` keeps every
     context position (padding included, 77 for CLIP) instead of cutting after the last end
     token. ``store_dtype`` is the attention maps' dtype in the trace. ``method`` picks how
