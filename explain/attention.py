@@ -318,9 +318,10 @@ class StepAccumulator:
     per layer and step), so they can be cut further: ``layer_rows`` keeps only those rows of
     the added batch (e.g. the conditional branch), ``layer_tokens`` only those positions of the
     cut token axis, ``layer_dtype`` stores them in another dtype (default ``store_dtype``), and
-    ``layer_device`` moves each step's maps there when the step ends (asynchronously from a GPU:
-    the copy is waited for when they are read), so the model's device holds one step's maps at
-    most. Without ``layer_device`` they stay where they were computed until they are read."""
+    ``layer_device`` moves each step's maps there when the step ends, so the model's device holds
+    one step's maps at most (from a GPU this waits for the step once: pinned memory would spare
+    the wait but stays pinned in torch's host cache, up to twice the maps' size). Without
+    ``layer_device`` they stay where they were computed until they are read."""
 
     def __init__(
         self,
@@ -347,7 +348,6 @@ class StepAccumulator:
         self._layer_picked: dict[torch.device, torch.Tensor] = {}
         self.layer_dtype = store_dtype if layer_dtype is None else layer_dtype
         self.layer_device = None if layer_device is None else torch.device(layer_device)
-        self._unsynced: set[torch.device] = set()  # devices with copies of finished maps still in flight
         self._sums: dict[tuple[int, int, int], torch.Tensor] = {}  # (h, w, heads) -> this step's summed probabilities
         self._counts: dict[tuple[int, int, int], int] = {}
         self._shape: tuple[int, int] | None = None  # (rows, tokens) of this step
@@ -493,17 +493,7 @@ class StepAccumulator:
 
     def _finish_layer(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
         t = t.detach().to(self.layer_dtype)  # cast where it is: less to move
-        if t.device == device:
-            return t.contiguous()
-        if t.device.type == "cuda" and device.type == "cpu":
-            self._unsynced.add(t.device)
-            return t.to(device, non_blocking=True)  # into pinned memory, no wait for the device
-        return t.to(device)
-
-    def _wait_for_copies(self) -> None:
-        for device in self._unsynced:
-            torch.cuda.synchronize(device)
-        self._unsynced.clear()
+        return t.contiguous() if t.device == device else t.to(device)
 
     def step_map(self, index: int) -> torch.Tensor:
         """Step ``index``'s mean map ``[B, T, h, w]`` at latent resolution (``store_dtype`` on ``store_device``)."""
@@ -526,11 +516,8 @@ class StepAccumulator:
         """Step ``index``'s per-layer / per-resolution maps (see `step_maps`)."""
         by_size, _, layers = self._steps[index]
         if self.moves_layers:
-            self._wait_for_copies()
             return dict(layers)
-        maps = self._layer_step_maps(by_size, layers, self.store_device)
-        self._wait_for_copies()
-        return maps
+        return self._layer_step_maps(by_size, layers, self.store_device)
 
     def take_layer_maps(self, index: int) -> dict[str, torch.Tensor]:
         """`layer_maps` of step ``index``, which the accumulator then no longer holds (frees them

@@ -40,7 +40,7 @@ exception), leaving the pipeline exactly as it was:
 Tensors are kept on the model's device during the run (no per-layer or per-step host syncs) and
 moved to the CPU once, when the trace is built. Per-layer maps (``keep_layers``) are the
 exception, being far larger: only the conditional rows are kept, each step's maps move to the
-CPU as ``layer_dtype`` (float16 by default) when the step ends, without waiting for the device,
+CPU as ``layer_dtype`` (float16 by default) when the step ends (one wait for the device per step),
 and their size is estimated (`explain.memory`) and printed at the model's first call, where a
 run over ``memory_budget_mb`` is refused before any step. Rows the trace will not store are
 dropped as layers report them (the negative branch when ``negative=False``).
