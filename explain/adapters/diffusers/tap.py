@@ -151,7 +151,7 @@ class DiffusersTap:
             raise ValueError(f"keep_layers must be False, True (every layer) or 'resolution', got {keep_layers!r}")
         if not (isinstance(layer_dtype, torch.dtype) and layer_dtype.is_floating_point):
             raise TypeError(f"layer_dtype must be a floating-point torch dtype such as torch.float16, got {layer_dtype!r}")
-        if memory_budget_mb is not None and not (isinstance(memory_budget_mb, (int, float)) and memory_budget_mb > 0):
+        if memory_budget_mb is not None and (isinstance(memory_budget_mb, bool) or not (isinstance(memory_budget_mb, (int, float)) and memory_budget_mb > 0)):
             raise ValueError(f"memory_budget_mb must be a positive number of megabytes (or None for no budget), got {memory_budget_mb!r}")
         if isinstance(concepts, str):
             raise TypeError(f"concepts must be a list of words, e.g. concepts=[{concepts!r}]")

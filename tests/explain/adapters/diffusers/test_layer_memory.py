@@ -246,9 +246,10 @@ def test_generate_takes_the_budget_and_bad_budgets_are_named():
         generate(pipe, PROMPT, steps=4, keep_layers=True, memory_budget_mb=0.01, output_type="latent", previews=False)
     result, _ = generate(pipe, PROMPT, steps=2, keep_layers=True, memory_budget_mb=10, output_type="latent", previews=False)
     assert result.num_steps == 2
-    with pytest.raises(ValueError, match="memory_budget_mb must be a positive number"):
-        with trace(pipe, memory_budget_mb=0):
-            pass
+    for bad in (0, -5, True, "100"):
+        with pytest.raises(ValueError, match="memory_budget_mb must be a positive number"):
+            with trace(pipe, memory_budget_mb=bad):
+                pass
     with pytest.raises(TypeError, match="layer_dtype must be a floating-point"):
         with trace(pipe, layer_dtype=torch.int8):
             pass
