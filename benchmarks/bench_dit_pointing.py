@@ -346,6 +346,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="embedded-dit", help="an SD3 pipeline: embedded-dit (default) or a folder")
     p.add_argument("--out", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
+    if args.rise_masks and any(not 0 <= int(s) < args.steps for s in args.rise_steps.split(",")):
+        p.error(f"--rise-steps {args.rise_steps}: each must be a step of the generated run, 0..{args.steps - 1}")
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
 
