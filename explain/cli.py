@@ -121,7 +121,7 @@ def _done(report, progress: Progress, timings: dict) -> None:
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m explain", description="Explain how a text-to-image diffusion model denoises.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{report,open}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{report,open,sweep}")
 
     rep = sub.add_parser("report", help="generate, trace and explain one prompt into an HTML report")
     rep.add_argument("prompt", help="the text prompt")
@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     opn.add_argument("--out", default=None, help="output folder (default: next to the trace, <name>-report)")
     opn.add_argument("--quiet", action="store_true", help="print only the report's path")
     opn.set_defaults(func=cmd_open)
+
+    from explain.sweep.cli import register as register_sweep
+
+    register_sweep(sub)
     return parser
 
 
