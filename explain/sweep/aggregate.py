@@ -187,11 +187,14 @@ def _guess_steps(records) -> int:
 
 def _timing(records) -> dict:
     per: dict[str, list[float]] = defaultdict(list)
+    per_cpu: dict[str, list[float]] = defaultdict(list)
     totals = []
     for r in records:
         run = r.get("run") or {}
         for k, v in (run.get("seconds") or {}).items():
             per[k].append(v)
+        for k, v in (run.get("cpu_seconds") or {}).items():
+            per_cpu[k].append(v)
         if run.get("total_seconds") is not None and r.get("status") != "invalid":
             totals.append(run["total_seconds"])
     mean_total = float(np.mean(totals)) if totals else None
@@ -199,6 +202,7 @@ def _timing(records) -> dict:
         "seconds_per_prompt": mean_total,
         "prompts_per_hour_per_process": 3600 / mean_total if mean_total else None,
         "seconds_by_part": {k: float(np.mean(v)) for k, v in per.items()},
+        "cpu_seconds_by_part": {k: float(np.mean(v)) for k, v in per_cpu.items()},
     }
 
 

@@ -54,7 +54,7 @@ def write_parquet(path: Path, rows: list[dict]) -> Path:
     data = {c: [_parquet_value(r.get(c)) for r in rows] for c in columns}
     table = pa.table({c: pa.array(v, from_pandas=True) if _uniform(v) else pa.array([None if x is None else str(x) for x in v]) for c, v in data.items()})
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
+    pq.write_table(table, str(tmp))
     tmp.replace(path)
     return path
 
@@ -192,8 +192,9 @@ def _settings_section(s: dict) -> str:
     count_line = f"{c['total']} prompts: {c['ok']} ok, {c['error']} failed, {c['invalid']} invalid rows, {c.get('pending', 0)} pending."
     speed = ""
     if t.get("seconds_per_prompt"):
-        parts = ", ".join(f"{_esc(k)} {v:.2f} s" for k, v in t["seconds_by_part"].items())
-        speed = f"<p>Mean {t['seconds_per_prompt']:.2f} s per prompt per process ({t['prompts_per_hour_per_process']:.0f} prompts/hour/process): {parts}.</p>"
+        cpu = t.get("cpu_seconds_by_part") or {}
+        parts = ", ".join(f"{_esc(k)} {v:.2f} s" + (f" ({cpu[k]:.2f} s CPU)" if k in cpu else "") for k, v in t["seconds_by_part"].items())
+        speed = f"<p>Mean {t['seconds_per_prompt']:.2f} s wall per prompt per process ({t['prompts_per_hour_per_process']:.0f} prompts/hour/process), by part: {parts}.</p>"
     fails = ""
     if s.get("failures"):
         fails = "<details><summary>failed and invalid rows</summary>" + _table(["id", "line", "status", "error"], [[_esc(f["id"]), _esc(f["line"]), _esc(f["status"]), _esc(f["error"])] for f in s["failures"]]) + "</details>"

@@ -110,6 +110,7 @@ def run_prompt(row: PromptRow, pipe, model_name: str, settings, folder: SweepFol
         record.update(status="invalid", error=row.error)
         return record
     timings: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     need = registry.needs(settings.analyses)
     request = GenerationRequest(
         prompt=row.prompt,
@@ -122,7 +123,7 @@ def run_prompt(row: PromptRow, pipe, model_name: str, settings, folder: SweepFol
         previews="previews" in need or "traces" in settings.analyses,
         keep_layers="layers" in need,
     )
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     try:
         with torch.no_grad():
             result = generate_and_trace(pipe, model_name, request)
@@ -131,6 +132,7 @@ def run_prompt(row: PromptRow, pipe, model_name: str, settings, folder: SweepFol
         record["run"] = {"seconds": {"generate": time.perf_counter() - start}}
         return record
     timings["generate"] = time.perf_counter() - start
+    cpu["generate"] = time.process_time() - start_cpu
     record["notes"] = list(result.notes)
     ctx = registry.Context(row=row, trace=result.trace, pipe=pipe, settings=settings, folder=folder, cache=cache)
     try:
@@ -147,7 +149,7 @@ def run_prompt(row: PromptRow, pipe, model_name: str, settings, folder: SweepFol
         if "truth" in analysis.needs and not has_truth:
             record["skipped"][name] = "the row has no shapes-world scene"
             continue
-        t = time.perf_counter()
+        t, t_cpu = time.perf_counter(), time.process_time()
         try:
             with torch.no_grad():
                 out = analysis.run(ctx)
@@ -156,10 +158,11 @@ def run_prompt(row: PromptRow, pipe, model_name: str, settings, folder: SweepFol
             record["errors"][name] = _error_text(exc)
             record.setdefault("tracebacks", {})[name] = _where(exc)
         timings[name] = time.perf_counter() - t
+        cpu[name] = time.process_time() - t_cpu
     if record["errors"]:
         record["status"] = "error"
         record["error"] = "; ".join(f"{k}: {v}" for k, v in record["errors"].items())
-    record["run"] = {"seconds": timings}
+    record["run"] = {"seconds": timings, "cpu_seconds": cpu}
     return record
 
 
