@@ -297,11 +297,24 @@ def _concepts(records, words: list[dict], steps: int) -> dict:
             "tally": float(sum(w.get("step_sum") or 0 for w in ws)),
             "mean_share": bootstrap_mean(w.get("mean_share") for w in ws),
             "normalized_per_step": bootstrap_curve(per_step.get(cls, [])),
+            "thirds": _thirds(per_step.get(cls, [])),
         }
         if any(w.get("decision_step") is not None for w in ws):
             entry["decision"] = describe_steps((w.get("decision_step") for w in ws), steps)
         classes[cls] = entry
     return {"steps": steps, "classes": classes, "prompts": len({w["id"] for w in words})}
+
+
+def _thirds(curves: list[list[float]]) -> dict | None:
+    """Mean per-step min-max score of a word in the early, middle and late third of the run."""
+    curves = [c for c in curves if c]
+    if not curves:
+        return None
+    from explain.methods.heatmaps import step_thirds
+
+    n = min(len(c) for c in curves)
+    arr = np.array([[np.nan if v is None else v for v in c[:n]] for c in curves], dtype=np.float64)
+    return {name: bootstrap_mean(np.nanmean(arr[:, part], axis=1)) for name, part in step_thirds(n)}
 
 
 def _recovery(records) -> dict:

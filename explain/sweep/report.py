@@ -267,11 +267,19 @@ def _concepts_section(s: dict) -> str:
         ylabel="score",
         width=560,
     )
+    thirds = [(cls, e["thirds"]) for cls, e in classes.items() if e.get("thirds")]
+    third_table = ""
+    if thirds:
+        names = list(thirds[0][1])
+        third_table = "<h3>What each part of the run carries: mean per-step min-max score of a word, by class</h3>" + _table(
+            ["word class", *names], [[_esc(cls), *(_ci(t.get(n)) for n in names)] for cls, t in thirds]
+        )
     return (
         f"<h2>Concepts over the steps</h2><p>{c['prompts']} prompts. Emergence and peak are attention-share timings (labelled for what they are: "
         "when a word's attention rises, not when the model decides it); the causal decision step arrives with issue 12.</p>"
         + _table(header, rows)
         + chart
+        + third_table
         + '<div class="hists">'
         + "".join(hists)
         + "</div>"
