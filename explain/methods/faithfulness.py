@@ -160,6 +160,7 @@ def play(
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     batch_size: int = 16,
     seed: int = 0,
+    progress=None,
 ) -> GameResult:
     """Play one game on latent ``x`` ``[C, h, w]`` for any batched ``predict_x0``. ``stride``
     positions move per point (default: the latent width, as the paper). ``decode`` maps x0
@@ -178,6 +179,9 @@ def play(
         reference = predict_x0(x.unsqueeze(0))
     reference = reference if reference.ndim == 4 else reference.unsqueeze(0)
     ref_image = decode(reference).float() if decode is not None else None
+    from explain.progress import bar
+
+    counter = bar(progress, latents.shape[0], f"{mode} game")
     lat, img = [], []
     for i in range(0, latents.shape[0], int(batch_size)):
         pred = predict_x0(latents[i : i + int(batch_size)]).float()
@@ -185,6 +189,8 @@ def play(
         if decode is not None:
             images = decode(pred).float()
             img.append(((images - ref_image) ** 2).mean((1, 2, 3)).cpu())
+        counter.update(pred.shape[0])
+    counter.close()
     points = latents.shape[0]
     fractions = torch.clamp(torch.arange(points, dtype=torch.float64) * stride / (h * w), max=1.0)
     return GameResult(mode, fractions, torch.cat(lat), torch.cat(img) if img else None, stride)
@@ -203,6 +209,7 @@ def insertion_deletion(
     batch_size: int | None = None,
     memory_budget: int | None = None,
     seed: int = 0,
+    progress=None,
 ) -> dict[str, GameResult]:
     """Insertion and/or deletion at ``step`` of ``trace`` (the explanation's own step), with the
     guided denoiser of the generation. Returns ``{mode: GameResult}``."""
@@ -225,7 +232,7 @@ def insertion_deletion(
         return denoiser.predict(latents, level, "x0")
 
     return {
-        m: play(predict_x0, x, saliency, mode=m, stride=stride, reference=reference, decode=decode, batch_size=batch_size, seed=seed)
+        m: play(predict_x0, x, saliency, mode=m, stride=stride, reference=reference, decode=decode, batch_size=batch_size, seed=seed, progress=progress)
         for m in modes
     }
 

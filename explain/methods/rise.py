@@ -165,6 +165,7 @@ def rise_map(
     reference: torch.Tensor | None = None,
     score: str = "map",
     centered: bool = False,
+    progress=None,
 ) -> torch.Tensor:
     """RISE over latent pixels for any batched ``predict([N, C, h, w]) -> [N, C', h, w]``.
 
@@ -194,6 +195,9 @@ def rise_map(
     total = torch.zeros(h, w, dtype=torch.float32, device=x.device)
     sim_sum = torch.zeros(h, w, dtype=torch.float32, device=x.device)
     mask_sum = torch.zeros(h, w, dtype=torch.float32, device=x.device)
+    from explain.progress import bar
+
+    counter = bar(progress, n, "DF-RISE masks")
     for start in range(0, n, int(batch_size)):
         stop = min(n, start + int(batch_size))
         m = sampler.masks(start, stop).to(x.device)  # [b, h, w]
@@ -209,6 +213,8 @@ def rise_map(
         if centered:
             sim_sum += s.float().sum(0)
             mask_sum += m.sum(0)
+        counter.update(stop - start)
+    counter.close()
     if centered:
         # Σ M_n ⊙ (s_n - s̄) estimates Cov(M, s) per pixel: the paper's E[s | kept] minus the
         # pixel's mean similarity, and free of the noise that Σ M_n ≠ N·p adds to the paper's sum
@@ -244,6 +250,7 @@ def df_rise(
     seed: int = 0,
     batch_size: int | None = None,
     memory_budget: int | None = None,
+    progress=None,
 ) -> RiseResult:
     """DF-RISE at ``step`` of ``trace`` (item ``item``) with the guided ``denoiser``.
 
@@ -273,6 +280,7 @@ def df_rise(
         reference=reference,
         score=score,
         centered=centered,
+        progress=progress,
     )
     name = similarity if isinstance(similarity, str) else getattr(similarity, "__name__", "custom")
     return RiseResult(saliency.cpu(), n, name, quantity, masks, float(p), step, item, centered, reference[0].cpu())

@@ -47,8 +47,11 @@ def parquet_available() -> bool:
 
 
 def write_parquet(path: Path, rows: list[dict]) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    try:  # optional: the CSV tables are always written
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise RuntimeError("Parquet tables need pyarrow: pip install pyarrow (or pip install 'diffusion-explain[sweep]')") from None
 
     columns = agg.columns_of(rows)
     data = {c: [_parquet_value(r.get(c)) for r in rows] for c in columns}

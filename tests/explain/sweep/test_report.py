@@ -57,8 +57,7 @@ def test_html_report_has_every_section_and_escapes_prompt_text():
 
 
 def test_parquet_tables_when_pyarrow_is_installed(tmp_path):
-    pytest.importorskip("pyarrow", reason="Parquet output is optional: pip install 'diffusion-explain[sweep]' (pyarrow)")
-    import pyarrow.parquet as pq
+    pq = pytest.importorskip("pyarrow.parquet", reason="Parquet output is optional: pip install 'diffusion-explain[sweep]' (pyarrow)")
 
     report.write_tables(SweepFolder(tmp_path), records())
     table = pq.read_table(tmp_path / "results.parquet")

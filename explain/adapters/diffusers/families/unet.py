@@ -102,7 +102,7 @@ class UNetFamily(Family):
         context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         return sample, context
 
-    def install_capture(self, pipe, record, method: str = "explicit"):
+    def install_capture(self, pipe, record, method: str = "explicit", options=None):
         undo, skipped = [], []
         for name, module in pipe.unet.named_modules():
             if not name.endswith("attn2") or not getattr(module, "is_cross_attention", False):
@@ -126,7 +126,7 @@ class UNetFamily(Family):
             )
         return undo
 
-    def probe_functions(self, pipe, model, prompt, negative_prompt, guided, image_size, latent_space) -> ProbeFunctions:
+    def probe_functions(self, pipe, model, prompt, negative_prompt, guided, image_size, latent_space, settings=None) -> ProbeFunctions:
         return unet_probe_functions(pipe, model, prompt, negative_prompt, guided, image_size, latent_space)
 
 
@@ -223,16 +223,28 @@ def unet_item_bytes(unet, x: torch.Tensor, branches: int, model_fn) -> int:
             torch.cuda.synchronize(device)
             cache[key] = int((torch.cuda.max_memory_allocated(device) - base) * 1.25) + 1
         return cache[key]
-    # CPU: the feature maps of every resolution level (skip connections keep them alive) plus
-    # one materialised attention matrix at the finest attention resolution.
+    # CPU: the feature maps of every resolution level (skip connections keep them alive), plus
+    # the self-attention matrices where the backend materialises them. diffusers' default
+    # (SDPA) runs a fused kernel that never holds the N×N scores, so it adds nothing beyond the
+    # features; the classic processors hold about three N×N copies per head. Calibrated on an
+    # SD1.5-shaped UNet at 512 px (benchmarks/bench_probe_memory.py measures both).
     cfg = unet.config
     h, w = x.shape[-2:]
     feats = 0
     for level, ch in enumerate(cfg.block_out_channels):
-        feats += 12 * ch * max(1, h >> level) * max(1, w >> level)
+        feats += 32 * ch * max(1, h >> level) * max(1, w >> level)
     heads = cfg.attention_head_dim if isinstance(cfg.attention_head_dim, int) else max(cfg.attention_head_dim)
-    attention = heads * (h * w) ** 2
+    attention = 3 * heads * (h * w) ** 2 if materialises_self_attention(unet) else 0
     return int(branches * (feats + attention) * max(elem, 4))
 
+
+# Processors that compute attention in a fused kernel without materialising the scores.
+FUSED_PROCESSORS = {"AttnProcessor2_0", "FusedAttnProcessor2_0", "XFormersAttnProcessor", "AttnProcessorNPU"}
+
+
+def materialises_self_attention(unet) -> bool:
+    """Whether any self-attention layer holds its full N×N score matrix (a classic processor)."""
+    processors = getattr(unet, "attn_processors", {})
+    return any(type(p).__name__ not in FUSED_PROCESSORS for name, p in processors.items() if "attn1" in name)
 
 FAMILY = UNetFamily()
