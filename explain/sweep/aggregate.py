@@ -34,6 +34,9 @@ DEFINITIONS = {
     "peak_step": "the step of a word's largest attention share",
     "decision_step": "causal decision step (issue 12; absent until it lands)",
     "tally": "the paper's Visual Genome-style tally: the per-step min-max score of each word summed over steps and prompts, by word class",
+    "r3 tally": "R3 as the paper measures it: the same prompt and seed under uniform, early and latter time steps (lambda as set); "
+    "a class's tally is the per-step min-max score of its words summed over steps and prompts; minus_uniform is the paired per-prompt difference of the class sum",
+    "r3 final change": "RMS of the final x0 latent's difference from the uniform schedule's, over the uniform one's RMS",
     "recovered_fraction": "share of latent pixels whose x0 prediction is within 0.25 std of the final latent",
     "settle step": "ground truth: first step from which the checker finds the attribute correct in the decoded x0 to the end",
     "order agreement": "share of attribute pairs of one object (settling at different steps) whose word timing has the same order",
@@ -167,9 +170,11 @@ def aggregate(records: list[dict], total: int | None = None, settings: dict | No
     out["ground_truth"] = _ground_truth(usable, tables.get("objects", []))
     out["timing_truth"] = _timing_truth(usable, tables.get("objects", []), steps)
     out["layers"] = _layers(tables.get("layers", []))
-    r3 = sorted({k for r in usable for k in r["columns"] if k.startswith("r3_")})
-    if r3:
-        out["r3"] = {k: bootstrap_mean(r["columns"].get(k) for r in usable) for k in r3}
+    out["r3"] = _r3(usable)
+    sizes = [r["columns"]["trace_bytes"] for r in usable if isinstance(r["columns"].get("trace_bytes"), (int, float))]
+    if sizes:  # what asking for the traces costs, projected over the whole sweep
+        per = float(np.mean(sizes))
+        out["traces"] = {"saved": len(sizes), "bytes": int(sum(sizes)), "bytes_per_prompt": per, "projected_bytes": per * counts["total"]}
     out["ok_prompts"] = len(ok)
     return out
 
@@ -392,6 +397,52 @@ def _timing_truth(records, objects: list[dict], steps: int) -> dict:
         agreement[timing] = {"pooled": bootstrap_mean(pooled), "pairs": per_pair}
     layout = describe_steps((r["columns"].get("settle_layout") for r in records if "settle_layout" in r["columns"]), steps)
     return {"objects": len(rows), "settle": settle, "never_settles": never, "layout": layout, "order_agreement": agreement}
+
+
+def _r3(records) -> dict:
+    """R3 by word class under each schedule: the tally, each prompt's class sum with its paired
+    difference from uniform, and the per-step curves, all with bootstrap intervals over prompts."""
+    numbers = sorted({k for r in records for k in r["columns"] if k.startswith("r3_")})
+    per_prompt = [(r.get("details") or {}).get("r3_schedules") for r in records]
+    per_prompt = [p for p in per_prompt if p]
+    out: dict[str, Any] = {}
+    if numbers:
+        out["numbers"] = {k: bootstrap_mean(r["columns"].get(k) for r in records) for k in numbers}
+    if not per_prompt:
+        return out
+    schedules = [name for name in per_prompt[0] if all(name in p for p in per_prompt)]
+    classes = sorted({c for p in per_prompt for d in p.values() for c in d["classes"]})
+    sums = {name: {c: [] for c in classes} for name in schedules}  # per prompt: Σ step_sum of the class's words
+    curves = {name: defaultdict(list) for name in schedules}
+    for p in per_prompt:
+        for name in schedules:
+            d = p[name]
+            for c in classes:
+                words_of = [j for j, cls in enumerate(d["classes"]) if cls == c]
+                sums[name][c].append(sum(d["step_sum"][j] or 0.0 for j in words_of) if words_of else None)
+            for cls, curve in zip(d["classes"], d["normalized"]):
+                curves[name][cls].append(curve)
+    table = {}
+    for c in classes:
+        entry = {}
+        for name in schedules:
+            values = sums[name][c]
+            entry[name] = {"tally": float(sum(v for v in values if v is not None)), "per_prompt": bootstrap_mean(values)}
+            if name != "uniform" and "uniform" in sums:
+                diffs = [None if a is None or b is None else a - b for a, b in zip(values, sums["uniform"][c])]
+                entry[name]["minus_uniform"] = bootstrap_mean(diffs)
+        table[c] = entry
+    totals = {name: sum(table[c][name]["tally"] for c in classes) for name in schedules}
+    for c in classes:
+        for name in schedules:
+            table[c][name]["share_of_tally"] = table[c][name]["tally"] / totals[name] if totals[name] else None
+    out.update(
+        prompts=len(per_prompt),
+        schedules=schedules,
+        classes=table,
+        curves={name: {c: bootstrap_curve(v) for c, v in sorted(curves[name].items())} for name in schedules},
+    )
+    return out
 
 
 def _layers(rows: list[dict]) -> dict:

@@ -52,6 +52,7 @@ class Context:
     folder: Any = None  # explain.sweep.manifest.SweepFolder
     cache: dict = field(default_factory=dict)  # per process: survives from prompt to prompt
     shared: dict = field(default_factory=dict)  # per prompt: what analyses hand to later ones
+    model_name: str = ""  # what the loader called the model (the generation notes read it)
 
     @cached_property
     def denoiser(self):
@@ -397,6 +398,51 @@ def analyse_layers(ctx: Context) -> dict:
     return {"attention_layers": len(rows), "layers": rows}
 
 
+R3_SCHEDULES = ("uniform", "early", "latter")
+
+
+def _schedule_trace(ctx: Context, schedule: str):
+    """The prompt generated again at the same seed with ``schedule`` (the sweep's own run is reused)."""
+    if schedule == ctx.settings.schedule:
+        return ctx.trace
+    from explain.run import GenerationRequest, generate_and_trace
+    from explain.sweep import plan
+
+    seed = plan.resolve_seed(ctx.row, ctx.settings.sweep_seed, ctx.settings.fixed_seed)
+    request = GenerationRequest(
+        prompt=ctx.row.prompt, negative_prompt=ctx.row.negative, steps=ctx.settings.steps, guidance=ctx.settings.guidance,
+        seed=seed, schedule=schedule, lam=ctx.settings.lam, previews=False, keep_layers=False,
+    )
+    return generate_and_trace(ctx.pipe, ctx.model_name or ctx.settings.model, request).trace
+
+
+def analyse_schedules(ctx: Context) -> dict:
+    """R3 as the paper measures it (§5.5, §6): the same prompt and seed under uniform, early and
+    latter time steps; per word, its per-step min-max concept score summed over the steps (the
+    Visual Genome tally's unit), grouped by word class in the aggregate, and how far each
+    schedule's final x0 moves from the uniform one's."""
+    traces = {name: _schedule_trace(ctx, name) for name in R3_SCHEDULES}
+    reference = traces["uniform"].x0[-1, 0].float()
+    scale = float(reference.pow(2).mean().sqrt()) or 1.0
+    rows = Rows()
+    details, out = {}, {}
+    for name, trace in traces.items():
+        scores = ctx.shared["concepts"] if trace is ctx.trace and "concepts" in ctx.shared else concept_scores_mod.concept_scores(trace)
+        texts = [w.text for w in heatmaps.prompt_words(trace) if w.token_indices]
+        classes = words.word_classes(texts, ctx.row.truth)
+        for j, (text, cls) in enumerate(zip(texts, classes)):
+            rows.append({"schedule": name, "word": text, "position": j, "word_class": cls, "step_sum": scores.step_sum[j], "peak_step": scores.peak_step[j], "emergence_step": scores.emergence_step[j]})
+        details[name] = {
+            "classes": classes,
+            "step_sum": _round(scores.step_sum, 5),
+            "timesteps": _round(scores.timesteps, 3),
+            "normalized": [_round(scores.normalized[:, j].tolist(), 5) for j in range(len(texts))],
+        }
+        if name != "uniform":
+            out[f"r3_{name}_final_change"] = float((trace.x0[-1, 0].float() - reference).pow(2).mean().sqrt()) / scale
+    return {**out, "r3_schedules": details, "schedule_words": rows}
+
+
 def _settle_step(ok: list[bool]) -> int | None:
     """The first step from which ``ok`` stays true to the end; None if it is false at the end."""
     if not ok or not ok[-1]:
@@ -452,6 +498,7 @@ for _a in (
     Analysis("sanity", analyse_sanity, "model randomisation check of the DF-RISE / DF-CAM maps (Spearman trained vs re-initialised < 0.3 passes)", frozenset({"denoiser", "grad"}), cost="the maps again with a random model"),
     Analysis("pointing", analyse_pointing, "ground truth: each object's word heatmap against the checker's mask of it (pointing, IoU), attribute checks (objects.csv)", frozenset({"truth"}), cost="negligible"),
     Analysis("layers", analyse_layers, "per cross-attention layer: word share, and pointing with ground truth (layers.csv)", frozenset({"layers"}), cost="keeps per-layer attention in memory"),
+    Analysis("schedules", analyse_schedules, "R3 as the paper measures it: the prompt again at the same seed with early and latter time steps; per word class, the concept tally and per-step curves under each schedule (schedule_words.csv)", cost="two more generations"),
     Analysis("settle", analyse_settle, "ground truth: the step from which each attribute stays correct in the decoded x0, next to its word's emergence/peak", frozenset({"truth", "previews"}), cost="decodes x0 every step"),
     # ---- hooks: issue 12 (branch `validity`) brings these; the report reads the columns named here
     Analysis("sanity_suite", None, "issue 12's sanity suite (cascading randomisation + null model) for every map; columns sanity_<map>_pass", hook="issue 12: explain/methods/sanity.py"),

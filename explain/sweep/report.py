@@ -198,6 +198,9 @@ def _settings_section(s: dict) -> str:
         cpu = t.get("cpu_seconds_by_part") or {}
         parts = ", ".join(f"{_esc(k)} {v:.2f} s" + (f" ({cpu[k]:.2f} s CPU)" if k in cpu else "") for k, v in t["seconds_by_part"].items())
         speed = f"<p>Mean {t['seconds_per_prompt']:.2f} s wall per prompt per process ({t['prompts_per_hour_per_process']:.0f} prompts/hour/process), by part: {parts}.</p>"
+    tr = s.get("traces")
+    if tr:
+        speed += f"<p>Traces (asked for): {tr['saved']} saved under traces/, {tr['bytes'] / 1e6:.1f} MB, {tr['bytes_per_prompt'] / 1e6:.2f} MB per prompt; about {tr['projected_bytes'] / 1e9:.2f} GB for the {c['total']} prompts.</p>"
     fails = ""
     if s.get("failures"):
         fails = "<details><summary>failed and invalid rows</summary>" + _table(["id", "line", "status", "error"], [[_esc(f["id"]), _esc(f["line"]), _esc(f["status"]), _esc(f["error"])] for f in s["failures"]]) + "</details>"
@@ -303,6 +306,34 @@ def _recovery_section(s: dict) -> str:
     return "<h2>R1: what each step recovers</h2>" + chart + chart2 + _table(["number", "mean [95 % CI]"], rows)
 
 
+def _r3_section(s: dict) -> str:
+    r = s.get("r3") or {}
+    if not r.get("classes") and not r.get("numbers"):
+        return ""
+    out = "<h2>R3: what the time steps carry under uniform, early and latter sampling</h2>"
+    if r.get("classes"):
+        names = r["schedules"]
+        header = ["word class"] + [f"{_esc(n)}: tally (share)" for n in names] + [f"{_esc(n)}: per-prompt class sum" for n in names] + [f"{_esc(n)} minus uniform" for n in names if n != "uniform"]
+        rows = []
+        for cls, e in r["classes"].items():
+            share = lambda n: f" <small>({100 * e[n]['share_of_tally']:.1f} %)</small>" if e[n].get("share_of_tally") is not None else ""
+            rows.append(
+                [_esc(cls)]
+                + [_num(e[n]["tally"], 1) + share(n) for n in names]
+                + [_ci(e[n]["per_prompt"], digits=2) for n in names]
+                + [_ci(e[n].get("minus_uniform"), digits=2) for n in names if n != "uniform"]
+            )
+        out += (
+            f"<p>{r['prompts']} prompts, each generated at its seed under every schedule (the paper's §5.5 tally, by word class; "
+            "intervals: 95 % bootstrap over prompts, the difference paired prompt by prompt).</p>" + _table(header, rows)
+        )
+        for name in names:
+            out += line_chart([{"label": c, **v} for c, v in r["curves"][name].items() if v], f"{name}: mean per-step min-max concept score by word class", ylabel="score", width=360, height=200)
+    if r.get("numbers"):
+        out += _table(["number", "mean [95 % CI]"], [[_esc(k), _ci(v)] for k, v in r["numbers"].items()])
+    return out
+
+
 def _truth_section(s: dict) -> str:
     g = s.get("ground_truth") or {}
     t = s.get("timing_truth") or {}
@@ -355,6 +386,6 @@ def render_html(summary: dict) -> str:
     s = clean_json(summary)
     body = "".join(
         f(s)
-        for f in (_settings_section, _auc_section, _sanity_section, _concepts_section, _recovery_section, _truth_section, _layers_section, _definitions_section)
+        for f in (_settings_section, _auc_section, _sanity_section, _concepts_section, _recovery_section, _r3_section, _truth_section, _layers_section, _definitions_section)
     )
     return f'<!doctype html><html><head><meta charset="utf-8"><title>diffusion-explain sweep</title><style>{STYLE}</style></head><body><h1>diffusion-explain: sweep report</h1>{body}</body></html>\n'

@@ -134,7 +134,7 @@ def run_prompt(row: PromptRow, pipe, model_name: str, settings, folder: SweepFol
     timings["generate"] = time.perf_counter() - start
     cpu["generate"] = time.process_time() - start_cpu
     record["notes"] = list(result.notes)
-    ctx = registry.Context(row=row, trace=result.trace, pipe=pipe, settings=settings, folder=folder, cache=cache)
+    ctx = registry.Context(row=row, trace=result.trace, pipe=pipe, settings=settings, folder=folder, cache=cache, model_name=model_name)
     try:
         has_truth = ctx.scene is not None
     except ValueError as exc:
@@ -274,6 +274,7 @@ def run_sweep(
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
     host = socket.gethostname()
+    traces_said = not procs.main
     for row in mine:
         t = time.perf_counter()
         record = run_prompt(row, pipe, model_name, settings, folder, cache)
@@ -281,6 +282,10 @@ def run_sweep(
         folder.write_record(record)
         folder.log(procs.rank, procs.world, {"id": row.id, "status": record["status"], "seconds": record["run"]["total_seconds"], "run": run, "error": record["error"]})
         counts[record["status"]] += 1
+        size = record["columns"].get("trace_bytes")
+        if size and not traces_said:  # say what the traces cost as soon as one is known
+            traces_said = True
+            say(f"traces: {size / 1e6:.2f} MB per prompt on disk, about {size * len(rows) / 1e9:.2f} GB for the {len(rows)} prompts")
         if bar is not None:
             bar.update()
     folder.mark_done(procs.rank, procs.world, run, counts)

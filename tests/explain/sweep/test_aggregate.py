@@ -80,3 +80,25 @@ def test_secondary_tables_merge_one_row_per_object():
     assert tables["words"][0]["word"] == "red"
     assert agg.columns_of([{"b": 1, "id": 2}, {"a": 3}]) == ["id", "a", "b"]
     assert math.isclose(agg.paper_auc([[0, 1], [0, 1]]), 0.5)
+
+
+def test_r3_class_sums_and_their_paired_difference_from_uniform():
+    def r3(i, uniform, early):
+        r = rec(i, r3_early_final_change=0.1 * (i + 1))
+        r["details"] = {
+            "r3_schedules": {
+                "uniform": {"classes": ["shape", "colour", "shape"], "step_sum": uniform, "normalized": [[0, 1], [1, 0], [0.5, 0.5]]},
+                "early": {"classes": ["shape", "colour", "shape"], "step_sum": early, "normalized": [[1, 0], [0, 1], [0.5, 0.5]]},
+            }
+        }
+        return r
+
+    out = agg.aggregate([r3(0, [1.0, 2.0, 3.0], [2.0, 1.0, 3.0]), r3(1, [0.0, 1.0, 1.0], [0.0, 3.0, 2.0])], total=2)["r3"]
+    shape, colour = out["classes"]["shape"], out["classes"]["colour"]
+    assert shape["uniform"]["tally"] == 5.0 and shape["early"]["tally"] == 7.0
+    assert shape["early"]["minus_uniform"]["mean"] == pytest.approx(((5 - 4) + (2 - 1)) / 2)  # paired, prompt by prompt
+    assert colour["early"]["minus_uniform"]["mean"] == pytest.approx(((1 - 2) + (3 - 1)) / 2)
+    assert "minus_uniform" not in shape["uniform"]
+    assert shape["uniform"]["share_of_tally"] == pytest.approx(5 / 8)
+    assert out["curves"]["early"]["shape"]["mean"] == [0.75, 0.25]  # two shape words per prompt, both prompts
+    assert out["numbers"]["r3_early_final_change"]["mean"] == pytest.approx(0.15)
