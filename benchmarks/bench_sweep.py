@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-ANALYSES = ("concepts", "recovery", "pointing", "layers", "settle", "traces", "rise", "cam", "sanity")
+ANALYSES = ("concepts", "recovery", "pointing", "layers", "settle", "traces", "schedules", "rise", "cam", "sanity")
 PAPER_COMMAND = (
     "accelerate launch --multi_gpu --num_processes N -m explain sweep coco_captions.txt --out sweep-paper \\\n"
     "    --protocol paper --model CompVis/stable-diffusion-v1-4 --analyses concepts,rise,cam,sanity"
