@@ -9,7 +9,7 @@
     DIR/shards/rank-R-of-W.jsonl   each process's own log (one line per prompt it finished)
     DIR/shards/rank-R-of-W.done    written when that process has finished its share
     DIR/manifest.json              the summary: counts and the status of every id
-    DIR/results.csv, words.csv, objects.csv, layers.csv (+ .parquet with pyarrow)
+    DIR/results.csv, words.csv, objects.csv, layers.csv, schedule_words.csv (+ .parquet with pyarrow)
     DIR/report.html, DIR/report.json
 
 Every file is written to a temporary name in the same folder and moved into place with
