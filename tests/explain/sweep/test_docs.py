@@ -58,3 +58,24 @@ def test_the_quoted_numbers_are_the_committed_reports():
     }
     missing = {k: v for k, v in quoted.items() if v not in text}
     assert not missing, f"the README's sweep section does not quote the committed report: {missing}"
+
+
+R3_REPORT = REPO / "docs" / "sweep" / "shapes-200-heldout-r3.json"
+
+
+@pytest.mark.skipif(not R3_REPORT.is_file(), reason="docs/sweep/shapes-200-heldout-r3.json is not in this checkout")
+def test_the_quoted_r3_numbers_are_the_committed_reports():
+    r = json.loads(R3_REPORT.read_text())["r3"]
+    text = " ".join(section().split())
+    share = lambda cls: " → ".join(f"{100 * r['classes'][cls][n]['share_of_tally']:.1f}" for n in ("uniform", "early", "latter"))
+    diff = lambda cls, n, sign=1: "{:.2f} [{:.2f}, {:.2f}]".format(sign * r["classes"][cls][n]["minus_uniform"]["mean"], *sorted(sign * x for x in r["classes"][cls][n]["minus_uniform"]["ci"]))
+    change = lambda n: "{:.3f} [{:.3f}, {:.3f}]".format(r["numbers"][f"r3_{n}_final_change"]["mean"], *r["numbers"][f"r3_{n}_final_change"]["ci"])
+    quoted = [
+        f"shape {share('shape')} %", f"colour {share('colour')} %", f"words {share('function')} %",
+        f"colour sum by {diff('colour', 'early')}", f"function words' by {diff('function', 'early', -1)}",
+        f"raises colour by {diff('colour', 'latter')}", f"shape by {diff('shape', 'latter')}",
+        f"moves by {change('early')}", f"and {change('latter')} under latter",
+    ]
+    assert r["prompts"] == 200
+    missing = [q for q in quoted if q not in text]
+    assert not missing, f"the README's R3 numbers are not the committed report's: {missing}"
