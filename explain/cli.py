@@ -390,7 +390,7 @@ def _program_name() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog=_program_name(), description="Explain how a text-to-image diffusion model denoises.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{report,open}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{report,open,sweep}")
 
     rep = sub.add_parser("report", help="generate, trace and explain one prompt into an HTML report")
     rep.add_argument("prompt", help="the text prompt")
@@ -423,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     opn.add_argument("--overwrite", action="store_true", help="replace the report already in the output folder")
     opn.add_argument("--quiet", action="store_true", help="print only the report's path")
     opn.set_defaults(func=cmd_open)
+
+    from explain.sweep.cli import register as register_sweep
+
+    register_sweep(sub)
     return parser
 
 
