@@ -1,6 +1,7 @@
 """Command line: ``python -m explain report "a red circle above a blue square"``.
 
-``report PROMPT``  generates with a model (the embedded shapes model by default), traces the
+``report PROMPT``  generates with a model (the embedded shapes model by default; ``--model
+                   embedded-dit`` the shipped MMDiT), traces the
                    run, explains it and writes an HTML report with its PNGs and the trace;
 ``open TRACE``     makes the same report from a saved ``.safetensors`` trace, without a model.
 
@@ -394,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="generate, trace and explain one prompt into an HTML report")
     rep.add_argument("prompt", help="the text prompt")
     rep.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT}); an existing report there is replaced only with --overwrite")
-    rep.add_argument("--model", default=None, help="diffusers model folder or hub id (default: the embedded shapes model)")
+    rep.add_argument("--model", default=None, help="embedded (the shapes UNet model, default), embedded-dit (the shapes MMDiT, SD3-style), a diffusers model folder or a hub id")
     rep.add_argument("--negative", default=None, help="negative prompt")
     rep.add_argument("--steps", type=_whole_number(1, MAX_STEPS), default=20, help=f"denoising steps, 1 to {MAX_STEPS} (default 20)")
     rep.add_argument("--seed", type=_whole_number(0, MAX_SEED), default=0, help="random seed, 0 to 2**64 - 1 (default 0)")
