@@ -93,6 +93,7 @@ class GameSettings:
     quantity: str = "x0"
     noise_scale: float = 1.0
     noise_draws: int = 2
+    score: str = "context"
     stride: int | None = None
 
     def kwargs(self) -> dict:

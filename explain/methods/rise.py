@@ -49,10 +49,11 @@ from explain.denoiser import QUANTITIES, GuidedDenoiser, NoiseLevel
 from explain.methods import defaults
 from explain.similarity import SimilarityFn, get_similarity
 
-MASK_KINDS = ("bernoulli", "grid")
+MASK_KINDS = ("bernoulli", "grid", "cells")
+BINARY_MASKS = ("bernoulli", "cells")
 MASK_CHUNK = 64  # masks are drawn in chunks of this many, each from its own seeded generator
 MAX_MASKS = 1_000_000
-SCORES = ("map", "mean")
+SCORES = ("map", "mean", "kept")
 PERTURBATIONS = ("zero", "blur", "noise")
 
 PAPER_WARNING = (
@@ -95,6 +96,23 @@ def grid_masks(n: int, size: tuple[int, int], cells: int = 8, p: float = 0.5, ge
     return up[torch.arange(n)[:, None, None], 0, rows, cols].clamp_(0, 1)
 
 
+def cell_masks(n: int, size: tuple[int, int], cells: int = 4, p: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Binary masks ``[n, h, w]``: a ``cells × cells`` Bernoulli(p) grid of ceil(side / cells)
+    pixel blocks, shifted at random by up to one block (RISE's grid without the bilinear ramps,
+    so every pixel is either kept untouched or masked, as the ``"kept"`` score needs)."""
+    h, w = size
+    if cells < 1 or cells > max(h, w):
+        raise ValueError(f"grid cells must be between 1 and the latent side ({max(h, w)}), got {cells}")
+    cell_h, cell_w = math.ceil(h / cells), math.ceil(w / cells)
+    grid = (torch.rand(n, 1, cells + 1, cells + 1, generator=generator) < p).float()
+    up = grid.repeat_interleave(cell_h, 2).repeat_interleave(cell_w, 3)
+    dy = torch.randint(0, cell_h, (n,), generator=generator)
+    dx = torch.randint(0, cell_w, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, :, None]
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, :]
+    return up[torch.arange(n)[:, None, None], 0, rows, cols]
+
+
 @dataclass
 class MaskSampler:
     """Masks ``start..stop`` of a seeded stream; the same seed gives the same masks in any batching."""
@@ -118,6 +136,8 @@ class MaskSampler:
             g = torch.Generator().manual_seed(_chunk_seed(self.seed, index, self.kind))
             if self.kind == "bernoulli":
                 self._cache[index] = bernoulli_masks(MASK_CHUNK, self.size, self.p, g)
+            elif self.kind == "cells":
+                self._cache[index] = cell_masks(MASK_CHUNK, self.size, self.cells, self.p, g)
             else:
                 self._cache[index] = grid_masks(MASK_CHUNK, self.size, self.cells, self.p, g)
         return self._cache[index]
@@ -254,7 +274,10 @@ def rise_map(
     fresh standard-normal draw added (see `perturb`). ``reference``
     is the prediction to compare with (by default ``predict(x)``). ``score="map"`` accumulates
     the per-pixel similarity map (the paper); ``"mean"`` uses its spatial mean, as classic RISE
-    uses one score per mask. Returns S = Σ M_n ⊙ s_n / (N·p), ``[h, w]``, an estimate of
+    uses one score per mask; ``"kept"`` its mean over the pixels the mask kept untouched (binary
+    masks only), so a pixel is credited with how well the model predicts the *kept* part of the
+    latent from what it sees: a prediction that only copies each input pixel (the identity
+    path, whatever the parameterisation) scores every mask alike and gives a flat map. Returns S = Σ M_n ⊙ s_n / (N·p), ``[h, w]``, an estimate of
     E[s | pixel kept]. With ``centered`` the per-pixel mean similarity s̄ is subtracted first,
     S = Σ M_n ⊙ (s_n - s̄) / (N·p), an estimate of E[s | kept] - E[s]: how much keeping a pixel
     raises the similarity, rather than how similar a kept pixel is. It is far less noisy for a
@@ -265,6 +288,8 @@ def rise_map(
         raise ValueError(f"x must be one latent [C, h, w], got shape {tuple(x.shape)}")
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if score == "kept" and masks not in BINARY_MASKS:
+        raise ValueError(f"the 'kept' score needs binary masks ({', '.join(BINARY_MASKS)}), not {masks!r}")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if perturbation not in PERTURBATIONS:
@@ -296,6 +321,9 @@ def rise_map(
             s = F.interpolate(s.unsqueeze(1), size=(h, w), mode="bilinear", align_corners=False).squeeze(1)
         if score == "mean":
             s = s.mean((-2, -1), keepdim=True).expand(-1, h, w)
+        elif score == "kept":
+            kept = m.float()
+            s = ((s.float() * kept).sum((-2, -1)) / kept.sum((-2, -1)).clamp_min(1.0)).view(-1, 1, 1).expand(-1, h, w)
         total += (m * s.float()).sum(0)
         if centered:
             sim_sum += s.float().sum(0)

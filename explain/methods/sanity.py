@@ -34,7 +34,9 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import torch
 
 RANDOMIZATION_LIMIT = 0.3
 NULL_LIMIT = 0.5
@@ -167,3 +169,205 @@ def write_verdicts(verdicts: list[MethodVerdict], model_id: str, aliases: list[s
     models = data.setdefault("models", {})
     models[model_id] = {"aliases": list(aliases), "methods": {v.method: v.to_json() for v in verdicts}}
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------- null models
+def null_denoiser(denoiser, x: torch.Tensor, level, kind: str = "epsilon"):
+    """A `GuidedDenoiser` that returns, for any input (and any token mask), the trained
+    ``denoiser``'s guided prediction at latent ``x`` ``[C, h, w]`` and ``level``, held fixed as
+    ε (``kind="epsilon"``: x0 then follows the input through the identity path) or as x0
+    (``kind="x0"``: ε then follows the input). It has no modules, so DF-CAM cannot run on it."""
+    from explain.denoiser import GuidedDenoiser
+
+    if kind not in NULL_KINDS:
+        raise ValueError(f"null model kind must be one of {NULL_KINDS}, got {kind!r}")
+    fixed = denoiser.predict(x.unsqueeze(0) if x.ndim == 3 else x[:1], level, kind).detach()
+
+    def model_fn(xb, lv):
+        return None, fixed.to(xb.device).expand(xb.shape[0], *fixed.shape[1:])
+
+    def token_model_fn(xb, lv, keep):
+        return model_fn(xb, lv)
+
+    return GuidedDenoiser(
+        model_fn=model_fn,
+        prediction_type="epsilon" if kind == "epsilon" else "sample",
+        guidance_scale=1.0,
+        latent_space=denoiser.latent_space,
+        device=denoiser.device,
+        token_model_fn=token_model_fn,
+    )
+
+
+def null_denoisers(denoiser, trace, step: int, item: int = 0) -> dict:
+    """Both null models (`NULL_KINDS`) of ``denoiser`` at ``step`` of ``trace``."""
+    from explain.denoiser import NoiseLevel
+
+    step = trace.check_step(step)
+    x = trace.x_t[step, item].float()
+    if denoiser.device is not None:
+        x = x.to(denoiser.device)
+    level = NoiseLevel.from_trace(trace, step)
+    return {kind: null_denoiser(denoiser, x, level, kind) for kind in NULL_KINDS}
+
+
+# ---------------------------------------------------------------------------- cascading randomisation
+def group_of(name: str) -> str:
+    """The cascade group of a module name: its first component, with the block index when there
+    is one (``up_blocks.2.resnets.0.conv1`` -> ``up_blocks.2``; ``conv_out`` -> ``conv_out``)."""
+    parts = name.split(".")
+    if len(parts) > 1 and parts[1].isdigit():
+        return ".".join(parts[:2])
+    return parts[0]
+
+
+def layer_groups(model: torch.nn.Module, run: Callable[[], Any]) -> list[str]:
+    """The model's parameter-holding groups (`group_of`) ordered from the output side to the
+    input side: ``run()`` makes one forward pass, and groups are sorted by when they first ran,
+    last first ("top layers first", as Adebayo et al. cascade from the logits down)."""
+    first: dict[str, int] = {}
+    handles = []
+    counter = [0]
+    for name, module in model.named_modules():
+        if not name or not any(True for _ in module.parameters(recurse=False)):
+            continue
+
+        def hook(mod, inputs, output, name=name):
+            first.setdefault(group_of(name), counter[0])
+            counter[0] += 1
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    ran = sorted(first, key=lambda g: -first[g])
+    # groups that hold parameters but never ran (unused heads) cannot change a map: left out
+    return ran
+
+
+def cascading_randomized_copies(model: torch.nn.Module, groups: list[str], seed: int = 0, stages: list[int] | None = None):
+    """Yield ``(label, copy)`` with the first k groups of ``groups`` (top first) re-initialised,
+    for k in ``stages`` (default every k = 1..len(groups)); the last stage is the fully
+    randomised model when k = len(groups)."""
+    from explain.methods.faithfulness import randomized_copy
+
+    ks = list(range(1, len(groups) + 1)) if stages is None else [int(k) for k in stages]
+    for k in ks:
+        if not 1 <= k <= len(groups):
+            raise ValueError(f"cascade stage {k} is outside 1..{len(groups)}")
+        yield f"{groups[k - 1]} and above" if k < len(groups) else "all layers", randomized_copy(model, seed=seed, only=groups[:k])
+
+
+# ---------------------------------------------------------------------------- checking one map
+def _rho(a, b) -> float | None:
+    """Spearman ρ of two maps (resized to the smaller grid); ``None`` when either is constant."""
+    import torch.nn.functional as F
+
+    from explain.methods.faithfulness import spearman
+
+    a = torch.as_tensor(a).float().cpu()
+    b = torch.as_tensor(b).float().cpu()
+    if a.shape != b.shape:
+        size = min(a.shape, b.shape, key=lambda s: s[0] * s[1])
+        a, b = (F.interpolate(m[None, None], size=tuple(size), mode="area")[0, 0] if tuple(m.shape) != tuple(size) else m for m in (a, b))
+    value = spearman(a, b)
+    return None if not math.isfinite(value) else value
+
+
+def is_constant(m) -> bool:
+    m = torch.as_tensor(m).float()
+    return float(m.max() - m.min()) <= 1e-9 * max(float(m.abs().max()), 1e-30)
+
+
+@dataclass
+class MapCheck:
+    """The sanity checks of one map on one prompt: ρ with the fully randomised model's map, ρ
+    with each cascade stage's (top first), and ρ with each null model's map (``None`` when that
+    null model gives a constant map or cannot run the method)."""
+
+    randomization_rho: float | None
+    cascade: list[tuple[str, float | None]] = field(default_factory=list)
+    null_rho: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def max_null_rho(self) -> float | None:
+        values = [v for v in self.null_rho.values() if v is not None]
+        return max(values) if values else None
+
+    @property
+    def explained_by_null(self) -> bool:
+        """A null model's map is not constant and ranks positions like this one (ρ ≥ 0.5)."""
+        rho = self.max_null_rho
+        return rho is not None and rho >= NULL_LIMIT
+
+    @property
+    def passes(self) -> bool:
+        return verdict_passes(self.randomization_rho, self.max_null_rho)
+
+
+def check_map(
+    explain: Callable[[Any], torch.Tensor],
+    trained,
+    randomized,
+    nulls: dict | None = None,
+    cascade: list[tuple[str, Any]] | None = None,
+    trained_map: torch.Tensor | None = None,
+) -> MapCheck:
+    """Run ``explain(denoiser) -> map [h, w]`` on the trained denoiser, the fully randomised one,
+    each cascade stage (``[(label, denoiser)]``) and each null model (``{kind: denoiser}``; a
+    null on which the method cannot run, e.g. DF-CAM, counts as giving no map), and compare
+    the maps by Spearman ρ."""
+    base = explain(trained) if trained_map is None else trained_map
+
+    def versus(d) -> float | None:
+        m = explain(d)
+        # a randomised model whose map is flat has lost all the structure: no resemblance
+        return 0.0 if is_constant(m) else _rho(base, m)
+
+    rand_rho = versus(randomized) if randomized is not None else None
+    stages = [(label, versus(d)) for label, d in (cascade or [])]
+    null_rho: dict[str, float | None] = {}
+    for kind, d in (nulls or {}).items():
+        try:
+            m = explain(d)
+        except (ValueError, KeyError):  # the method needs something a null model has not (modules)
+            null_rho[kind] = None
+            continue
+        null_rho[kind] = None if is_constant(m) else _rho(base, m)
+    return MapCheck(rand_rho, stages, null_rho)
+
+
+def summarize(method: str, checks: list[MapCheck], measured_on: str, note: str = "", model: str = "", extra: dict | None = None) -> MethodVerdict:
+    """One verdict from the checks of many prompts: mean ρ with the randomised model, the
+    largest mean ρ over null models, and the share of prompts whose own map passes."""
+    rand = [c.randomization_rho for c in checks if c.randomization_rho is not None]
+    by_kind: dict[str, list[float]] = {}
+    for c in checks:
+        for kind, v in c.null_rho.items():
+            if v is not None:
+                by_kind.setdefault(kind, []).append(v)
+    null_means = {k: sum(v) / len(v) for k, v in by_kind.items() if v}
+    rand_mean = sum(rand) / len(rand) if rand else None
+    null_max = max(null_means.values()) if null_means else None
+    numbers: dict[str, Any] = {
+        "randomization_rho": rand_mean,
+        "null_rho": null_max,
+        "null_rho_by_kind": null_means,
+        "prompts": len(checks),
+        "prompts_passing": sum(c.passes for c in checks),
+    }
+    if checks and checks[0].cascade:
+        labels = [label for label, _ in checks[0].cascade]
+        numbers["cascade"] = [
+            [label, _mean([c.cascade[i][1] for c in checks if len(c.cascade) > i and c.cascade[i][1] is not None])] for i, label in enumerate(labels)
+        ]
+    numbers.update(extra or {})
+    return MethodVerdict(method, verdict_passes(rand_mean, null_max), numbers, measured_on, note, model)
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
