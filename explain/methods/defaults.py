@@ -91,7 +91,7 @@ class GameSettings:
 
     removal: str = "noise"
     quantity: str = "x0"
-    noise_scale: float = 1.0
+    noise_scale: float = 4.0
     noise_draws: int = 2
     score: str = "context"
     stride: int | None = None
@@ -120,9 +120,11 @@ VARIANTS: dict[str, RiseSettings] = {
     "paper": PAPER_RISE,
     "x0-structure-centered": RiseSettings(similarity="structure", centered=True),
     "x0-negmse-centered": RiseSettings(similarity="neg_mse", centered=True),
-    "grid4-structure-centered": RiseSettings(masks="grid", cells=4, similarity="structure", centered=True),
+    "grid4-structure-centered": RiseSettings(n_masks=64, masks="grid", cells=4, similarity="structure", centered=True),
+    "epsilon-negmse-centered": RiseSettings(quantity="epsilon", similarity="neg_mse", centered=True),
+    "kept-cells4-noise4": RiseSettings(masks="cells", cells=4, similarity="neg_mse", centered=True, perturbation="noise", noise_scale=4.0, score="kept"),
 }
-RISE = VARIANTS["x0-structure-centered"]
+RISE = replace(VARIANTS["grid4-structure-centered"], n_masks=64)
 TOKEN_RISE = TokenRiseSettings()
 CAM = CamSettings()
 GAME = GameSettings()

@@ -58,7 +58,7 @@ from explain.methods import defaults
 
 MODES = ("insertion", "deletion")
 REMOVALS = ("noise", "blur", "paper")
-GAME_SCORES = ("all", "context")
+GAME_SCORES = ("all", "context", "final")
 BLUR_SIZE = 11
 BLUR_SIGMA = 5.0
 
@@ -308,6 +308,8 @@ def insertion_deletion(
         raise ValueError(f"removal must be one of {REMOVALS}, got {removal!r}")
     if quantity not in QUANTITIES:
         raise ValueError(f"quantity must be one of {QUANTITIES}, got {quantity!r}")
+    if score not in GAME_SCORES:
+        raise ValueError(f"game score must be one of {GAME_SCORES}, got {score!r}")
     if decode is not None and quantity != "x0":
         raise ValueError("the image-space curve decodes x0 predictions; use quantity='x0' with decode")
     x = trace.x_t[step, item].float()
@@ -316,10 +318,19 @@ def insertion_deletion(
     level = NoiseLevel.from_trace(trace, step)
     if batch_size is None:
         batch_size = denoiser.batch_size_for(x, memory_budget)
-    reference = denoiser.predict(x.unsqueeze(0), level, quantity)
+    if score == "final":
+        from explain.methods.timing import resample
 
-    def predict(latents):
-        return denoiser.predict(latents, level, quantity)
+        def predict(latents):
+            return resample(denoiser, trace, [step] * latents.shape[0], item=item, latents=latents, batch_size=batch_size)
+
+        reference = predict(x.unsqueeze(0))
+        score = "all"  # the distance of the final latents, over every position
+    else:
+        reference = denoiser.predict(x.unsqueeze(0), level, quantity)
+
+        def predict(latents):
+            return denoiser.predict(latents, level, quantity)
 
     if removal != "noise":
         return {

@@ -310,6 +310,7 @@ def rise_map(
     total = torch.zeros(h, w, dtype=torch.float32, device=x.device)
     sim_sum = torch.zeros(h, w, dtype=torch.float32, device=x.device)
     mask_sum = torch.zeros(h, w, dtype=torch.float32, device=x.device)
+    kept_maps, kept_masks = [], []
     for start in range(0, n, int(batch_size)):
         stop = min(n, start + int(batch_size))
         m = sampler.masks(start, stop).to(x.device)  # [b, h, w]
@@ -319,20 +320,40 @@ def rise_map(
         s = sim(pred, reference)  # [b, h', w']
         if s.shape[-2:] != (h, w):
             s = F.interpolate(s.unsqueeze(1), size=(h, w), mode="bilinear", align_corners=False).squeeze(1)
+        if score == "kept":
+            kept_maps.append(s.float())
+            kept_masks.append(m.float())
+            continue
         if score == "mean":
             s = s.mean((-2, -1), keepdim=True).expand(-1, h, w)
-        elif score == "kept":
-            kept = m.float()
-            s = ((s.float() * kept).sum((-2, -1)) / kept.sum((-2, -1)).clamp_min(1.0)).view(-1, 1, 1).expand(-1, h, w)
         total += (m * s.float()).sum(0)
         if centered:
             sim_sum += s.float().sum(0)
             mask_sum += m.sum(0)
+    if score == "kept":
+        return _kept_estimate(torch.cat(kept_maps), torch.cat(kept_masks), float(p), centered)
     if centered:
         # Σ M_n ⊙ (s_n - s̄) estimates Cov(M, s) per pixel: the paper's E[s | kept] minus the
         # pixel's mean similarity, and free of the noise that Σ M_n ≠ N·p adds to the paper's sum
         total = total - sim_sum / n * mask_sum
     return total / (n * float(p))
+
+
+def _kept_estimate(s: torch.Tensor, m: torch.Tensor, p: float, centered: bool) -> torch.Tensor:
+    """The ``"kept"`` score's estimator from per-mask similarity maps ``s`` and binary masks
+    ``m`` ``[N, h, w]``: each kept pixel's similarity is taken relative to its own mean over the
+    masks that kept it, so a mask is not credited with *which* pixels it kept (some pixels are
+    simply harder to predict) but with how much better than usual the kept pixels were
+    predicted; the per-mask score g_n is the sum of those deviations over the kept pixels / hw,
+    and pixel i gets Σ_n M_n(i) g_n / (N p) (centered: minus its mean)."""
+    n = s.shape[0]
+    kept_count = m.sum(0)
+    own_mean = (s * m).sum(0) / kept_count.clamp_min(1.0)
+    g = ((s - own_mean) * m).sum((-2, -1)) / float(s.shape[-2] * s.shape[-1])  # [N]
+    total = torch.einsum("n,nhw->hw", g, m)
+    if centered:
+        total = total - g.mean() * kept_count
+    return total / (n * p)
 
 
 # ---------------------------------------------------------------------------- on a trace

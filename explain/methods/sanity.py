@@ -15,7 +15,10 @@ A map is evidence about the *model* only if it changes when the model does. Two 
   would also give.
 
 ``passes = randomization ρ < 0.3 and not explained by any null model`` (means over prompts in
-the benchmark; `check_map` for one prompt on demand).
+the benchmark; `check_map` for one prompt on demand). Ours in addition: a map drawn from random
+masks must agree with itself under another mask seed (ρ ≥ ``SEED_LIMIT``, 0.5), since a map that
+is mostly mask noise correlates with nothing, a randomised model's map included, and would
+otherwise pass for free.
 
 Verdicts: `MethodVerdict` holds the method id, whether it passes, the numbers behind it, what
 it was measured on and a one-line note. `known_verdict(method, model)` reads the verdicts
@@ -40,6 +43,7 @@ import torch
 
 RANDOMIZATION_LIMIT = 0.3
 NULL_LIMIT = 0.5
+SEED_LIMIT = 0.5
 NULL_KINDS = ("epsilon", "x0")
 VERDICTS_FILE = Path(__file__).with_name("verdicts.json")
 
@@ -104,10 +108,14 @@ class MethodVerdict:
         )
 
 
-def verdict_passes(randomization_rho: float | None, null_rho: float | None) -> bool:
+def verdict_passes(randomization_rho: float | None, null_rho: float | None, seed_rho: float | None = None) -> bool:
     """The pass rule: ρ with the randomised model below 0.3 and not explained by a null model
-    (ρ below 0.5, or no null model applies). A missing or NaN randomisation ρ does not pass."""
+    (ρ below 0.5, or no null model applies); for a map from random masks, ρ with itself under
+    another mask seed at least 0.5 (``None``: a deterministic map). A missing or NaN
+    randomisation ρ does not pass."""
     if randomization_rho is None or not math.isfinite(randomization_rho):
+        return False
+    if seed_rho is not None and not (math.isfinite(seed_rho) and seed_rho >= SEED_LIMIT):
         return False
     if randomization_rho >= RANDOMIZATION_LIMIT:
         return False
@@ -291,6 +299,7 @@ class MapCheck:
     randomization_rho: float | None
     cascade: list[tuple[str, float | None]] = field(default_factory=list)
     null_rho: dict[str, float | None] = field(default_factory=dict)
+    seed_rho: float | None = None  # the same method under another mask seed (None: deterministic)
 
     @property
     def max_null_rho(self) -> float | None:
@@ -305,7 +314,7 @@ class MapCheck:
 
     @property
     def passes(self) -> bool:
-        return verdict_passes(self.randomization_rho, self.max_null_rho)
+        return verdict_passes(self.randomization_rho, self.max_null_rho, self.seed_rho)
 
 
 def check_map(
@@ -315,11 +324,13 @@ def check_map(
     nulls: dict | None = None,
     cascade: list[tuple[str, Any]] | None = None,
     trained_map: torch.Tensor | None = None,
+    reseeded: Callable[[Any], torch.Tensor] | None = None,
 ) -> MapCheck:
     """Run ``explain(denoiser) -> map [h, w]`` on the trained denoiser, the fully randomised one,
     each cascade stage (``[(label, denoiser)]``) and each null model (``{kind: denoiser}``; a
     null on which the method cannot run, e.g. DF-CAM, counts as giving no map), and compare
-    the maps by Spearman ρ."""
+    the maps by Spearman ρ. ``reseeded(denoiser)`` (for maps from random masks) is the same
+    method under another mask seed, for the self-agreement ρ."""
     base = explain(trained) if trained_map is None else trained_map
 
     def versus(d) -> float | None:
@@ -337,7 +348,8 @@ def check_map(
             null_rho[kind] = None
             continue
         null_rho[kind] = None if is_constant(m) else _rho(base, m)
-    return MapCheck(rand_rho, stages, null_rho)
+    seed_rho = _rho(base, reseeded(trained)) if reseeded is not None else None
+    return MapCheck(rand_rho, stages, null_rho, seed_rho)
 
 
 def summarize(method: str, checks: list[MapCheck], measured_on: str, note: str = "", model: str = "", extra: dict | None = None) -> MethodVerdict:
@@ -352,9 +364,11 @@ def summarize(method: str, checks: list[MapCheck], measured_on: str, note: str =
     null_means = {k: sum(v) / len(v) for k, v in by_kind.items() if v}
     rand_mean = sum(rand) / len(rand) if rand else None
     null_max = max(null_means.values()) if null_means else None
+    seed_mean = _mean([c.seed_rho for c in checks])
     numbers: dict[str, Any] = {
         "randomization_rho": rand_mean,
         "null_rho": null_max,
+        "seed_rho": seed_mean,
         "null_rho_by_kind": null_means,
         "prompts": len(checks),
         "prompts_passing": sum(c.passes for c in checks),
@@ -365,7 +379,7 @@ def summarize(method: str, checks: list[MapCheck], measured_on: str, note: str =
             [label, _mean([c.cascade[i][1] for c in checks if len(c.cascade) > i and c.cascade[i][1] is not None])] for i, label in enumerate(labels)
         ]
     numbers.update(extra or {})
-    return MethodVerdict(method, verdict_passes(rand_mean, null_max), numbers, measured_on, note, model)
+    return MethodVerdict(method, verdict_passes(rand_mean, null_max, seed_mean), numbers, measured_on, note, model)
 
 
 def _mean(values) -> float | None:

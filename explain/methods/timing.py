@@ -99,9 +99,16 @@ def resample(
     *,
     sampler: str = "auto",
     batch_size: int | None = None,
+    latents: torch.Tensor | None = None,
+    alternatives: Sequence[GuidedDenoiser] = (),
+    choice: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Re-run the trace's sampling from each step in ``starts`` to the end; returns the final
-    latents ``[R, C, h, w]`` (R = len(starts)).
+    latents ``[R, C, h, w]`` (R = len(starts)). ``latents`` ``[R, C, h, w]`` (optional) replaces
+    the traced x_t of each run's start step (a perturbed latent, for the regenerate game).
+    ``choice`` ``[R, S]`` (optional) says which denoiser run r uses at step s: 0 is
+    ``denoiser``, k >= 1 is ``alternatives[k - 1]`` (e.g. the same model conditioned on an
+    edited prompt), for counterfactual re-runs.
 
     ``keep`` ``[R, S, T]`` (optional) masks the prompt's tokens per run and step (1 = keep; a
     dropped position takes the unconditional context), through the denoiser's
@@ -125,28 +132,42 @@ def resample(
     sig = _sigmas(trace)
     space = denoiser.latent_space
     device = denoiser.device
-    x = torch.stack([trace.x_t[s, item].float() for s in starts])
+    x = torch.stack([trace.x_t[s, item].float() for s in starts]) if latents is None else latents.float().clone()
+    if x.shape[0] != r:
+        raise ValueError(f"latents must hold one latent per run ({r}), got {x.shape[0]}")
     old = [trace.x0[s - 1, item].float() if s > 0 else None for s in starts]
     old_x0 = torch.stack([o if o is not None else torch.zeros_like(x[0]) for o in old])
     has_old = torch.tensor([o is not None for o in old])
     if device is not None:
         x, old_x0 = x.to(device), old_x0.to(device)
+    denoisers = [denoiser, *alternatives]
+    if choice is not None:
+        choice = torch.as_tensor(choice, dtype=torch.long)
+        if tuple(choice.shape) != (r, steps) or int(choice.min()) < 0 or int(choice.max()) >= len(denoisers):
+            raise ValueError(f"choice must be [runs={r}, steps={steps}] with entries 0..{len(denoisers) - 1}, got {tuple(choice.shape)}")
     start_t = torch.tensor(starts)
     size = batch_size or denoiser.batch_size_for(x[0], limit=max(r, 1))
     for j in range(min(starts), steps):
         active = (start_t <= j).nonzero().flatten().tolist()
         level = NoiseLevel(timestep=float(trace.timesteps[j]), sigma=sig[j])
         x0 = torch.empty_like(x[active])
-        for a in range(0, len(active), size):
-            idx = active[a : a + size]
-            xb = x[idx]
-            kb = keep[idx, j] if keep is not None else None
-            with torch.no_grad():
-                if kb is not None and bool((kb < 1).any()):
-                    pred = denoiser.predict_tokens(xb, level, kb.to(xb.device), "x0")
-                else:
-                    pred = denoiser.predict(xb, level, "x0")
-            x0[a : a + len(idx)] = pred.to(x0.dtype)
+        position = {i: k for k, i in enumerate(active)}
+        by_model: dict[int, list[int]] = {}
+        for i in active:
+            by_model.setdefault(int(choice[i, j]) if choice is not None else 0, []).append(i)
+        for d, runs in by_model.items():
+            model = denoisers[d]
+            for a in range(0, len(runs), size):
+                idx = runs[a : a + size]
+                xb = x[idx]
+                kb = keep[idx, j] if keep is not None and d == 0 else None
+                with torch.no_grad():
+                    if kb is not None and bool((kb < 1).any()):
+                        pred = model.predict_tokens(xb, level, kb.to(xb.device), "x0")
+                    else:
+                        pred = model.predict(xb, level, "x0")
+                for k, i in enumerate(idx):
+                    x0[position[i]] = pred[k].to(x0.dtype)
         for k, i in enumerate(active):
             xs = _to_sigma(x[i], sig[j], space)
             use_old = sampler == "dpmpp_2m" and (j > starts[i] or bool(has_old[i])) and j > 0
@@ -254,18 +275,26 @@ def concept_timing(
     keep_finals: bool = True,
     batch_size: int | None = None,
     sampler: str = "auto",
+    counterfactuals: Sequence[GuidedDenoiser] | None = None,
 ) -> ConceptTiming:
     """Causal concept timing of ``words`` (default: every prompt word) over the start ``steps``
     (default: all). Costs about ``len(words) · Σ_s (S - s)`` guided model evaluations in
-    "from" mode (half the run on average per step tested)."""
+    "from" mode (half the run on average per step tested).
+
+    How a word is removed: by default its token positions take the unconditional context
+    (``token_model_fn``). With a causal text encoder (CLIP) the *later* tokens still carry the
+    word ("circle" after "red" has attended to "red"), so that removal is partial; pass
+    ``counterfactuals`` (one `GuidedDenoiser` per word, the same model conditioned on the prompt
+    re-encoded without the word, e.g. ``from_pipeline(pipe, trace, prompt=edited)``) to switch
+    to it instead."""
     from explain.methods.heatmaps import prompt_words, resolve_words
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
-    if denoiser.token_model_fn is None:
-        raise ValueError("concept timing removes prompt tokens, but this denoiser has no token_model_fn")
+    if denoiser.token_model_fn is None and counterfactuals is None:
+        raise ValueError("concept timing removes prompt tokens, but this denoiser has no token_model_fn (pass counterfactuals)")
     specs = list(words) if words is not None else [w for w in prompt_words(trace, item) if w.token_indices]
     labels, positions = [], []
     for spec in specs:
@@ -277,27 +306,58 @@ def concept_timing(
         positions.append(pos)
     if not labels:
         raise ValueError("no words to time")
+    if counterfactuals is not None and len(counterfactuals) != len(labels):
+        raise ValueError(f"give one counterfactual denoiser per word ({len(labels)}), got {len(counterfactuals)}")
     chosen = sorted({trace.check_step(int(s)) for s in (steps if steps is not None else range(trace.num_steps))})
     tokens = len(trace.tokens[item]) if item < len(trace.tokens) and trace.tokens[item] else 1 + max(max(p) for p in positions)
     S = trace.num_steps
-    runs_start, keeps = [], []
-    for pos in positions:
+    runs_start, keeps, choices = [], [], []
+    for w, pos in enumerate(positions):
         for s in chosen:
             k = torch.ones(S, tokens)
-            if mode == "from":
-                k[s:, pos] = 0
+            c = torch.zeros(S, dtype=torch.long)
+            removed = slice(s, None) if mode == "from" else slice(s, s + 1)
+            if counterfactuals is None:
+                k[removed, pos] = 0
             else:
-                k[s, pos] = 0
+                c[removed] = w + 1
             runs_start.append(s)
             keeps.append(k)
-    keep = torch.stack(keeps)
+            choices.append(c)
     starts = runs_start + [min(chosen)]
-    keep = torch.cat([keep, torch.ones(1, S, tokens)])
+    keep = torch.cat([torch.stack(keeps), torch.ones(1, S, tokens)]) if counterfactuals is None else None
+    choice = torch.cat([torch.stack(choices), torch.zeros(1, S, dtype=torch.long)]) if counterfactuals is not None else None
     sampler = sampler_for(trace) if sampler == "auto" else sampler
-    finals = resample(denoiser, trace, starts, keep, item, sampler=sampler, batch_size=batch_size).cpu()
+    finals = resample(
+        denoiser, trace, starts, keep, item, sampler=sampler, batch_size=batch_size, alternatives=list(counterfactuals or ()), choice=choice,
+    ).cpu()  # fmt: skip
     reference = finals[-1]
     finals = finals[:-1].view(len(labels), len(chosen), *reference.shape)
     effect = (finals - reference).pow(2).mean(dim=(-3, -2, -1))
     decision = [decision_step(effect[k], chosen, threshold) if mode == "from" else int(chosen[int(effect[k].argmax())]) for k in range(len(labels))]
     peak = [int(chosen[int(effect[k].argmax())]) for k in range(len(labels))]
     return ConceptTiming(labels, positions, chosen, mode, effect, decision, peak, threshold, reference, finals if keep_finals else None, sampler)
+
+
+def rerun_trajectory(denoiser: GuidedDenoiser, trace, item: int = 0, sampler: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole run re-done from the trace's first latent with ``denoiser`` (the trained model,
+    a randomised copy, a null model): its x0 predictions ``[S, C, h, w]`` and final latent
+    ``[C, h, w]``, for the R1 view of another model on the same starting noise."""
+    sampler = sampler_for(trace) if sampler == "auto" else sampler
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    sig = _sigmas(trace)
+    space = denoiser.latent_space
+    x = trace.x_t[0, item : item + 1].float()
+    if denoiser.device is not None:
+        x = x.to(denoiser.device)
+    x0s, old = [], None
+    for j in range(trace.num_steps):
+        level = NoiseLevel(timestep=float(trace.timesteps[j]), sigma=sig[j])
+        with torch.no_grad():
+            x0 = denoiser.predict(x, level, "x0")
+        x0s.append(x0[0].cpu())
+        nxt = sampler_step(_to_sigma(x, sig[j], space), x0, sig[j], sig[j + 1], sampler=sampler, old_x0=old, sigma_prev=sig[j - 1] if j > 0 else None)
+        x = _from_sigma(nxt, sig[j + 1], space)
+        old = x0
+    return torch.stack(x0s), x[0].cpu()

@@ -77,6 +77,10 @@ def test_the_re_run_reproduces_the_toy_run_from_any_step():
     finals = resample(den, trace, [0, 3, 7])
     assert torch.allclose(finals, trace.final_latent.expand(3, -1, -1, -1), atol=1e-5)
     assert reproduction_error(den, trace)["relative_rms"] < 1e-6
+    from explain.methods.timing import rerun_trajectory
+
+    x0s, final = rerun_trajectory(den, trace)
+    assert torch.allclose(x0s, trace.x0[:, 0], atol=1e-5) and torch.allclose(final, trace.final_latent[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("scheduler, sampler", [("dpm++", "dpmpp_2m"), ("euler", "ddim")])
@@ -104,6 +108,26 @@ def test_decision_steps_follow_when_each_word_acts():
     at = concept_timing(den, trace, mode="at")
     assert at.peak_step[0] <= 2 and at.peak_step[1] >= 4
     assert set(timing.to_json()) >= {"effect", "decision_step", "definitions"}
+
+
+def test_counterfactual_denoisers_remove_a_word_like_its_token_mask():
+    den = toy_denoiser()
+    trace = toy_trace(den)
+
+    def without(position):
+        def fn(x, level):
+            keep = torch.ones(x.shape[0], len(TOKENS))
+            keep[:, position] = 0
+            return den.token_model_fn(x, level, keep)
+
+        return GuidedDenoiser(fn, "sample", 1.0, latent_space="sigma")
+
+    masked = concept_timing(den, trace, mode="from")
+    swapped = concept_timing(den, trace, mode="from", counterfactuals=[without(1), without(2)])
+    assert torch.allclose(masked.effect, swapped.effect, atol=1e-6)
+    assert masked.decision_step == swapped.decision_step
+    with pytest.raises(ValueError, match="one counterfactual"):
+        concept_timing(den, trace, counterfactuals=[without(1)])
 
 
 def test_decision_helpers():
