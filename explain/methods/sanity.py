@@ -385,3 +385,24 @@ def summarize(method: str, checks: list[MapCheck], measured_on: str, note: str =
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
+
+
+def verdict_on_demand(
+    method: str,
+    explain: Callable[[Any], torch.Tensor],
+    trained,
+    randomized,
+    trace,
+    step: int,
+    item: int = 0,
+    reseeded: Callable[[Any], torch.Tensor] | None = None,
+    model: str = "",
+) -> MethodVerdict:
+    """A verdict measured now, on the user's own model and prompt: ``explain`` run on the
+    trained denoiser, on ``randomized`` (the same model re-initialised, e.g.
+    ``from_pipeline(pipe, trace, unet=randomized_copy(pipe.unet))``) and on both null models of
+    ``step``. One prompt, so weaker evidence than a cached verdict; it costs three to four runs
+    of the method."""
+    check = check_map(explain, trained, randomized, null_denoisers(trained, trace, step, item), reseeded=reseeded)
+    prompt = trace.prompts[item] if item < len(trace.prompts) else ""
+    return summarize(method, [check], f"this prompt ({prompt!r}), step {step}, measured on demand", "one prompt, measured on demand", model)

@@ -234,3 +234,21 @@ def test_on_the_embedded_model_the_papers_map_is_a_null_models_and_the_defaults_
 
     assert check_map(explainer(defaults.PAPER_RISE), den, None, nulls).explained_by_null
     assert not check_map(explainer(defaults.RISE), den, None, nulls).explained_by_null
+
+
+def test_a_verdict_on_demand_from_one_prompt():
+    from explain.methods.sanity import verdict_on_demand
+
+    trace = toy_trace()
+    den = context_denoiser()
+    moved = context_denoiser(rows=slice(0, 4), cols=slice(8, 12), seed=2)
+
+    def explain(d, seed=0):
+        return df_rise(d, trace, 0, **{**KEPT, "n_masks": 128, "seed": seed}, batch_size=64).saliency
+
+    v = verdict_on_demand("df_rise:kept-cells4-noise4", explain, den, moved, trace, 0)
+    assert v.passes and v.numbers["prompts"] == 1 and "on demand" in v.measured_on
+    assert not verdict_on_demand("x", explain, den, den, trace, 0).passes
+    # a map that is mostly mask noise at this count does not agree with itself under another seed
+    noisy = verdict_on_demand("x", lambda d: explain(d), den, moved, trace, 0, reseeded=lambda d: explain(d, 1))
+    assert noisy.numbers["seed_rho"] < 0.5 and not noisy.passes
