@@ -13,8 +13,8 @@ the pip command instead of running it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -24,13 +24,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PROTECTED = ("torch", "torchvision", "torchaudio")
 
 
-def requirement_name(line: str) -> str:
-    """The project name a requirement line names ('' for comments, options and blanks)."""
-    line = line.split("#", 1)[0].strip()
-    if not line or line.startswith("-"):
-        return ""
-    match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", line)
-    return re.sub(r"[-_.]+", "-", match.group(0)).lower() if match else ""
+def _environment():
+    """nodes/environment.py, loaded by path: importing the ``nodes`` package would need ComfyUI."""
+    spec = importlib.util.spec_from_file_location("diffusion_explain_environment", os.path.join(HERE, "nodes", "environment.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+requirement_name = _environment().requirement_name  # one parser for install.py and the load-time check
 
 
 def requirements(path: str) -> list[str]:

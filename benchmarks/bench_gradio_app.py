@@ -7,7 +7,7 @@ Prints, for this machine (CPU or GPU, whichever torch picks, as the app does):
 
 * the app's functions in one process: model load, a 20-step traced generation, the views of
   its trace (steps, words, concepts, R1), DF-RISE with 200 masks plus its insertion/deletion
-  games, DF-CAM on the paper's layers;
+  games, DF-CAM on the paper's layers with its games, the HTML report holding both;
 * the served app, as a user meets it: from launch (the model preloading in the background,
   as ``python gradio_app.py`` does) to the first image of a click on Generate, through the
   queue, measured with ``gradio_client``.
@@ -54,8 +54,11 @@ def functions(threads: int | None) -> None:
     timed("word view (one word + all words)", lambda: app.word_view(trace, app.default_word(trace), "", 0, trace.num_steps - 1), rows)
     timed("concept curves", lambda: app.concept_frame(trace), rows)
     timed("R1 recovery view", lambda: app.recovery_views(trace), rows)
-    timed("DF-RISE 200 masks + insertion/deletion", lambda: app.rise_view(session, 10, 200, models=models), rows)
-    timed("DF-CAM, paper layers", lambda: app.cam_view(session, 10, "paper", models=models), rows)
+    from explain.methods import defaults
+
+    timed(f"DF-RISE {defaults.RISE.n_masks} masks + insertion/deletion", lambda: app.rise_view(session, 10, models=models), rows)
+    timed("DF-CAM, paper layers + insertion/deletion", lambda: app.cam_view(session, 10, "paper", models=models), rows)
+    timed("HTML report (with both maps)", lambda: app.save_report(session), rows)
     first = rows[0][1] + rows[1][1]
     print(f"  => load + first generation: {first:.1f} s; views after it: {sum(r[1] for r in rows[2:6]):.1f} s")
 

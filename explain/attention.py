@@ -8,6 +8,17 @@ Shapes: queries ``[..., N, d]`` (N = h_l·w_l image positions), keys ``[..., T, 
 positions); probabilities ``[..., N, T]``. Batch-major head layout ``[B·heads, N, T]`` (as
 diffusers' ``head_to_batch_dim`` and ComfyUI's basic attention produce) or ``[B, heads, N, T]``.
 
+Joint attention (SD3's MMDiT, Flux): image and text tokens form one sequence and attend over
+one joint key set, so the "cross-attention" is the image-query × text-key slice of a larger
+softmax. `image_text_slice` reduces joint probabilities to that slice; `joint_image_text_probs`
+computes it from the joint queries and keys without materialising the image × image part when
+it can. Rows of the raw slice sum to the share of attention each pixel gives the text (0.4-0.7
+on random weights), not to 1; ``renormalize=True`` divides each row by that share, which is
+exactly a softmax over the text keys alone (per head): the distribution over text positions
+given that the pixel attends to text, comparable with a UNet's cross-attention.
+`output_space_maps` is ConceptAttention's (Helbling et al., 2025) alternative: dot products of
+attention *outputs*, softmaxed over the text or concept tokens.
+
 `StepAccumulator` keeps, for the current denoising step only, a running mean over layers of
 the head-averaged maps resized to the latent grid (plus optional per-layer or per-resolution
 copies); `end_step` turns it into one ``[B, T, h, w]`` record. Memory is therefore
@@ -101,6 +112,99 @@ def attention_with_probs(
     extended = torch.cat([value, eye.expand(*value.shape[:-2], *eye.shape)], dim=-1)
     out = F.scaled_dot_product_attention(query, key, extended, attn_mask=mask, scale=scale)
     return out[..., :d], out[..., d : d + t]
+
+
+# ---------------------------------------------------------------------------- joint attention
+JOINT_CHUNK_BYTES = 64 * 2**20  # scores held at once by the raw (un-renormalised) joint slice
+
+
+def _positions(s: slice, length: int) -> range:
+    if not isinstance(s, slice) or s.step not in (None, 1):
+        raise TypeError(f"positions must be a contiguous slice, got {s!r}")
+    return range(*s.indices(length))
+
+
+def image_text_slice(probs: torch.Tensor, image: slice, text: slice, renormalize: bool = True) -> torch.Tensor:
+    """The image-query × text-key part ``[..., N_img, T]`` of joint attention probabilities
+    ``[..., S, S]`` (queries and keys over one joint sequence, each row summing to 1).
+
+    ``image`` / ``text`` are the positions of each in the joint sequence (SD3 in diffusers:
+    ``[image, text]``; Flux: ``[text, image]``). ``renormalize`` divides each row by its sum,
+    the pixel's share of attention on the text, so rows sum to 1 over the text positions."""
+    if probs.ndim < 2:
+        raise ValueError(f"joint probabilities must be [..., queries, keys], got {tuple(probs.shape)}")
+    _positions(image, probs.shape[-2])
+    _positions(text, probs.shape[-1])
+    part = probs[..., image, text].float()
+    if renormalize:
+        part = part / part.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return part
+
+
+def joint_image_text_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    image: slice,
+    text: slice,
+    scale: float | None = None,
+    renormalize: bool = True,
+    mean_heads: bool = False,
+    chunk_bytes: int = JOINT_CHUNK_BYTES,
+) -> torch.Tensor:
+    """``image_text_slice(softmax(scale · q kᵀ), image, text, renormalize)`` from the joint
+    queries and keys ``[B, H, S, d]``, in float32, without the S × S matrix: ``[B, H, N_img, T]``,
+    or ``[B, N_img, T]`` averaged over heads with ``mean_heads``.
+
+    Renormalised rows are a softmax over the text keys alone (the joint normaliser cancels). Raw
+    rows need each image query's log-normaliser over *all* keys. Image queries are taken
+    ``chunk_bytes`` of scores at a time, so the working memory stays bounded at any resolution."""
+    if query.ndim != 4 or key.ndim != 4:
+        raise ValueError(f"joint queries and keys must be [B, heads, S, d], got {tuple(query.shape)} and {tuple(key.shape)}")
+    if query.shape[-1] != key.shape[-1] or query.shape[:2] != key.shape[:2]:
+        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} do not share batch, head and feature axes")
+    img = _positions(image, query.shape[-2])
+    txt = _positions(text, key.shape[-2])
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    b, h = query.shape[:2]
+    k_all = key if key.dtype == torch.float32 else key.float()
+    k_text = k_all[:, :, text]
+    keys = k_text if renormalize else k_all
+    rows = max(1, int(chunk_bytes // max(1, 4 * b * h * keys.shape[-2])))
+
+    def part(start: int, stop: int) -> torch.Tensor:
+        q = query[:, :, img.start + start : img.start + stop]
+        q = q if q.dtype == torch.float32 else q.float()
+        # scores in place: scaling them costs no extra allocation (queries would)
+        scores = torch.matmul(q, k_text.transpose(-1, -2)).mul_(scale)
+        if renormalize:
+            probs = scores.softmax(dim=-1)
+        else:
+            lse = torch.matmul(q, k_all.transpose(-1, -2)).mul_(scale).logsumexp(dim=-1, keepdim=True)
+            probs = scores.sub_(lse).exp_()
+        return probs.mean(dim=1) if mean_heads else probs
+
+    if rows >= len(img):
+        return part(0, len(img))  # the usual case: one chunk, no output buffer
+    out = query.new_empty((b, len(img), len(txt)) if mean_heads else (b, h, len(img), len(txt)), dtype=torch.float32)
+    for start in range(0, len(img), rows):
+        stop = min(start + rows, len(img))
+        if mean_heads:
+            out[:, start:stop] = part(start, stop)
+        else:
+            out[:, :, start:stop] = part(start, stop)
+    return out
+
+
+def output_space_maps(image_out: torch.Tensor, token_out: torch.Tensor) -> torch.Tensor:
+    """ConceptAttention's maps ``[B, N, K]``: for each image token, the softmax over the K text
+    or concept tokens of the dot products of their attention outputs (``[B, N, D]`` after the
+    image output projection, ``[B, K, D]`` after the text one), in float32."""
+    if image_out.ndim != 3 or token_out.ndim != 3 or image_out.shape[0] != token_out.shape[0] or image_out.shape[-1] != token_out.shape[-1]:
+        raise ValueError(
+            f"attention outputs must be [B, N, D] and [B, K, D] with the same B and D, got {tuple(image_out.shape)} and {tuple(token_out.shape)}"
+        )
+    return torch.matmul(image_out.float(), token_out.float().transpose(-1, -2)).softmax(dim=-1)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -204,7 +308,8 @@ class StepAccumulator:
 
     ``keep_layers`` also keeps each layer's own map per step (keyed by ``name``);
     ``keep_resolutions`` keeps the mean per layer resolution (keyed ``"16x16"`` etc.).
-    ``tokens`` cuts the context axis to its first positions before anything is stored.
+    ``tokens`` cuts the context axis to its first positions (an int) or picks the listed
+    positions (a sequence, e.g. SD3's CLIP part and T5 part) as each layer is added.
     Per step only a small ``[B, N_l, T]`` sum per resolution is kept, on the device it was
     computed on; `step_maps` / `records` / `layer_records` resize and move it to
     ``store_device`` as ``store_dtype`` after the run, so a GPU run never syncs per layer or step."""
@@ -212,14 +317,15 @@ class StepAccumulator:
     def __init__(
         self,
         latent_size: tuple[int, int] | None = None,
-        tokens: int | None = None,
+        tokens: int | Sequence[int] | None = None,
         keep_layers: bool = False,
         keep_resolutions: bool = False,
         store_dtype: torch.dtype = torch.float32,
         store_device: str | torch.device = "cpu",
     ):
         self.latent_size = tuple(latent_size) if latent_size is not None else None
-        self.tokens = tokens
+        self.tokens = tokens if tokens is None or isinstance(tokens, int) else [int(i) for i in tokens]
+        self._picked: dict[torch.device, torch.Tensor] = {}
         self.keep_layers = keep_layers
         self.keep_resolutions = keep_resolutions
         self.store_dtype = store_dtype
@@ -261,6 +367,7 @@ class StepAccumulator:
                 probs = probs.unsqueeze(1)
         elif probs.ndim != 4:
             raise ValueError(f"attention probabilities must be [B, heads, N, T] or [B*heads, N, T], got {tuple(probs.shape)}")
+        probs = self._cut(probs)
         if layer_size is None:
             if self.latent_size is None:
                 raise ValueError("the accumulator does not know the latent size yet; pass latent_size=")
@@ -292,10 +399,21 @@ class StepAccumulator:
         if self.keep_layers:
             self._layer_maps.setdefault(name, []).append((self._head_mean(probs), key[:2]))
 
+    def _cut(self, probs: torch.Tensor) -> torch.Tensor:
+        """The kept context positions (a view for a prefix cut, so adding stays one operation)."""
+        if self.tokens is None:
+            return probs
+        if isinstance(self.tokens, int):
+            return probs[..., : self.tokens]
+        index = self._picked.get(probs.device)
+        if index is None:
+            if self.tokens and max(self.tokens) >= probs.shape[-1]:
+                raise ValueError(f"kept positions reach {max(self.tokens)} but the context has {probs.shape[-1]}")
+            index = self._picked[probs.device] = torch.tensor(self.tokens, dtype=torch.long, device=probs.device)
+        return probs.index_select(-1, index)
+
     def _head_mean(self, summed: torch.Tensor, count: int = 1) -> torch.Tensor:
-        """[B, heads, N, T] sum over ``count`` layers → [B, N, T'] float32 mean (tokens cut)."""
-        if self.tokens is not None:
-            summed = summed[..., : self.tokens]
+        """[B, heads, N, T] sum over ``count`` layers → [B, N, T] float32 mean (tokens already cut)."""
         mean = summed.mean(dim=1, dtype=torch.float32)
         return mean / count if count != 1 else mean
 

@@ -4,20 +4,39 @@
                    run, explains it and writes an HTML report with its PNGs and the trace;
 ``open TRACE``     makes the same report from a saved ``.safetensors`` trace, without a model.
 
+``report --rise [STEP] --cam [STEP]`` adds DF-RISE and DF-CAM at a step (default: the middle
+one), with their insertion / deletion games and verdicts, using the settings of
+`explain.methods.defaults`.
+
 Bad input (a missing model folder, an unreachable hub id, a word the model never saw, a
-trace from another program) ends with one ``error:`` line that says what to change, and exit
-status 2.
+trace from another program, a number out of range, an output folder that cannot be written)
+ends with one ``error:`` line that says what to change, and exit status 2. Everything that can
+be checked without the model is checked before it loads, and the output folder before any
+work. A report is written into a fresh folder beside ``--out`` and moved into place when it
+is complete, so ``--out`` always holds exactly one run, also after Ctrl-C or an error; an
+existing report there is replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 DEFAULT_OUT = "explain-report"
 PAPER_GUIDANCE = 7.5
+# Bounds on what one command may ask for; numbers outside them are mistakes (an infinite
+# guidance scale gave an all-NaN latent and a black image with exit status 0).
+MAX_GUIDANCE = 100.0
+MAX_STEPS = 1000  # the training schedule's length for every model this explains
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+MAX_LAM = 10_000
+REPORT_MARKER = ".diffusion-explain-report"  # a folder --overwrite may replace
 
 
 class CommandError(Exception):
@@ -56,14 +75,19 @@ def load_model(spec: str | None, device: str = "auto", dtype: str = "auto", anno
 # ---------------------------------------------------------------------------- commands
 def cmd_report(args) -> int:
     progress = Progress(args.quiet)
+    for name in ("rise", "cam"):  # a bad step is refused before the model loads
+        if getattr(args, name, None) is not None:
+            _method_step(getattr(args, name), f"--{name}", args.steps)
     from explain.adapters.diffusers.loading import is_embedded
     from explain.report import build_report
     from explain.run import GenerationRequest, generate_and_trace
 
+    geometry, folder = prepare_report(args, progress)  # everything checkable before the model loads
     progress(f"loading the model ({args.model or 'embedded'})")
     t = time.perf_counter()
     pipe, model_name = load_model(args.model, args.device, args.dtype, announce=progress)
     load_s = time.perf_counter() - t
+    check_loaded_sizes(args, geometry, pipe, model_name, progress)
     guidance = args.guidance
     if guidance is None:
         from explain import embedded
@@ -92,7 +116,11 @@ def cmd_report(args) -> int:
     for note in result.notes:
         progress(f"warning: {note}")
     timings = {"time: load model (s)": round(load_s, 2), "time: generate + trace (s)": round(result.seconds, 2)}
-    report = build_report(result.trace, args.out, extra_settings=timings, progress=progress)
+    methods = report_methods(args, pipe, result.trace, guidance, progress)
+    for method in methods:
+        timings[f"time: {method.method} (s)"] = round(method.seconds, 2)
+    report = build_report(result.trace, folder.staging, extra_settings=timings, progress=progress, methods=methods, palette=word_palette(model_name))
+    report = folder.commit(report)
     _done(report, progress, timings)
     return 0
 
@@ -102,12 +130,158 @@ def cmd_open(args) -> int:
     from explain.report import build_report
     from explain.trace import Trace
 
+    out = args.out or str(Path(args.trace).with_suffix("")) + "-report"
+    folder = ReportFolder(out, "--out" if args.out else "the report folder (next to the trace)", args.overwrite).open()
     progress(f"reading {args.trace}")
     trace = Trace.load(args.trace)
-    out = args.out or str(Path(args.trace).with_suffix("")) + "-report"
-    report = build_report(trace, out, progress=progress)
+    report = build_report(trace, folder.staging, progress=progress, palette=word_palette(str(trace.meta.get("model", ""))))
+    report = folder.commit(report)
     _done(report, progress, {})
     return 0
+
+
+# ---------------------------------------------------------------------------- input checks
+def prepare_report(args, progress: Progress):
+    """What ``report`` checks before the model loads: the sizes, where the model's folder tells
+    its geometry, and the output folder (which it reserves). Returns (geometry, folder)."""
+    from explain import sizes
+
+    geometry = sizes.spec_geometry(args.model)
+    for note in check_sizes(args, geometry, args.model or "the embedded model"):
+        progress(f"warning: {note}")
+    return geometry, ReportFolder(args.out, "--out", args.overwrite).open()
+
+
+def check_loaded_sizes(args, geometry, pipe, model_name: str, progress: Progress) -> None:
+    """A hub model's geometry is known once it loads: its sizes are checked then, before generating."""
+    if geometry is None:
+        from explain import sizes
+
+        for note in check_sizes(args, sizes.pipeline_geometry(pipe), model_name):
+            progress(f"warning: {note}")
+
+
+def check_sizes(args, geometry, model: str) -> list[str]:
+    """Refuse ``--height``/``--width`` the model cannot make (`explain.sizes.check_side`);
+    return warnings for sizes it was not trained at."""
+    from explain import sizes
+
+    notes = []
+    for label, side in (("--height", args.height), ("--width", args.width)):
+        if side is None:
+            continue
+        try:
+            note = sizes.check_side(label, side, geometry, model=model, allow_any=args.allow_any_size)
+        except sizes.SizeError as exc:
+            raise CommandError(str(exc).replace("or allow any size", "or pass --allow-any-size")) from None
+        if note and note not in notes:
+            notes.append(note)
+    return notes
+
+
+# ---------------------------------------------------------------------------- output folder
+class ReportFolder:
+    """The folder a report goes to, checked before any work (a file, a path under a file, a
+    folder that cannot be written, a folder that holds something else), then written as a
+    fresh staging folder beside it (`open`) and moved into place by `commit`. Until then the
+    old folder stays as it was; a command that ends any other way (an error, Ctrl-C) leaves
+    its staging folder to `discard_unfinished_reports`, so the folder holds exactly one
+    complete run, or none."""
+
+    def __init__(self, out: str | os.PathLike, label: str = "--out", overwrite: bool = False):
+        self.label = label
+        self.shown = str(out)
+        self.final = Path(out).expanduser().absolute()
+        self.overwrite = overwrite
+        self.staging: Path | None = None
+        self._check()
+
+    def _check(self) -> None:
+        final, label, shown = self.final, self.label, self.shown
+        try:
+            if final.exists() and not final.is_dir():
+                raise CommandError(f"{label} {shown} is a file; pass a folder for the report (it is created if missing)")
+            ancestor = final
+            while not ancestor.exists():
+                ancestor = ancestor.parent
+            if not ancestor.is_dir():
+                raise CommandError(f"{label} {shown} is under {ancestor}, which is a file, not a folder; pass another folder")
+            if final.is_dir() and any(final.iterdir()):
+                if not self.overwrite:
+                    raise CommandError(
+                        f"{label} {shown} already holds files (a report of an earlier run?); pass --overwrite to "
+                        "replace it, or another folder"
+                    )
+                if not is_report_folder(final):
+                    raise CommandError(
+                        f"{label} {shown} holds files that are not a diffusion-explain report; --overwrite replaces "
+                        "only report folders, so pass a new or empty folder"
+                    )
+        except PermissionError as exc:
+            raise CommandError(f"{label} {shown} cannot be read ({exc.strerror}); pass a folder you can write") from None
+
+    def open(self) -> "ReportFolder":
+        """Create the staging folder (the real test that the place can be written); `main`
+        removes it again unless `commit` moved it into place."""
+        parent = self.final.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=parent))
+        except OSError as exc:
+            raise CommandError(
+                f"cannot write the report in {parent} ({exc.strerror or exc}); pass a {self.label} in a folder you can write"
+            ) from None
+        _OPEN_FOLDERS.append(self)
+        return self
+
+    def commit(self, report):
+        """Move the complete report into place (replacing the old one) and return it with its
+        final paths."""
+        (self.staging / REPORT_MARKER).write_text("one diffusion-explain report; `--overwrite` may replace this folder\n")
+        old = None
+        if self.final.exists():
+            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
+            os.replace(self.final, old)
+        try:
+            os.replace(self.staging, self.final)
+        except BaseException:
+            if old is not None:  # put the old run back rather than leave no folder
+                os.replace(old, self.final)
+            raise
+        self.staging = None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return _moved(report, self.final)
+
+    def discard(self) -> None:
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
+
+
+_OPEN_FOLDERS: list[ReportFolder] = []
+
+
+def discard_unfinished_reports() -> None:
+    """Remove the staging folders of reports that did not complete (an error, Ctrl-C)."""
+    while _OPEN_FOLDERS:
+        _OPEN_FOLDERS.pop().discard()
+
+
+def is_report_folder(path: Path) -> bool:
+    """A folder the CLI wrote (its marker; or, from before the marker, a page and a trace)."""
+    return (path / REPORT_MARKER).is_file() or ((path / "index.html").is_file() and (path / "trace.safetensors").is_file())
+
+
+def _moved(report, folder: Path):
+    from dataclasses import replace
+
+    old = report.html_path.parent
+    return replace(
+        report,
+        html_path=folder / report.html_path.relative_to(old),
+        files={k: folder / Path(v).relative_to(old) for k, v in report.files.items()},
+    )
 
 
 def _done(report, progress: Progress, timings: dict) -> None:
@@ -118,34 +292,128 @@ def _done(report, progress: Progress, timings: dict) -> None:
         print(report.html_path)
 
 
+# ---------------------------------------------------------------------------- DF-RISE / DF-CAM in the report
+MIDDLE = "middle"
+
+
+def add_method_options(rep: argparse.ArgumentParser) -> None:
+    """``--rise [STEP]``, ``--cam [STEP]`` and their settings; defaults from `explain.methods.defaults`."""
+    from explain.methods import defaults
+
+    group = rep.add_argument_group("DF-RISE and DF-CAM in the report (settings from explain.methods.defaults)")
+    group.add_argument("--rise", nargs="?", const=MIDDLE, default=None, metavar="STEP",
+                       help="add DF-RISE at STEP (default: the middle step), with its insertion/deletion games")
+    group.add_argument("--cam", nargs="?", const=MIDDLE, default=None, metavar="STEP",
+                       help="add DF-CAM at STEP (default: the middle step), with its insertion/deletion games")
+    group.add_argument("--masks", type=_positive_int, default=defaults.RISE.n_masks,
+                       help=f"DF-RISE masks (default {defaults.RISE.n_masks}; the paper used {defaults.PAPER_RISE.n_masks})")
+    group.add_argument("--rise-preset", choices=sorted(defaults.PRESETS), default="default",
+                       help="DF-RISE settings: 'default' (the project's, explain.methods.defaults.RISE) or 'paper' (as published)")
+    group.add_argument("--cam-layers", default=defaults.CAM.layers,
+                       help=f"DF-CAM layers: paper, all, down_blocks, mid_block, up_blocks or a block name (default {defaults.CAM.layers})")
+
+
+def _method_step(value: str, option: str, num_steps: int) -> int:
+    if value == MIDDLE:
+        return num_steps // 2
+    try:
+        step = int(value)
+    except ValueError:
+        raise CommandError(f"{option} takes a step number, got {value!r}; e.g. {option} {num_steps // 2}") from None
+    if not 0 <= step < num_steps:
+        raise CommandError(f"{option} {step} is outside the run: choose a step between 0 and {num_steps - 1}")
+    return step
+
+
+def report_methods(args, pipe, trace, guidance: float, progress: Progress) -> list:
+    """The DF-RISE / DF-CAM maps asked for with ``--rise`` / ``--cam`` (`explain.explanations`)."""
+    if getattr(args, "rise", None) is None and getattr(args, "cam", None) is None:
+        return []
+    import dataclasses
+
+    from explain import explanations
+    from explain.adapters.diffusers import from_pipeline, vae_decoder
+    from explain.methods import defaults
+
+    steps = {name: _method_step(value, f"--{name}", trace.num_steps) for name, value in (("rise", args.rise), ("cam", args.cam)) if value is not None}
+    denoiser = from_pipeline(pipe, trace, guidance_scale=float(guidance))
+    decode = vae_decoder(pipe.vae) if getattr(pipe, "vae", None) is not None else None
+    methods = []
+    if "rise" in steps:
+        settings = dataclasses.replace(defaults.PRESETS[args.rise_preset], n_masks=args.masks)
+        progress(f"DF-RISE at step {steps['rise']}: {settings.n_masks} masks, then the insertion and deletion games")
+        methods.append(explanations.run_rise(denoiser, trace, steps["rise"], settings, decode=decode, progress=_bar(progress, "DF-RISE")))
+    if "cam" in steps:
+        progress(f"DF-CAM at step {steps['cam']} on {args.cam_layers}, then the insertion and deletion games")
+        try:
+            methods.append(explanations.run_cam(denoiser, trace, steps["cam"], layers=args.cam_layers, decode=decode, progress=_bar(progress, "DF-CAM")))
+        except KeyError as exc:
+            raise CommandError(f"{exc.args[0] if exc.args else exc}; pass --cam-layers paper, all, down_blocks, mid_block, up_blocks or a block name") from None
+    for method in methods:
+        progress(f"{method.method}: " + "; ".join(method.verdict_lines()))
+    return methods
+
+
+def _bar(progress: Progress, name: str):
+    """A tqdm bar on an interactive terminal; nothing otherwise (the phase lines say enough)."""
+    if progress.quiet or not progress.stream.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=100, desc=name, leave=False, file=progress.stream)
+
+    def update(fraction, desc):
+        bar.set_description(f"{name}: {desc}", refresh=False)
+        bar.update(round(fraction * 100) - bar.n)
+        if fraction >= 1:
+            bar.close()
+
+    return update
+
+
+def word_palette(model_name: str) -> dict | None:
+    """The colours of the embedded model's world, so its colour words are drawn in them."""
+    if not model_name.startswith("embedded"):
+        return None
+    from explain.embedded import world
+
+    return dict(world.COLORS)
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m explain", description="Explain how a text-to-image diffusion model denoises.")
+    parser = OneLineErrorParser(prog="python -m explain", description="Explain how a text-to-image diffusion model denoises.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{report,open}")
 
     rep = sub.add_parser("report", help="generate, trace and explain one prompt into an HTML report")
     rep.add_argument("prompt", help="the text prompt")
-    rep.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
+    rep.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT}); an existing report there is replaced only with --overwrite")
     rep.add_argument("--model", default=None, help="diffusers model folder or hub id (default: the embedded shapes model)")
     rep.add_argument("--negative", default=None, help="negative prompt")
-    rep.add_argument("--steps", type=_positive_int, default=20, help="denoising steps (default 20)")
-    rep.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    rep.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: 5.0 for the embedded model, else 7.5)")
-    rep.add_argument("--height", type=_positive_int, default=None, help="image height in pixels (default: the model's)")
-    rep.add_argument("--width", type=_positive_int, default=None, help="image width in pixels (default: the model's)")
+    rep.add_argument("--steps", type=_whole_number(1, MAX_STEPS), default=20, help=f"denoising steps, 1 to {MAX_STEPS} (default 20)")
+    rep.add_argument("--seed", type=_whole_number(0, MAX_SEED), default=0, help="random seed, 0 to 2**64 - 1 (default 0)")
+    rep.add_argument("--guidance", type=_finite_number(0.0, MAX_GUIDANCE), default=None,
+                     help=f"classifier-free guidance, 0 to {MAX_GUIDANCE:g} (default: 5.0 for the embedded model, else 7.5)")
+    rep.add_argument("--height", type=_positive_int, default=None,
+                     help="image height in pixels: a multiple of the VAE's factor, at most 4096 and twice the size the model was trained at (default: the model's)")
+    rep.add_argument("--width", type=_positive_int, default=None, help="image width in pixels, as --height (default: the model's)")
+    rep.add_argument("--allow-any-size", action="store_true", help="allow sizes over twice the size the model was trained at (slow, and poor images)")
     rep.add_argument("--schedule", choices=("uniform", "early", "latter"), default="uniform", help="time-step sampling (paper §4; default uniform)")
-    rep.add_argument("--lam", type=int, default=60, help="λ of the early/latter schedules (default 60)")
+    rep.add_argument("--lam", type=_whole_number(1, MAX_LAM), default=60, help=f"λ of the early/latter schedules, 1 to {MAX_LAM} (default 60)")
     rep.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps (default: cuda when available)")
     rep.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto", help="weights dtype (default auto: bfloat16 on CPUs with native bf16, float16 on CUDA for external models, else float32)")
     rep.add_argument("--threads", type=_positive_int, default=None,
                      help="CPU threads for torch (default: one when the machine is already busy, else torch's choice)")
     rep.add_argument("--no-previews", action="store_true", help="do not decode x_t/x0 previews (faster on large models; grids show latents)")
+    rep.add_argument("--overwrite", action="store_true", help="replace the report already in --out (never a folder that holds anything else)")
     rep.add_argument("--quiet", action="store_true", help="print only the report's path")
+    add_method_options(rep)
     rep.set_defaults(func=cmd_report)
 
     opn = sub.add_parser("open", help="make the report from a saved trace (.safetensors), without any model")
     opn.add_argument("trace", help="a trace file written by the report, Trace.save or the Save Trace node")
     opn.add_argument("--out", default=None, help="output folder (default: next to the trace, <name>-report)")
+    opn.add_argument("--overwrite", action="store_true", help="replace the report already in the output folder")
     opn.add_argument("--quiet", action="store_true", help="print only the report's path")
     opn.set_defaults(func=cmd_open)
     return parser
@@ -162,6 +430,39 @@ def _auto_threads(default: int) -> int:
     except (OSError, AttributeError):
         busy = False
     return 1 if busy else default
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Bad arguments end like every other bad input: one ``error:`` line, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _whole_number(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _finite_number(low: float, high: float):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number from {low:g} to {high:g}, got {text!r}") from None
+        if not math.isfinite(value) or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be a finite number from {low:g} to {high:g}, got {text}")
+        return value
+
+    return parse
 
 
 def _positive_int(text: str) -> int:
@@ -186,10 +487,12 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads or _auto_threads(torch.get_num_threads()))
         with torch.no_grad():
             return args.func(args)
-    except (CommandError, TraceFormatError, ValueError, KeyError, IndexError, FileNotFoundError) as exc:
+    except (CommandError, TraceFormatError, ValueError, KeyError, IndexError, OSError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        discard_unfinished_reports()

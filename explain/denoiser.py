@@ -17,8 +17,12 @@ For DF-CAM, `model_fn` must run with gradients when asked (it is called under
 batch with the unconditional half first, or two calls, the unconditional one first.
 
 Latent scaling: ``latent_space="vp"`` means x = √ᾱ·x0 + √(1-ᾱ)·ε (DDIM, DPM-Solver, PNDM in
-diffusers); ``"sigma"`` means x = x0 + σ·ε (k-diffusion, ComfyUI, diffusers' Euler and Heun).
-`model_fn` always receives x in the denoiser's own latent space.
+diffusers); ``"sigma"`` means x = x0 + σ·ε (k-diffusion, ComfyUI, diffusers' Euler and Heun);
+``"flow"`` means x = (1-σ)·x0 + σ·ε with σ in [0, 1] (flow matching: SD3, Flux), where the
+model predicts the velocity v = ε - x0 (``prediction_type="flow"``; x0 = x - σ·v) or, from a
+host that denoises itself, x0 (``"sample"``). `model_fn` always receives x in the denoiser's
+own latent space, unpacked as ``[N, C, h, w]`` (a family that packs latents, as Flux does,
+packs them inside its ``model_fn``).
 
 Adapters build one from a framework's model and a trace (diffusers:
 `explain.adapters.diffusers.from_pipeline`; ComfyUI: ``nodes``).
@@ -32,10 +36,17 @@ from typing import Callable
 
 import torch
 
-from explain.noise import PREDICTION_TYPES, model_output_from_x0, x0_from_model_output
+from explain.noise import (
+    FLOW_PREDICTION_TYPES,
+    PREDICTION_TYPES,
+    flow_output_from_x0,
+    model_output_from_x0,
+    x0_from_flow_output,
+    x0_from_model_output,
+)
 
 QUANTITIES = ("x0", "epsilon")
-LATENT_SPACES = ("vp", "sigma")
+LATENT_SPACES = ("vp", "sigma", "flow")
 
 ModelFn = Callable[[torch.Tensor, "NoiseLevel"], tuple]
 
@@ -46,7 +57,8 @@ CUDA_BUDGET_FRACTION = 0.5
 
 @dataclass(frozen=True)
 class NoiseLevel:
-    """Where in the denoising a probe runs: the model's timestep and the noise level σ."""
+    """Where in the denoising a probe runs: the model's timestep and the noise level σ (in a
+    flow-matching space the flow σ in [0, 1]; ``alpha_bar`` then has no meaning)."""
 
     timestep: float
     sigma: float
@@ -89,10 +101,14 @@ class GuidedDenoiser:
     guide_fn: Callable[[torch.Tensor, "NoiseLevel", torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self):
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         if self.latent_space not in LATENT_SPACES:
             raise ValueError(f"latent_space must be one of {LATENT_SPACES}, got {self.latent_space!r}")
+        allowed = FLOW_PREDICTION_TYPES if self.latent_space == "flow" else PREDICTION_TYPES
+        if self.prediction_type not in allowed:
+            hint = " ('flow' velocities need latent_space='flow')" if self.prediction_type == "flow" else ""
+            raise ValueError(
+                f"prediction_type in the {self.latent_space!r} latent space must be one of {allowed}, got {self.prediction_type!r}{hint}"
+            )
         if not math.isfinite(float(self.guidance_scale)):
             raise ValueError(f"guidance_scale must be a finite number, got {self.guidance_scale!r}")
 
@@ -115,6 +131,9 @@ class GuidedDenoiser:
             return out
         if quantity == "x0" and self.prediction_type == "sample":
             return out
+        if self.latent_space == "flow":
+            x0 = x0_from_flow_output(x.float(), out, level.sigma, self.prediction_type)
+            return x0 if quantity == "x0" else flow_output_from_x0(x.float(), x0, level.sigma, "epsilon")
         x_vp = self._vp(x.float(), level)
         x0 = x0_from_model_output(x_vp, out, level.alpha_bar, self.prediction_type)
         if quantity == "x0":

@@ -1,7 +1,7 @@
 """Pictures of explanations: heatmap overlays, step grids, concept curves, recovery views.
 
-Everything returns ``numpy`` ``uint8`` RGB arrays ``[H, W, 3]`` (what Gradio shows) and
-`to_comfy_image` turns them into ComfyUI ``IMAGE`` tensors; `save_png` writes one. Figures
+Everything returns ``numpy`` ``uint8`` RGB arrays ``[H, W, 3]`` (what Gradio shows; the node
+pack turns them into ComfyUI ``IMAGE`` tensors); `save_png` writes one. Figures
 are drawn with matplotlib's object API on an Agg canvas, never through pyplot, so nothing
 needs a display, no global backend is switched and renders from several threads do not
 share state.
@@ -39,17 +39,6 @@ def as_uint8_image(image) -> np.ndarray:
     if a.dtype == np.uint8:
         return np.ascontiguousarray(a)
     return (np.clip(a.astype(np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
-def to_comfy_image(images) -> torch.Tensor:
-    """ComfyUI ``IMAGE``: float ``[B, H, W, 3]`` in 0..1 from one image or a list of equal size."""
-    if isinstance(images, (list, tuple)):
-        arrays = [as_uint8_image(i) for i in images]
-    else:
-        arrays = [as_uint8_image(images)]
-    if len({a.shape for a in arrays}) != 1:
-        raise ValueError(f"images in one ComfyUI batch must share a size, got {sorted({a.shape for a in arrays})}")
-    return torch.from_numpy(np.stack(arrays)).float() / 255.0
 
 
 def save_png(image, path: str | os.PathLike) -> Path:
@@ -142,6 +131,47 @@ def final_image(trace: Trace, item: int = 0) -> np.ndarray:
     return resize(latent_rgb(final), trace.image_size, nearest=True)
 
 
+# ---------------------------------------------------------------------------- colours
+# Colour words drawn in their own colour in the concept curves. Front ends that know a model's
+# vocabulary pass its own shades (the shapes world's, say) as ``palette``; these are the rest.
+WORD_COLORS: dict[str, tuple[float, float, float]] = {
+    "red": (0.84, 0.15, 0.16), "orange": (1.0, 0.5, 0.05), "yellow": (0.9, 0.78, 0.0), "gold": (0.83, 0.69, 0.22),
+    "green": (0.17, 0.63, 0.17), "cyan": (0.0, 0.75, 0.8), "teal": (0.0, 0.5, 0.5), "blue": (0.12, 0.3, 0.85),
+    "navy": (0.0, 0.0, 0.5), "purple": (0.55, 0.2, 0.75), "violet": (0.56, 0.0, 1.0), "magenta": (0.85, 0.0, 0.75),
+    "pink": (1.0, 0.45, 0.7), "brown": (0.55, 0.34, 0.16), "black": (0.1, 0.1, 0.1), "white": (0.8, 0.8, 0.8),
+    "gray": (0.5, 0.5, 0.5), "grey": (0.5, 0.5, 0.5), "silver": (0.66, 0.66, 0.66),
+}
+
+
+def _color_word(label: str, palette: dict) -> str | None:
+    base = label.split(" (")[0].lower()  # "blue (2)" is the second "blue"
+    return next((w for w in base.split() if w in palette), None)
+
+
+def word_colors(labels: Sequence[str], palette: dict | None = None) -> list[tuple[float, float, float]]:
+    """One RGB colour (0..1) per label: a colour word gets its colour (``palette`` first, then
+    `WORD_COLORS`); the others take tab10/tab20 colours not too close to any colour word's."""
+    import matplotlib
+
+    known = {**WORD_COLORS, **{k.lower(): tuple(float(c) for c in v[:3]) for k, v in (palette or {}).items()}}
+    fixed = {i: known[w] for i, label in enumerate(labels) if (w := _color_word(label, known)) is not None}
+    cmap = matplotlib.colormaps["tab10" if len(labels) - len(fixed) <= 10 else "tab20"]
+    free = [tuple(float(v) for v in cmap(k)[:3]) for k in range(cmap.N)]
+    free = [c for c in free if all(np.abs(np.subtract(c, f)).sum() > 0.45 for f in fixed.values())] or free
+    out, k = [], 0
+    for i in range(len(labels)):
+        if i in fixed:
+            out.append(fixed[i])
+        else:
+            out.append(free[k % len(free)])
+            k += 1
+    return out
+
+
+def hex_color(rgb: Sequence[float]) -> str:
+    return "#" + "".join(f"{int(round(float(c) * 255)):02x}" for c in rgb[:3])
+
+
 # ---------------------------------------------------------------------------- figures
 def _figure(width_in: float, height_in: float, dpi: int):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -157,6 +187,61 @@ def figure_to_array(fig) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
 
 
+def _plain(artist) -> None:
+    """Show text as typed: a prompt word like ``$^$`` must not be parsed as mathtext."""
+    artist.set_parse_math(False)
+
+
+def _fit(image: np.ndarray, box: int) -> np.ndarray:
+    """``image`` scaled to fit a ``box``-pixel square, keeping its aspect; small images are
+    enlarged without smoothing (their pixels stay visible), large ones reduced smoothly."""
+    from PIL import Image
+
+    image = as_uint8_image(image)
+    h, w = image.shape[:2]
+    scale = box / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if size == (w, h):
+        return image
+    resample = Image.NEAREST if scale > 1 else Image.BILINEAR
+    return np.asarray(Image.fromarray(image).resize(size, resample))
+
+
+def colorbar_strip(width: int, cmap: str = "jet", height: int = 12) -> np.ndarray:
+    """A horizontal colour ramp ``[height, width, 3]`` from the low end (left) to the high end."""
+    import matplotlib
+
+    ramp = np.linspace(0, 1, max(int(width), 2))
+    row = (matplotlib.colormaps[cmap](ramp)[:, :3] * 255 + 0.5).astype(np.uint8)
+    return np.repeat(row[None], height, axis=0)
+
+
+def with_colorbar(image, cmap: str = "jet", low: str = "low", high: str = "high", label: str = "", dpi: int = 100) -> np.ndarray:
+    """``image`` with a labelled colour bar under it (for a map shown on its own, as in the app)."""
+    image = as_uint8_image(image)
+    h, w = image.shape[:2]
+    bar_h, text_h = 12, 16
+    fig = _figure(w / dpi, (h + bar_h + text_h + 4) / dpi, dpi)
+    canvas = np.full((h + bar_h + text_h + 4, w, 3), 255, np.uint8)
+    canvas[:h] = image
+    canvas[h + 3 : h + 3 + bar_h] = colorbar_strip(w, cmap, bar_h)
+    fig.figimage(canvas, 0, 0, origin="upper")
+    y = (text_h - 2) / 2 / fig.bbox.height
+    for x, text, ha in ((2, low, "left"), (w / 2, label, "center"), (w - 2, high, "right")):
+        if text:
+            _plain(fig.text(x / w, y, text, fontsize=7, ha=ha, va="center"))
+    return figure_to_array(fig)
+
+
+def balanced_columns(count: int, max_columns: int) -> int:
+    """Columns for ``count`` cells in rows of at most ``max_columns``, with rows as even as
+    possible (7 words in rows of up to 6 become 4 + 3, never 6 + 1)."""
+    if count <= 0:
+        return 1
+    rows = -(-count // max(1, int(max_columns)))
+    return -(-count // rows)
+
+
 def labeled_grid(
     cells: Sequence[Sequence[np.ndarray | None]],
     row_labels: Sequence[str] | None = None,
@@ -164,47 +249,61 @@ def labeled_grid(
     title: str | None = None,
     cell_inches: float = 1.15,
     dpi: int = 100,
+    colorbar: dict | None = None,
 ) -> np.ndarray:
     """Images in a grid with row labels on the left and column titles on top (one list of
-    titles for all rows, or one per row). ``None`` cells stay empty."""
+    titles for all rows, or one per row). ``None`` cells stay empty. ``colorbar`` (``cmap``,
+    ``low``, ``high``, ``label``) adds a labelled colour bar under the grid.
+
+    The cells are pasted into one picture and drawn as a single image, with only the labels
+    left to matplotlib: a 40-cell grid then takes milliseconds, not seconds."""
     rows = len(cells)
     cols = max((len(r) for r in cells), default=0)
     if rows == 0 or cols == 0:
         raise ValueError("a grid needs at least one image")
-    label_w = 0.9 if row_labels else 0.0
-    title_h = 0.35 if title else 0.0
-    fig = _figure(label_w + cols * cell_inches, title_h + rows * (cell_inches + 0.28), dpi)
-    per_row_titles = bool(col_labels) and not isinstance(col_labels[0], str)
+    cell = round(cell_inches * dpi)
+    pad = 4
+    label_w = round(0.9 * dpi) if row_labels else 0
+    title_h = round(0.35 * dpi) if title else 0
+    row_h = cell + round(0.28 * dpi)
+    bar_h = round(0.42 * dpi) if colorbar else 0
+    width, height = label_w + cols * cell, title_h + rows * row_h + bar_h
+    canvas = np.full((height, width, 3), 255, np.uint8)
     for r, row in enumerate(cells):
-        for c in range(cols):
-            ax = fig.add_axes(
-                [
-                    (label_w + c * cell_inches + 0.04) / fig.get_figwidth(),
-                    1 - (title_h + (r + 1) * (cell_inches + 0.28) - 0.02) / fig.get_figheight(),
-                    (cell_inches - 0.08) / fig.get_figwidth(),
-                    (cell_inches - 0.08) / fig.get_figheight(),
-                ]
-            )
-            ax.set_axis_off()
-            img = row[c] if c < len(row) else None
-            if img is not None:
-                ax.imshow(as_uint8_image(img), interpolation="nearest")
-            if col_labels:
-                label = (col_labels[r][c] if c < len(col_labels[r]) else "") if per_row_titles else (col_labels[c] if r == 0 and c < len(col_labels) else "")
-                if label:
-                    ax.set_title(label, fontsize=7, pad=2)
+        for c, img in enumerate(row):
+            if img is None:
+                continue
+            fitted = _fit(img, cell - 2 * pad)
+            fh, fw = fitted.shape[:2]
+            top = title_h + r * row_h + (row_h - cell) + pad + (cell - 2 * pad - fh) // 2
+            left = label_w + c * cell + pad + (cell - 2 * pad - fw) // 2
+            canvas[top : top + fh, left : left + fw] = fitted
+    if colorbar:
+        bar_w = min(width - label_w - 2 * pad, 4 * cell)
+        left = label_w + (width - label_w - bar_w) // 2
+        top = title_h + rows * row_h + 4
+        canvas[top : top + 10, left : left + bar_w] = colorbar_strip(bar_w, colorbar.get("cmap", "jet"), 10)
+    fig = _figure(width / dpi, height / dpi, dpi)
+    fig.figimage(canvas, 0, 0, origin="upper")
+
+    def text(x_px: float, y_px: float, s: str, **kw):
+        if s:
+            _plain(fig.text(x_px / width, 1 - y_px / height, s, **kw))
+
+    per_row_titles = bool(col_labels) and not isinstance(col_labels[0], str)
+    for r in range(rows):
+        labels = (col_labels[r] if r < len(col_labels) else []) if per_row_titles else (col_labels if r == 0 else []) if col_labels else []
+        for c, label in enumerate(labels[:cols]):
+            text(label_w + c * cell + cell / 2, title_h + r * row_h + (row_h - cell) + 2, label, fontsize=7, ha="center", va="bottom")
         if row_labels and r < len(row_labels):
-            fig.text(
-                0.06 / fig.get_figwidth(),
-                1 - (title_h + r * (cell_inches + 0.28) + 0.28 + cell_inches / 2) / fig.get_figheight(),
-                row_labels[r],
-                fontsize=8,
-                va="center",
-                ha="left",
-                wrap=True,
-            )
+            text(6, title_h + r * row_h + (row_h - cell) + cell / 2, row_labels[r], fontsize=8, ha="left", va="center")
     if title:
-        fig.suptitle(title, fontsize=9, y=1 - 0.05 / fig.get_figheight())
+        text(width / 2, title_h * 0.45, title, fontsize=9, ha="center", va="center")
+    if colorbar:
+        y = title_h + rows * row_h + 4 + 10 + 9
+        text(left, y, colorbar.get("low", "0"), fontsize=7, ha="left", va="center")
+        text(left + bar_w, y, colorbar.get("high", "1"), fontsize=7, ha="right", va="center")
+        text(left + bar_w / 2, y, colorbar.get("label", ""), fontsize=7, ha="center", va="center")
     return figure_to_array(fig)
 
 
@@ -214,9 +313,10 @@ def _integer_steps(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def pick_steps(num_steps: int, count: int) -> list[int]:
-    """``count`` steps spread evenly over a run, always with the first and the last."""
-    if count >= num_steps:
+def pick_steps(num_steps: int, count: int | None) -> list[int]:
+    """``count`` steps spread evenly over a run, always with the first and the last (all of
+    them for ``count=None``)."""
+    if count is None or count >= num_steps:
         return list(range(num_steps))
     if count <= 1:
         return [num_steps - 1]
@@ -231,19 +331,28 @@ def _preview(trace: Trace, kind: str, step: int, item: int) -> np.ndarray:
     return latent_rgb(latents[step, item])
 
 
-def step_grid(trace: Trace, steps: Sequence[int] | None = None, item: int = 0, count: int = 8) -> np.ndarray:
-    """Two rows: the noisy latent x_t entering each step and the model's x0 prediction there
-    (decoded previews when the trace has them, otherwise a rough latent picture)."""
+def step_grid_rows(steps: Sequence[int], columns: int = 10) -> list[list[int]]:
+    """The steps of a step grid, wrapped into rows of at most ``columns`` (evenly)."""
+    steps = list(steps)
+    per_row = balanced_columns(len(steps), columns)
+    return [steps[i : i + per_row] for i in range(0, len(steps), per_row)]
+
+
+def step_grid(trace: Trace, steps: Sequence[int] | None = None, item: int = 0, count: int | None = None, columns: int = 10) -> np.ndarray:
+    """The noisy latent x_t entering each step above the model's x0 prediction there (decoded
+    previews when the trace has them, otherwise a rough latent picture); every step by
+    default, in rows of at most ``columns`` steps."""
     chosen = [trace.check_step(s) for s in steps] if steps is not None else pick_steps(trace.num_steps, count)
-    rows = [[_preview(trace, "x_t", s, item) for s in chosen], [_preview(trace, "x0", s, item) for s in chosen]]
-    titles = [f"step {s}\nt={float(trace.timesteps[s]):.0f}" for s in chosen]
+    cells, row_labels, titles = [], [], []
+    for part in step_grid_rows(chosen, columns):
+        cells += [[_preview(trace, "x_t", s, item) for s in part], [_preview(trace, "x0", s, item) for s in part]]
+        row_labels += ["x_t (noisy)", "x0 (predicted)"]
+        titles += [[f"step {s}\nt={float(trace.timesteps[s]):.0f}" for s in part], []]
     decoded = trace.x0_previews is not None
-    return labeled_grid(
-        rows,
-        row_labels=["x_t (noisy)", "x0 (predicted)"],
-        col_labels=titles,
-        title=None if decoded else "latent channels shown (trace has no decoded previews)",
-    )
+    return labeled_grid(cells, row_labels=row_labels, col_labels=titles, title=None if decoded else "latent channels shown (trace has no decoded previews)")
+
+
+HEAT_BAR = {"cmap": "jet", "low": "0 (least)", "high": "1 (most)", "label": "attention, min-max per map"}
 
 
 def heatmap_grid(
@@ -253,39 +362,42 @@ def heatmap_grid(
     mode: str = "paper",
     title: str | None = None,
     columns: int | None = None,
+    colorbar: dict | None = HEAT_BAR,
 ) -> np.ndarray:
-    """Overlays of word heatmaps on ``image``: one row of words (a dict), or several rows (a
-    list of dicts with the same words, e.g. one per step range)."""
+    """Overlays of word heatmaps on ``image``: one set of words (a dict, in even rows of at
+    most ``columns``), or several rows (a list of dicts with the same words, e.g. one per step
+    range). A colour bar says what the colours mean (``colorbar=None`` leaves it out)."""
     base = as_uint8_image(image)
     if isinstance(heatmaps, dict):
         items = list(heatmaps.items())
-        per_row = columns or len(items)
+        per_row = balanced_columns(len(items), columns or len(items))
         rows = [items[i : i + per_row] for i in range(0, len(items), per_row)]
         cells = [[overlay(base, h, mode) for _, h in row] for row in rows]
         titles = [[k for k, _ in row] for row in rows]
-        return labeled_grid(cells, row_labels=None, col_labels=titles, title=title)
+        return labeled_grid(cells, row_labels=None, col_labels=titles, title=title, colorbar=colorbar)
     if not heatmaps:
         raise ValueError("no heatmaps to draw")
     words = list(heatmaps[0])
     cells = [[overlay(base, row[w], mode) for w in words] for row in heatmaps]
-    return labeled_grid(cells, row_labels=row_labels, col_labels=words, title=title)
+    return labeled_grid(cells, row_labels=row_labels, col_labels=words, title=title, colorbar=colorbar)
 
 
-def concept_curves(scores, kind: str = "normalized", title: str | None = None, dpi: int = 100) -> np.ndarray:
+CURVE_LABELS = {"normalized": "per-step min-max across words (paper)", "share": "share of the prompt words' attention", "mass": "attention mass (raw)"}
+
+
+def concept_curves(scores, kind: str = "share", title: str | None = None, dpi: int = 100, palette: dict | None = None) -> np.ndarray:
     """Per-word curves over the steps (`explain.methods.concepts.ConceptScores`), with each word's
-    emergence step marked."""
+    emergence step marked; colour words are drawn in their colour (see `word_colors`)."""
     values = {"normalized": scores.normalized, "share": scores.share, "mass": scores.mass}
     if kind not in values:
         raise ValueError(f"unknown curve kind {kind!r}; choose normalized, share or mass")
     data = values[kind].double().cpu().numpy()
     fig = _figure(6.4, 3.4, dpi)
-    ax = fig.add_axes([0.09, 0.14, 0.66, 0.76])
-    import matplotlib
-
-    colors = matplotlib.colormaps["tab10" if len(scores.labels) <= 10 else "tab20"]
+    ax = fig.add_axes([0.1, 0.14, 0.65, 0.76])
+    colors = word_colors(scores.labels, palette)
     steps = np.asarray(scores.steps)
     for j, label in enumerate(scores.labels):
-        color = colors(j % colors.N)
+        color = colors[j]
         ax.plot(steps, data[:, j], marker="o", markersize=2.5, linewidth=1.3, color=color, label=label)
         e = scores.emergence_step[j]
         if e in scores.steps:
@@ -293,28 +405,32 @@ def concept_curves(scores, kind: str = "normalized", title: str | None = None, d
             ax.plot([e], [data[k, j]], marker="*", markersize=9, color=color, markeredgecolor="black", markeredgewidth=0.5)
     _integer_steps(ax)
     ax.set_xlabel("step", fontsize=8)
-    ylabel = {"normalized": "per-step min-max (paper)", "share": "share of prompt-word attention", "mass": "attention mass"}[kind]
-    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_ylabel(CURVE_LABELS[kind], fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="★ emergence", title_fontsize=7)
-    ax.set_title(title or f"concept curves ({kind})", fontsize=9)
+    legend = ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="★ emergence", title_fontsize=7)
+    for t in legend.get_texts():
+        _plain(t)
+    _plain(ax.set_title(title or f"concept curves ({kind})", fontsize=9))
     return figure_to_array(fig)
 
 
 def recovery_grid(view, trace: Trace, steps: Sequence[int] | None = None, item: int = 0, count: int = 6) -> np.ndarray:
-    """R1 view: for chosen steps, the x0 prediction, where this step changed it (each step
-    scaled to its own largest change, printed above it), what already matches the final image
-    (green), then the per-pixel recovery step."""
+    """R1 view: for chosen steps, the x0 prediction, where this step changed it (all steps on
+    one scale, the largest change shown, so panels compare; each step's own largest change is
+    printed above it), what already matches the final image (green), then the per-pixel
+    recovery step."""
     chosen = [trace.check_step(s) for s in steps] if steps is not None else pick_steps(view.num_steps, count)
     size = final_image(trace, item).shape[:2]
+    changed = [s for s in chosen if s >= 1]
+    scale = max((float(view.change[s - 1, item].max()) for s in changed), default=0.0)
+    scale = scale if scale > 1e-12 else 1.0
     x0_row, change_row, match_row = [], [], []
     for s in chosen:
         pred = resize(_preview(trace, "x0", s, item), size)
         x0_row.append(pred)
         if s >= 1:
-            # each step scaled to its own largest change: the row shows where, the titles how much
-            change_row.append(resize(colorize(view.change[s - 1, item], cmap="magma"), size))
+            change_row.append(resize(colorize(view.change[s - 1, item] / scale, cmap="magma", normalize=False), size))
         else:
             change_row.append(None)
         match = view.recovered[s, item].float()
@@ -333,6 +449,7 @@ def recovery_grid(view, trace: Trace, steps: Sequence[int] | None = None, item: 
         [x0_row, change_row, match_row, summary],
         row_labels=["x0", "change", "matches\nfinal", "settled"],
         col_labels=titles,
+        colorbar={"cmap": "magma", "low": "0", "high": f"{scale:.3g}", "label": f"change |Δx0| ({view.space}), one scale for all steps"},
     )
 
 
@@ -355,4 +472,23 @@ def recovery_curves(view, item: int = 0, dpi: int = 100) -> np.ndarray:
     lines = ax.get_lines() + ax2.get_lines()
     ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="center right", frameon=False)
     ax.set_title("R1: how much of the image is recovered at each step", fontsize=9)
+    return figure_to_array(fig)
+
+
+def game_curves(curves: dict[str, Sequence[float]], fractions: Sequence[float], title: str, ylabel: str = "distance of x0 from the unperturbed prediction", dpi: int = 100) -> np.ndarray:
+    """Insertion / deletion curves (``{label: values}`` over ``fractions``), the random map's dashed."""
+    fig = _figure(6.4, 2.8, dpi)
+    ax = fig.add_axes([0.1, 0.17, 0.62, 0.72])
+    for label, values in curves.items():
+        dashed = "random" in label
+        color = "tab:blue" if label.startswith("insertion") else "tab:red"
+        ax.plot(np.asarray(fractions)[: len(values)], np.asarray(values, dtype=float), linestyle="--" if dashed else "-", color=color, alpha=0.6 if dashed else 1.0, label=label)
+    ax.set_xlabel("fraction of latent positions inserted / deleted", fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=7)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    legend = ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    for t in legend.get_texts():
+        _plain(t)
+    _plain(ax.set_title(title, fontsize=9))
     return figure_to_array(fig)

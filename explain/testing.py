@@ -166,3 +166,132 @@ def tiny_sdxl_pipeline(scheduler: str = "euler", seed: int = 0):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ---------------------------------------------------------------------------- joint-attention transformers
+T5_WIDTH = 32  # the tiny T5's d_model; SD3's joint_attention_dim and Flux's text width follow it
+
+
+def t5_vocabulary() -> list[tuple[str, float]]:
+    """A Unigram vocabulary (piece, score) for `tiny_t5_tokenizer`: T5's three special tokens, one
+    "▁word" piece per shapes-world word, and single-character fallbacks for any other word."""
+    import string
+
+    from explain.embedded.world import vocabulary
+
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    words = [("▁" + w, -1.0) for w in vocabulary()]
+    chars = [("▁", -5.0)] + [(c, -10.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
+    seen, out = set(), []
+    for piece, score in specials + words + chars:
+        if piece not in seen:
+            seen.add(piece)
+            out.append((piece, score))
+    return out
+
+
+def tiny_t5_tokenizer():
+    """An offline ``T5TokenizerFast`` (sentencepiece-style Unigram) over the shapes world's words."""
+    from transformers import T5TokenizerFast
+
+    return T5TokenizerFast(vocab=t5_vocabulary(), extra_ids=0)
+
+
+def _t5_encoder(vocab_size: int, width: int = T5_WIDTH):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size, d_model=width, d_kv=8, d_ff=width * 2, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def _flow_scheduler(**overrides):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**{"num_train_timesteps": 1000, "shift": 3.0, **overrides})
+
+
+def _dit_vae():
+    vae = _vae()
+    vae.register_to_config(shift_factor=0.0)  # SD3/Flux decode latents / scaling_factor + shift_factor
+    return vae
+
+
+def tiny_sd3_pipeline(t5: bool = True, seed: int = 0, num_layers: int = 3, qk_norm: str | None = None):
+    """A random-weight ``StableDiffusion3Pipeline``: MMDiT (``SD3Transformer2DModel``, patch 2,
+    ``num_layers`` joint blocks, the last one ``context_pre_only``), two CLIP encoders with
+    projection, a tiny T5 (or none: ``t5=False``, as the embedded DiT), a flow-matching scheduler.
+    32×32 images, 16×16×4 latents, 8×8 image tokens; ``qk_norm="rms_norm"`` as SD3.5."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    encoders = [_text_encoder(len(tokenizer), 16, with_projection=True, projection_dim=16) for _ in range(2)]
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=num_layers,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        caption_projection_dim=32,  # must equal heads × head dim
+        joint_attention_dim=T5_WIDTH,  # ≥ the two CLIP widths together (16 + 16), = T5's width
+        pooled_projection_dim=32,  # the two projection sizes together
+        pos_embed_max_size=8,
+        qk_norm=qk_norm,
+    ).eval()
+    t5_tokenizer = tiny_t5_tokenizer() if t5 else None
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=_flow_scheduler(),
+        vae=_dit_vae(),
+        text_encoder=encoders[0],
+        tokenizer=tokenizer,
+        text_encoder_2=encoders[1],
+        tokenizer_2=tiny_tokenizer(),
+        text_encoder_3=_t5_encoder(len(t5_tokenizer)) if t5 else None,
+        tokenizer_3=t5_tokenizer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_pipeline(guidance_embeds: bool = False, seed: int = 0, num_layers: int = 2, num_single_layers: int = 2):
+    """A random-weight ``FluxPipeline``: ``FluxTransformer2DModel`` with ``num_layers`` double- and
+    ``num_single_layers`` single-stream blocks, RoPE over (8, 4, 4) of each 16-wide head, a CLIP
+    encoder (pooled) and a tiny T5 (the sequence), a flow-matching scheduler with Flux's
+    resolution-dependent shift. ``guidance_embeds=True`` is a guidance-distilled model
+    (FLUX.1-dev style: the guidance scale is an input, there is no unconditional branch).
+    32×32 images, 16×16×4 latents packed as 8×8 tokens of 16 features."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    t5_tokenizer = tiny_t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels × 2×2 packing
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=T5_WIDTH,
+        pooled_projection_dim=16,  # the CLIP encoder's pooled output
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(8, 4, 4),  # must sum to the head dim
+    ).eval()
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=_flow_scheduler(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256,
+                                  base_shift=0.5, max_shift=1.15),
+        vae=_dit_vae(),
+        text_encoder=_text_encoder(len(tokenizer), 16),
+        tokenizer=tokenizer,
+        text_encoder_2=_t5_encoder(len(t5_tokenizer)),
+        tokenizer_2=t5_tokenizer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -6,15 +6,19 @@ ask about *words*. CLIP's byte-pair tokenizer marks the last piece of every word
 ``zebra``, ``fish</w>``). Punctuation is a word of its own, as CLIP's pre-tokenizer splits it
 off ("circle," is ``circle</w>``, ``,</w>``).
 
-Two sources are handled:
+A Hugging Face ``CLIPTokenizer`` (diffusers) gives one context of ``model_max_length`` (77)
+positions; longer prompts are cut, and `PromptTruncatedWarning` names the words lost. (ComfyUI's
+token lists are read by the node pack, ``nodes.prompt_tokens``, into the same types.)
 
-* a Hugging Face ``CLIPTokenizer`` (diffusers), one context of ``model_max_length`` (77)
-  positions; longer prompts are cut, and `PromptTruncatedWarning` names the words lost;
-* ComfyUI's ``clip.tokenize(text, return_word_ids=True)`` lists ``[(token, weight, word_id)]``
-  in chunks of 77 that are concatenated into one longer context (nothing is cut).
+Sentencepiece tokenizers (T5, the long text encoder of SD3 and Flux) mark the *first* piece of
+every word with ``▁`` instead ("▁zebra", "fish"); `tokenize_prompt` detects them and splits words
+there, with punctuation-only pieces a word of their own as in CLIP. T5 has no start token and
+ends with ``</s>``.
 
 The result is a `PromptTokens`: the token strings of the kept positions (start token through
-the last end token) and the `Word` list.
+the last end token) and the `Word` list. `concat_prompt_tokens` joins the token lists of a
+context made of several text encoders' sequences side by side (SD3: CLIP then T5), so that a
+word's positions cover all of them.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Mapping, Sequence
+from typing import Sequence
 
 from explain.trace import Word
 
 END_OF_WORD = "</w>"
+WORD_START = "\u2581"  # sentencepiece's "▁"
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
 
@@ -71,24 +76,34 @@ def _byte_decoder() -> dict[str, int]:
 
 
 def token_text(token: str) -> str:
-    """Readable text of one BPE token string (end-of-word marker removed, bytes decoded)."""
+    """Readable text of one BPE or sentencepiece token string (word markers removed, bytes decoded)."""
     piece = token[: -len(END_OF_WORD)] if token.endswith(END_OF_WORD) else token
+    piece = piece[len(WORD_START) :] if piece.startswith(WORD_START) else piece
     decoder = _byte_decoder()
     if all(ch in decoder for ch in piece):
         return bytes(decoder[ch] for ch in piece).decode("utf-8", errors="replace")
     return piece
 
 
-def is_special(token: str) -> bool:
-    return token.startswith("<|") and token.endswith("|>")
+def is_special(token: str, specials: frozenset[str] | set[str] = frozenset()) -> bool:
+    return (token.startswith("<|") and token.endswith("|>")) or token in specials
 
 
-def words_from_tokens(tokens: Sequence[str], offset: int = 0) -> list[Word]:
-    """Merge a run of BPE token strings into words at their ``</w>`` markers.
+def _is_punctuation(piece: str) -> bool:
+    text = token_text(piece)
+    return bool(text) and all(not ch.isalnum() and not ch.isspace() for ch in text)
 
-    Special tokens (``<|...|>``) belong to no word. ``offset`` is added to every position, for
-    token lists that start inside a longer context. A trailing run without ``</w>`` (a word cut
-    by truncation) still becomes a word."""
+
+def words_from_tokens(tokens: Sequence[str], offset: int = 0, style: str = "bpe", specials: frozenset[str] | set[str] = frozenset()) -> list[Word]:
+    """Merge a run of token strings into words: at their ``</w>`` markers (``style="bpe"``,
+    CLIP) or before their ``▁`` markers (``"sentencepiece"``, T5; punctuation-only pieces are
+    words of their own).
+
+    Special tokens (``<|...|>`` and ``specials``) belong to no word. ``offset`` is added to every
+    position, for token lists that start inside a longer context. A trailing run without
+    ``</w>`` (a word cut by truncation) still becomes a word."""
+    if style not in ("bpe", "sentencepiece"):
+        raise ValueError(f"unknown tokenizer style {style!r}; expected 'bpe' or 'sentencepiece'")
     words: list[Word] = []
     pieces: list[str] = []
     positions: list[int] = []
@@ -100,8 +115,16 @@ def words_from_tokens(tokens: Sequence[str], offset: int = 0) -> list[Word]:
             positions.clear()
 
     for i, tok in enumerate(tokens):
-        if is_special(tok):
+        if is_special(tok, specials):
             flush()
+            continue
+        if style == "sentencepiece":
+            if tok.startswith(WORD_START) or _is_punctuation(tok) or (pieces and _is_punctuation(pieces[-1])):
+                flush()
+            if tok == WORD_START:  # a bare marker before a piece the vocabulary splits off
+                continue
+            pieces.append(tok)
+            positions.append(i + offset)
             continue
         pieces.append(tok)
         positions.append(i + offset)
@@ -125,17 +148,19 @@ def tokenize_prompt(tokenizer, prompt: str, max_length: int | None = None, warn:
         raise ValueError(f"the tokenizer's context length {limit} is not usable; pass max_length= (77 for CLIP)")
     full_ids = list(tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids)
     full = list(tokenizer.convert_ids_to_tokens(full_ids))
-    has_start = bool(full) and is_special(full[0])
-    has_end = bool(full) and is_special(full[-1])
+    specials = frozenset(getattr(tokenizer, "all_special_tokens", ()) or ())
+    style = "sentencepiece" if any(t.startswith(WORD_START) for t in full) else "bpe"
+    has_start = bool(full) and is_special(full[0], specials) and len(full) > 1
+    has_end = bool(full) and is_special(full[-1], specials)
     body = full[int(has_start) : len(full) - int(has_end)]
     room = limit - int(has_start) - int(has_end)
     kept_body, cut_body = body[:room], body[room:]
     tokens = ([full[0]] if has_start else []) + kept_body + ([full[-1]] if has_end else [])
-    words = words_from_tokens(tokens)
+    words = words_from_tokens(tokens, style=style, specials=specials)
 
     dropped: list[str] = []
     if cut_body:
-        all_words = words_from_tokens(body, offset=int(has_start))
+        all_words = words_from_tokens(body, offset=int(has_start), style=style, specials=specials)
         kept_positions = set(range(int(has_start), int(has_start) + len(kept_body)))
         dropped = [w.text for w in all_words if not set(w.token_indices) <= kept_positions]
         if warn:
@@ -149,91 +174,41 @@ def tokenize_prompt(tokenizer, prompt: str, max_length: int | None = None, warn:
     return PromptTokens(prompt=prompt, tokens=tokens, words=words, dropped_words=dropped)
 
 
-# ---------------------------------------------------------------------------- ComfyUI token lists
-def comfy_prompt_tokens(
-    chunks: Sequence[Sequence[Sequence[Any]]],
-    id_to_token: Mapping[int, str] | Callable[[int], str] | None = None,
-    prompt: str = "",
-) -> PromptTokens:
-    """Token strings and words from ComfyUI's ``[(token, weight, word_id), ...]`` chunks.
-
-    The chunks are concatenated (ComfyUI feeds long prompts as several 77-token contexts
-    side by side), so positions count across chunks. ``id_to_token`` (e.g. ComfyUI's
-    ``tokenizer.clip_l.inv_vocab``) gives token strings; with it, words are split at ``</w>``
-    markers as well as at word-id changes (ComfyUI's word id marks a weighted prompt segment,
-    which may hold several words). Without it, each word id is one word named from the
-    prompt's whitespace-separated words when they line up, else ``word<id>``. Tokens that are
-    embedding tensors (textual inversion) are named ``<embedding>``."""
-    if not chunks or any(len(chunk) == 0 for chunk in chunks):
-        raise ValueError("ComfyUI token list is empty; tokenize with clip.tokenize(text, return_word_ids=True)")
-    lookup = _as_lookup(id_to_token)
-    flat: list[tuple[str, int, bool]] = []  # (token string, word id, is end-of-text)
-    for c, chunk in enumerate(chunks):
-        for entry in chunk:
-            if len(entry) < 3:
-                raise ValueError(
-                    f"chunk {c} has an entry {tuple(entry)!r} without a word id; "
-                    "tokenize with clip.tokenize(text, return_word_ids=True)"
-                )
-            token, word_id = entry[0], int(entry[2])
-            flat.append((_comfy_token_string(token, word_id, lookup), word_id, False))
-
-    # Keep positions through the last non-padding token of the last chunk (its end token).
-    last_chunk_start = len(flat) - len(chunks[-1])
-    last_word_at = max((i for i, (_, wid, _) in enumerate(flat) if wid != 0), default=0)
-    end = max(last_word_at + 1, last_chunk_start + 1)
-    if end < len(flat):
-        end += 1  # the end token after the last word
-    tokens = [t for t, _, _ in flat[:end]]
-
-    words: list[Word] = []
-    open_word: Word | None = None  # a word still collecting pieces
-    open_id = 0
-    for i, (tok, wid, _) in enumerate(flat[:end]):
-        if wid == 0:
-            continue  # start/end/padding; a long word that ComfyUI broke across chunks goes on after them
-        if open_word is None or wid != open_id:
-            open_word = Word(text="", token_indices=[])
-            open_id = wid
-            words.append(open_word)
-        open_word.token_indices.append(i)
-        if lookup is not None:
-            open_word.text += token_text(tok)
-            if tok.endswith(END_OF_WORD):
-                open_word = None
-    names = prompt.split() if prompt else []
-    if lookup is None:
-        if len(names) == len(words):
-            for w, name in zip(words, names):
-                w.text = name
-        else:
-            ids = sorted({wid for _, wid, _ in flat[:end] if wid})
-            for w, wid in zip(words, ids):
-                w.text = f"word{wid}"
-    return PromptTokens(prompt=prompt, tokens=tokens, words=words)
-
-
-def _as_lookup(id_to_token) -> Callable[[int], str] | None:
-    if id_to_token is None:
-        return None
-    if callable(id_to_token) and not isinstance(id_to_token, Mapping):
-        return id_to_token
-    table = id_to_token
-    return lambda i: table.get(i, f"<{i}>")
-
-
-def _comfy_token_string(token, word_id: int, lookup) -> str:
-    if not isinstance(token, int):
-        try:
-            token = int(token)
-        except (TypeError, ValueError):
-            return "<embedding>"  # a textual-inversion vector in place of a token id
-    if lookup is not None:
-        return str(lookup(token))
-    return f"<{token}>" if word_id == 0 else str(token)
-
-
 def pad_token_list(tokens: Sequence[str], length: int, pad: str = END_TOKEN) -> list[str]:
     """``tokens`` cut or padded to ``length`` positions (to line up with an attention axis)."""
     out = list(tokens[:length])
     return out + [pad] * (length - len(out))
+
+
+def concat_prompt_tokens(parts: Sequence[PromptTokens], lengths: Sequence[int], pads: Sequence[str] | None = None) -> PromptTokens:
+    """One `PromptTokens` for a context made of several encoders' sequences side by side.
+
+    Part ``k`` is cut or padded (with ``pads[k]``, default the CLIP end token) to ``lengths[k]``
+    positions and placed after the parts before it. Words are joined in order by their text: a
+    word of a later part that matches the next unmatched word of the same text in the parts
+    before it adds its positions to that word (SD3's "circle" is one word with a CLIP and a T5
+    position), otherwise it is a word of its own."""
+    if len(parts) != len(lengths):
+        raise ValueError(f"{len(parts)} token lists for {len(lengths)} lengths")
+    pads = list(pads) if pads is not None else [END_TOKEN] * len(parts)
+    tokens: list[str] = []
+    words: list[Word] = []
+    dropped: list[str] = []
+    offset = 0
+    for part, length, pad in zip(parts, lengths, pads):
+        tokens += pad_token_list(part.tokens, length, pad)
+        cursor = 0
+        for w in part.words:
+            kept = [i + offset for i in w.token_indices if i < length]
+            if not kept:
+                continue
+            match = next((j for j in range(cursor, len(words)) if words[j].text.lower() == w.text.lower()), None)
+            if match is None or offset == 0:
+                words.append(Word(text=w.text, token_indices=kept))
+            else:
+                words[match].token_indices = sorted(words[match].token_indices + kept)
+                cursor = match + 1
+        dropped += [d for d in part.dropped_words if d not in dropped]
+        offset += length
+    prompt = parts[0].prompt if parts else ""
+    return PromptTokens(prompt=prompt, tokens=tokens, words=words, dropped_words=dropped)

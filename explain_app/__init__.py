@@ -10,15 +10,21 @@ Modules: `inputs` (limits and checks), `session` (per-tab state, the model cache
 
 from explain_app.actions import (
     CAM_GROUPS,
+    MapView,
     RiseView,
     cam_layer_choices,
     cam_view,
     generate,
     model_for_trace,
+    model_size_choices,
+    model_status,
+    native_size,
     open_trace,
+    rise_settings,
     rise_view,
     save_report,
     save_trace_file,
+    size_choices,
 )
 from explain_app.inputs import (
     CURVE_KINDS,
@@ -41,6 +47,7 @@ from explain_app.inputs import (
 )
 from explain_app.session import MODELS, ModelCache, Session, close_session
 from explain_app.views import (
+    concept_colors,
     concept_frame,
     content_words,
     default_word,
@@ -53,10 +60,10 @@ from explain_app.views import (
 )
 
 __all__ = [
-    "CAM_GROUPS", "CURVE_KINDS", "DEFAULT_MASKS", "DEFAULT_MODEL", "DISPLAY_SIDE", "MAX_GUIDANCE", "MAX_LAM",
+    "CAM_GROUPS", "CURVE_KINDS", "MapView", "DEFAULT_MASKS", "DEFAULT_MODEL", "DISPLAY_SIDE", "MAX_GUIDANCE", "MAX_LAM",
     "MAX_MASKS", "MAX_PROMPT_CHARS", "MAX_SEED", "MAX_STEPS", "MODELS", "SIZES", "InputError", "ModelCache",
     "RiseView", "Session", "cam_layer_choices", "cam_view", "check_float", "check_int", "check_prompt",
-    "check_step_range", "close_session", "concept_frame", "content_words", "default_word", "enlarge",
-    "final_view", "generate", "model_for_trace", "open_trace", "parse_size", "recovery_views", "rise_view",
-    "save_report", "save_trace_file", "step_view", "summary", "word_view",
+    "check_step_range", "close_session", "concept_colors", "concept_frame", "content_words", "default_word", "enlarge",
+    "final_view", "generate", "model_for_trace", "model_size_choices", "model_status", "native_size", "open_trace", "parse_size", "recovery_views", "rise_settings", "rise_view",
+    "save_report", "save_trace_file", "size_choices", "step_view", "summary", "word_view",
 ]

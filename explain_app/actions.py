@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
+import os
 from pathlib import Path
 
 import numpy as np
 
 from explain import render, schedules
+from explain.methods import defaults
+from explain.report import trace_notes
 from explain.trace import Trace, TraceFormatError
+from explain_app import inputs
 from explain_app.inputs import (
-    DEFAULT_MASKS,
     DEFAULT_MODEL,
     MAX_GUIDANCE,
     MAX_LAM,
-    MAX_MASKS,
     MAX_PROMPT_CHARS,
     MAX_SEED,
-    MAX_STEPS,
     InputError,
     _no_progress,
     check_float,
@@ -35,17 +37,17 @@ def open_trace(path) -> Session:
     """A session browsing the trace file at ``path``; a clear error for anything else."""
     if path is None or path == "":
         raise InputError("choose a trace file (.safetensors) saved by the app, the CLI or the Save Trace node")
-    path = Path(getattr(path, "name", path))
+    # an uploaded file object carries its path in .name; a Path's .name is only its last part
+    path = Path(path if isinstance(path, (str, os.PathLike)) else getattr(path, "name", path))
     if path.suffix.lower() != ".safetensors":
         raise InputError(f"{path.name} is not a trace: traces are .safetensors files saved by the app, the CLI or the Save Trace node")
     try:
-        trace = Trace.load(path)
+        trace = Trace.load(path, max_bytes=inputs.LIMITS.max_upload_mb * 2**20)
     except TraceFormatError as exc:
         raise InputError(str(exc)) from None
+    notes = trace_notes(trace)  # the warnings recorded when it was made
     if trace.attention is None:
-        notes = ["this trace has no cross-attention, so word heatmaps and concept curves are not available"]
-    else:
-        notes = []
+        notes.append("this trace has no cross-attention, so word heatmaps and concept curves are not available")
     return Session(trace=trace, source=f"opened {path.name}", notes=notes)
 
 
@@ -58,7 +60,7 @@ def generate(prompt, negative="", seed=0, steps=20, guidance=5.0, size="model de
     negative = ("" if negative is None else str(negative)).strip()
     if len(negative) > MAX_PROMPT_CHARS:
         raise InputError(f"the negative prompt has {len(negative)} characters; keep it under {MAX_PROMPT_CHARS}")
-    steps = check_int("steps", steps, 1, MAX_STEPS)
+    steps = check_int("steps", steps, 1, inputs.LIMITS.max_steps)
     seed = check_int("seed", seed, 0, MAX_SEED)
     guidance = check_float("guidance", guidance, 0.0, MAX_GUIDANCE)
     side = parse_size(size)
@@ -92,7 +94,70 @@ def generate(prompt, negative="", seed=0, steps=20, guidance=5.0, size="model de
         except (ValueError, TypeError, IndexError) as exc:  # the tap and the scheduler say what is wrong
             raise InputError(str(exc)) from None
     timings["time: generate + trace"] = result.seconds
-    return Session(trace=result.trace, source="generated", model=spec, timings=timings, notes=result.notes)
+    notes = list(result.notes)
+    trained = native_size(pipe)
+    if side is not None and trained is not None and side != trained:
+        notes.append(size_note(side, trained))
+        result.trace.meta["notes"] = notes
+    return Session(trace=result.trace, source="generated", model=spec, timings=timings, notes=notes)
+
+
+# ---------------------------------------------------------------------------- sizes
+def native_size(pipe) -> int | None:
+    """The side the model was trained at (`explain.sizes.pipeline_geometry`), or None when the
+    pipeline does not say."""
+    from explain import sizes
+
+    return sizes.pipeline_geometry(pipe).native
+
+
+def size_note(side: int, trained: int) -> str:
+    return (
+        f"the model was trained at {trained}×{trained} px, not {side}×{side}: expect "
+        f"{'repeated, tiled objects' if side > trained else 'cropped or broken objects'} and maps that say little about how it draws at its own size"
+    )
+
+
+def size_choices(trained: int | None, factor: int = 8) -> list[tuple[str, str]]:
+    """The size menu: the model's own size first, then a few it was not trained at (up to
+    `explain.sizes.MAX_TIMES_NATIVE` times it, within the app's limits), labelled so. For an
+    unknown model, the usual sizes within the limits."""
+    from explain import sizes
+    from explain_app import inputs
+
+    top = inputs.LIMITS.max_side
+    if trained is None:
+        return [("model default", "model default")] + [(f"{s} px", s) for s in inputs.size_choices() if s != "model default"]
+    candidates = {trained // 2, trained * 3 // 2, trained * 2}
+    others = sorted(s for s in candidates if 64 <= s <= min(top, sizes.MAX_TIMES_NATIVE * trained) and s % max(factor, 8) == 0 and s != trained)
+    return [(f"{trained} px (the model's size)", "model default")] + [(f"{s} px (not trained: expect artefacts)", str(s)) for s in others]
+
+
+def model_size_choices(spec: str | None, models: ModelCache | None = None) -> list[tuple[str, str]]:
+    """`size_choices` for the model box's model: read from its pipeline when it is loaded, from
+    its config files on disk otherwise (nothing is loaded for this)."""
+    from explain import sizes
+
+    models = models or MODELS
+    pipe = models.loaded(spec)
+    geometry = sizes.pipeline_geometry(pipe) if pipe is not None else sizes.spec_geometry((spec or DEFAULT_MODEL).strip() or DEFAULT_MODEL)
+    if geometry is None:
+        return size_choices(None)
+    return size_choices(geometry.native, geometry.factor)
+
+
+def model_status(spec: str | None, models: ModelCache | None = None) -> str:
+    """One line about the model for the page: loading, ready, failed, or loaded at the first Generate."""
+    models = models or MODELS
+    name = (spec or DEFAULT_MODEL).strip() or DEFAULT_MODEL
+    status = models.status(name)
+    if status == "ready":
+        return f"✅ model **{name}** is loaded: a Generate takes seconds."
+    if status == "loading":
+        return f"⏳ loading the model **{name}** in the background (about 30 s on a CPU, once); Generate waits for it."
+    if status.startswith("failed"):
+        return f"⚠️ the model **{name}** could not be loaded: {status[len('failed: '):]}"
+    return f"ℹ️ the model **{name}** loads at the first Generate (about 30 s on a CPU, once)."
 
 
 # ---------------------------------------------------------------------------- model-based explanations
@@ -122,57 +187,97 @@ def _denoiser(pipe, trace: Trace):
 
 
 @dataclass
-class RiseView:
+class MapView:
+    """A DF-RISE or DF-CAM panel: the map on the final image and on x0 (with a colour bar),
+    the games' curves and AUCs, the verdicts and a caption."""
+
     overlay_final: np.ndarray
     overlay_x0: np.ndarray
     curves: object  # pandas DataFrame: fraction, distance, curve
-    aucs: object  # pandas DataFrame: one row per map and game
+    aucs: object  # pandas DataFrame: one row per game
     caption: str
+    verdict: str  # markdown: beats random, passes the sanity checks
+    method: object = None  # the explain.explanations.MethodMap behind it
 
 
-def rise_view(session: Session, step, n_masks=DEFAULT_MASKS, centered: bool = False, model_box=None, models: ModelCache | None = None, progress=_no_progress) -> RiseView:
-    """DF-RISE at one step, then the insertion and deletion games for its map and for a random
-    map (the baseline that gives the AUCs a meaning)."""
+RiseView = MapView  # the name the DF-RISE panel had
+
+
+def _map_view(trace: Trace, method) -> MapView:
     import pandas as pd
+
+    base = enlarge(render.final_image(trace))
+    x0 = enlarge(_picture(trace, "x0", method.step))
+    heat = method.heat
+    label = f"{method.method}, min-max"
+    rows, aucs = [], []
+    for g in method.games:
+        rows += [{"fraction": f, "distance": d, "curve": f"{g.mode} ({method.method})"} for f, d in zip(g.fractions, g.curve)]
+        rows += [{"fraction": f, "distance": d, "curve": f"{g.mode} (random)"} for f, d in zip(g.fractions, g.random_curve)]
+        aucs.append({
+            "game": f"{g.mode} ({g.space})", f"AUC ({method.method})": round(g.auc, 5), "AUC (random map)": round(g.random_auc, 5),
+            "better is": "lower" if g.mode == "insertion" else "higher",
+            "beats random": {True: "yes", False: "no", None: "—"}[g.beats_random],
+        })
+    verdict = "\n\n".join(f"**{line.split(':', 1)[0]}:**{line.split(':', 1)[1]}" for line in method.verdict_lines())
+    return MapView(
+        render.with_colorbar(render.overlay(base, heat), low="0 least", high="1 most", label=label),
+        render.with_colorbar(render.overlay(x0, heat), low="0 least", high="1 most", label=label),
+        pd.DataFrame(rows, columns=["fraction", "distance", "curve"]),
+        pd.DataFrame(aucs),
+        method.caption + " Games: the distance of the x0 prediction from the unperturbed one as latent positions are "
+        "inserted or removed in the map's order; compare with the random map (dashed).",
+        verdict,
+        method,
+    )
+
+
+def _fraction_progress(progress):
+    return lambda fraction, desc: progress(0.1 + 0.9 * fraction, desc=desc)
+
+
+RISE_PRESETS = tuple(defaults.PRESETS)
+
+
+def rise_settings(n_masks=None, preset: str = "default", similarity=None, centered=None):
+    """DF-RISE settings: a preset of `explain.methods.defaults` with the panel's changes."""
+    from explain.similarity import SIMILARITIES
+
+    if preset not in defaults.PRESETS:
+        raise InputError(f"unknown DF-RISE preset {preset!r}; choose one of {', '.join(defaults.PRESETS)}")
+    settings = defaults.PRESETS[preset]
+    changes = {}
+    if n_masks is not None:
+        changes["n_masks"] = check_int("number of masks", n_masks, 8, inputs.LIMITS.max_masks)
+    if similarity not in (None, ""):
+        if similarity not in SIMILARITIES:
+            raise InputError(f"unknown similarity {similarity!r}; choose one of {', '.join(SIMILARITIES)}")
+        changes["similarity"] = similarity
+    if centered is not None:
+        changes["centered"] = bool(centered)
+    return dataclasses.replace(settings, **changes)
+
+
+def rise_view(session: Session, step, n_masks=None, centered=None, model_box=None, models: ModelCache | None = None, progress=_no_progress, preset: str = "default", similarity=None) -> MapView:
+    """DF-RISE at one step with the library's defaults (or the panel's changes), then the
+    insertion and deletion games for its map and for a random map, and the verdicts."""
     import torch
 
+    from explain import explanations
     from explain.adapters.diffusers import vae_decoder
-    from explain.methods import faithfulness, rise
 
     models = models or MODELS
     trace = session.require_trace()
     step = check_int("DF-RISE step", step, 0, trace.num_steps - 1)
-    n = check_int("number of masks", n_masks, 8, MAX_MASKS)
+    settings = rise_settings(n_masks, preset or "default", similarity, centered)
     progress(0.0, desc="loading the model")
     pipe, _ = model_for_trace(session, model_box, models)
     with models.run_lock, torch.no_grad():
         den = _denoiser(pipe, trace)
-        progress(0.1, desc=f"DF-RISE: {n} masked predictions")
-        result = rise.df_rise(den, trace, step, n_masks=n, centered=bool(centered), seed=0)
-        progress(0.7, desc="insertion and deletion games")
         decode = vae_decoder(pipe.vae) if getattr(pipe, "vae", None) is not None else None
-        games = {
-            "DF-RISE": faithfulness.insertion_deletion(den, trace, step, result.saliency, decode=decode),
-            "random": faithfulness.insertion_deletion(den, trace, step, faithfulness.random_saliency(trace.latent_size), decode=decode),
-        }
-    heat = result.display()
-    base = enlarge(render.final_image(trace))
-    x0 = enlarge(_picture(trace, "x0", step))
-    space = "image" if decode is not None else "latent"
-    rows, aucs = [], []
-    for name, played in games.items():
-        for mode, game in played.items():
-            curve = game.image_curve if game.image_curve is not None else game.latent_curve
-            rows += [{"fraction": float(f), "distance": float(d), "curve": f"{mode} ({name})"} for f, d in zip(game.fractions, curve)]
-            aucs.append({"map": name, "game": mode, f"AUC ({space})": round(game.image_auc if game.image_auc is not None else game.latent_auc, 5), "AUC (latent)": round(game.latent_auc, 5)})
-    caption = (
-        f"DF-RISE at step {step} (t = {float(trace.timesteps[step]):.0f}) from {n} random masks{' (centered)' if centered else ''}: "
-        "where keeping the latent keeps the model's x0 prediction the same (ReLU + min-max). "
-        "Games: the distance of the x0 prediction from the unperturbed one as latent positions are inserted "
-        "(from a blurred latent) or deleted in the map's order. A faithful map makes insertion fall fast "
-        "(low AUC is good) and deletion rise fast (high AUC is good); compare with the random map."
-    )
-    return RiseView(render.overlay(base, heat), render.overlay(x0, heat), pd.DataFrame(rows), pd.DataFrame(aucs), caption)
+        method = explanations.run_rise(den, trace, step, settings, decode=decode, progress=_fraction_progress(progress))
+    session.explanations[method.method] = method
+    return _map_view(trace, method)
 
 
 CAM_GROUPS = ("paper", "all", "down_blocks", "mid_block", "up_blocks")
@@ -186,33 +291,28 @@ def cam_layer_choices(pipe=None) -> list[str]:
     return list(CAM_GROUPS) + names
 
 
-def cam_view(session: Session, step, layer="paper", model_box=None, models: ModelCache | None = None) -> tuple[np.ndarray, np.ndarray, str]:
-    """DF-CAM at one step on a layer or group of layers: the map on the final image and on x0."""
-    from explain.methods import cam
+def cam_view(session: Session, step, layer=None, model_box=None, models: ModelCache | None = None, progress=_no_progress) -> MapView:
+    """DF-CAM at one step on a layer or group of layers (default: `defaults.CAM`'s), with its
+    games and verdicts."""
+
+    from explain import explanations
+    from explain.adapters.diffusers import vae_decoder
 
     models = models or MODELS
     trace = session.require_trace()
     step = check_int("DF-CAM step", step, 0, trace.num_steps - 1)
-    layer = (layer or "paper").strip()
+    layer = (layer or defaults.CAM.layers).strip()
+    progress(0.0, desc="loading the model")
     pipe, _ = model_for_trace(session, model_box, models)
     with models.run_lock:
         den = _denoiser(pipe, trace)
-        every = cam.all_layers(den.modules)
-        if layer in ("down_blocks", "mid_block", "up_blocks"):
-            names = [n for n in every if n.startswith(layer + ".")]
-        else:
-            names = layer
+        decode = vae_decoder(pipe.vae) if getattr(pipe, "vae", None) is not None else None
         try:
-            result = cam.df_cam(den, trace, step, layers=names)
+            method = explanations.run_cam(den, trace, step, layers=layer, decode=decode, progress=_fraction_progress(progress))
         except KeyError:
             raise InputError(f"no layer {layer!r} in this model; pick one of the list (paper, all, down_blocks, mid_block, up_blocks or a block name)") from None
-    heat = result.display()
-    count = len(result.layers)
-    caption = (
-        f"DF-CAM at step {step} (t = {float(trace.timesteps[step]):.0f}) on {layer} ({count} block{'s' if count != 1 else ''}): "
-        "Grad-CAM of the guided noise prediction, each block's map min-max scaled, then summed."
-    )
-    return render.overlay(enlarge(render.final_image(trace)), heat), render.overlay(enlarge(_picture(trace, "x0", step)), heat), caption
+    session.explanations[method.method] = method
+    return _map_view(trace, method)
 
 
 def save_trace_file(session: Session) -> Path:
@@ -220,11 +320,25 @@ def save_trace_file(session: Session) -> Path:
     return trace.save(session.workdir() / "trace.safetensors")
 
 
+def word_palette(trace: Trace) -> dict | None:
+    """The embedded world's colours, for a trace the embedded model made."""
+    if not str(trace.meta.get("model", "")).startswith("embedded"):
+        return None
+    from explain.embedded import world
+
+    return dict(world.COLORS)
+
+
 def save_report(session: Session, progress=_no_progress) -> Path:
-    """The HTML report of the session's trace (images embedded, so the page alone is enough)."""
+    """The HTML report of the session's trace with the DF-RISE / DF-CAM maps computed in the
+    session (images embedded, so the page alone is enough)."""
     from explain.report import build_report
 
     trace = session.require_trace()
     extra = {k: round(v, 2) for k, v in session.timings.items()}
-    report = build_report(trace, session.workdir() / "report", save_trace=False, extra_settings=extra, progress=lambda m: progress(None, desc=m))
+    methods = [m for m in session.explanations.values() if m is not None]
+    report = build_report(
+        trace, session.workdir() / "report", save_trace=False, extra_settings=extra, methods=methods,
+        palette=word_palette(trace), progress=lambda m: progress(None, desc=m),
+    )
     return report.html_path

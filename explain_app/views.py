@@ -6,6 +6,7 @@ import numpy as np
 
 from explain import render
 from explain.methods import concepts, heatmaps, recovery
+from explain.report import trace_notes
 from explain.trace import Trace
 from explain_app.inputs import CURVE_KINDS, DISPLAY_SIDE, FUNCTION_WORDS, InputError, check_float, check_int, check_step_range
 from explain_app.session import Session
@@ -85,18 +86,21 @@ def word_view(trace: Trace, chip, typed, start, end) -> tuple[np.ndarray, np.nda
     base = enlarge(render.final_image(trace))
     size = base.shape[:2]
     heat = heatmaps.word_heatmap(trace, spec, steps, size=size)
-    single = render.overlay(base, heat)
+    single = render.with_colorbar(render.overlay(base, heat), low="0 least", high="1 most", label="attention, min-max")
     words = [w for w in heatmaps.prompt_words(trace) if w.token_indices and w.text.lower() not in FUNCTION_WORDS]
     words = words or [w for w in heatmaps.prompt_words(trace) if w.token_indices]
     maps = heatmaps.word_heatmaps(trace, words, steps)
-    grid = render.heatmap_grid(render.final_image(trace), maps, columns=min(len(maps), 5))
+    grid = render.heatmap_grid(render.final_image(trace), maps, columns=5)
     caption = f"'{label}', steps {steps.start}-{steps.stop - 1} (cross-attention, mean over heads, layers and steps; min-max scaled)"
     return single, grid, caption
 
 
-def concept_frame(trace: Trace, kind: str = "normalized"):
+CURVE_TITLES = {"share": "share of the prompt words' attention", "normalized": "per-step min-max across words (paper)", "mass": "attention mass (raw)"}
+
+
+def concept_frame(trace: Trace, kind: str = "share"):
     """Concept curves as a long table (step, value, word) for an interactive line plot, and the
-    per-word score table."""
+    per-word score table. Steps are labels ("0", "1", ...), so the plot's axis shows whole steps."""
     import pandas as pd
 
     if kind not in CURVE_KINDS:
@@ -105,12 +109,25 @@ def concept_frame(trace: Trace, kind: str = "normalized"):
     scores = concepts.concept_scores(trace, words or None)
     values = getattr(scores, kind).double()
     rows = [
-        {"step": int(step), "value": float(values[i, j]), "word": label}
+        {"step": str(int(step)), "value": float(values[i, j]), "word": label}
         for j, label in enumerate(scores.labels)
         for i, step in enumerate(scores.steps)
     ]
     table = pd.DataFrame(scores.table()).drop(columns=["tokens"])
-    return pd.DataFrame(rows), table.round(4)
+    return pd.DataFrame(rows, columns=["step", "value", "word"]), table.round(4)
+
+
+def concept_colors(trace: Trace) -> dict[str, str]:
+    """A colour per concept-curve word (`explain.render.word_colors`): colour words in their
+    colour, with the embedded world's shades for its model."""
+    words = [w for w in heatmaps.prompt_words(trace) if w.token_indices and w.text.lower() not in FUNCTION_WORDS]
+    labels = concepts.concept_scores(trace, words or None).labels
+    palette = None
+    if str(trace.meta.get("model", "")).startswith("embedded"):
+        from explain.embedded import world
+
+        palette = world.COLORS
+    return {label: render.hex_color(c) for label, c in zip(labels, render.word_colors(labels, palette))}
 
 
 def recovery_views(trace: Trace, tol=0.25) -> tuple[np.ndarray, np.ndarray]:
@@ -137,8 +154,9 @@ def summary(session: Session) -> str:
         rows.append((name, f"{seconds:.1f} s"))
     lines = [f"| {k} | {_md(v)} |" for k, v in rows]
     text = "| setting | value |\n|---|---|\n" + "\n".join(lines)
-    if session.notes:
-        text += "\n\n" + "\n".join(f"⚠️ {_md(n)}" for n in session.notes)
+    notes = list(dict.fromkeys(list(session.notes) + trace_notes(trace)))  # generated: both hold them
+    if notes:
+        text += "\n\n" + "\n\n".join(f"⚠️ {_md(n)}" for n in notes)
     return text
 
 

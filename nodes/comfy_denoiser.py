@@ -6,8 +6,9 @@ patches inside a sampling run, so `run_with_denoiser` starts a real one through 
 ``CFGGuider`` whose "sampler" is our explanation: ComfyUI loads everything exactly as for
 sampling, hands us the prepared guider, and cleans up afterwards (also after an exception).
 Inside, a probe runs the branches as ComfyUI's ``sampling_function`` does and returns denoised
-x0 per branch (``prediction_type="sample"``) for latents x = x0 + σε (``latent_space="sigma"``),
-the space the Tap records ``x_t`` in. Model patches that change how the branches are run or
+x0 per branch (``prediction_type="sample"``) for latents in the model's own space, the space the
+Tap records ``x_t`` in: x = x0 + σε (``latent_space="sigma"``), or x = (1-σ)·x0 + σ·ε for
+flow-matching models (SD3, Flux: ``"flow"``). Model patches that change how the branches are run or
 combined (SkipLayerGuidance, APG, TCFG, RescaleCFG, SAG, CFG++...) shape the probes as they
 shaped the sampling; DF-CAM keeps the paper's linear u + w (c - u) of the two plain branches'
 activations and gradients (the node says so when such a patch is present).
@@ -30,7 +31,6 @@ from explain.trace import Trace
 
 from .taps import probing
 
-
 MEMORY_SAFETY = 1.5  # ComfyUI's own factor on memory_required when it batches conds
 
 
@@ -38,7 +38,7 @@ def _sigma_batch(level: NoiseLevel, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), float(level.sigma), device=x.device, dtype=torch.float32)
 
 
-def make_denoiser(guider, model_options: dict, guidance_scale: float, separate_branches: bool = False) -> GuidedDenoiser:
+def make_denoiser(guider, model_options: dict, guidance_scale: float, separate_branches: bool = False, latent_space: str = "sigma") -> GuidedDenoiser:
     """A `GuidedDenoiser` over a guider that ComfyUI has prepared for sampling.
 
     Probes run the branches as ComfyUI's ``sampling_function`` does: through the model's
@@ -96,7 +96,7 @@ def make_denoiser(guider, model_options: dict, guidance_scale: float, separate_b
         model_fn=model_fn,
         prediction_type="sample",
         guidance_scale=scale,
-        latent_space="sigma",
+        latent_space=latent_space,
         modules=modules,
         device=torch.device(device),
         estimate_item_bytes=item_bytes_estimate(inner, 2 if uncond is not None else 1),
@@ -167,17 +167,25 @@ def run_with_denoiser(
     so ComfyUI first makes room for the weight clones that needs."""
     import comfy.samplers
 
-    if trace.meta.get("latent_space", "sigma") != "sigma":
+    from .taps import sampling_space
+
+    space = sampling_space(model.get_model_object("model_sampling"))  # with a ModelSampling* node's patch
+    recorded = trace.meta.get("latent_space", "sigma")
+    if recorded != space:
+        given = {"vp": "x = √ᾱ·x0 + √(1-ᾱ)·ε (a diffusers DDIM/DPM scheduler)", "sigma": "x = x0 + σ·ε", "flow": "x = (1-σ)·x0 + σ·ε (flow matching)"}
         raise ValueError(
-            "this trace was recorded with latents in the 'vp' space (a diffusers DDIM/DPM scheduler); ComfyUI "
-            "models need x = x0 + σε. Explain it in the Gradio app or the CLI, or record it in ComfyUI"
+            f"this trace's latents are in the {recorded!r} space, {given.get(recorded, recorded)}, but this MODEL samples in the "
+            f"{space!r} space, {given[space]}: connect the MODEL the trace was sampled with (or explain a diffusers trace "
+            "in the Gradio app or the CLI)"
         )
     step = trace.check_step(step)
     result: dict[str, Any] = {}
 
     class ExplanationSampler(comfy.samplers.Sampler):
-        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
-            denoiser = make_denoiser(model_wrap, extra_args["model_options"], guidance_scale, separate_branches)
+        # ComfyUI calls sample(model_wrap, sigmas, extra_args, callback, noise, latent_image,
+        # denoise_mask, disable_pbar); whatever it adds later is accepted and unused.
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise, *args, **kwargs):
+            denoiser = make_denoiser(model_wrap, extra_args["model_options"], guidance_scale, separate_branches, latent_space=space)
             if backward:
                 patcher = model_wrap.model_patcher
                 make_room_for_weight_clones(denoiser, [patcher, *patcher.model_patches_models(), *model_wrap.loaded_models])

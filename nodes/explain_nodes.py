@@ -17,26 +17,60 @@ import uuid
 import torch
 
 from explain import render
-
-from explain.methods import concepts, heatmaps, recovery
+from explain.methods import concepts, defaults, heatmaps, recovery
 from explain.trace import Trace
 
+from . import environment
+from .api import io
 from .decode import decode_steps, to_uint8
-from .tap_node import CATEGORY, TRACE_TYPE
+from .images import to_comfy_image
+from .tap_node import CATEGORY, TraceSocket
 
 CAM_GUIDANCE_NOTE = (
     "the model carries a guidance patch (RescaleCFG, SAG, APG, SkipLayerGuidance...); DF-CAM combines the two "
     "branches' activations and gradients linearly, as the paper does, so it explains plain CFG at this cfg"
 )
-TRACE_INPUTS = {
-    "trace": (TRACE_TYPE, {"tooltip": "From an Explain Tap (or Explain Load Trace)."}),
-}
-LATENT_INPUT = {
-    "latent": (
-        "LATENT",
-        {"tooltip": "The sampler's LATENT output: runs this node after sampling and picks the run to explain."},
-    ),
-}
+
+
+# ---------------------------------------------------------------------------- shared inputs
+def trace_input():
+    return TraceSocket.Input("trace", tooltip="From an Explain Tap (or Explain Load Trace).")
+
+
+def latent_input():
+    return io.Latent.Input("latent", tooltip="The sampler's LATENT output: runs this node after sampling and picks the run to explain.")
+
+
+def item_input():
+    return io.Int.Input("item", default=0, min=0, max=4096, tooltip="Which image of the batch (0 = the first).")
+
+
+def image_input():
+    return io.Image.Input("image", optional=True, tooltip="The decoded image to draw on (default: the trace's own final image).")
+
+
+def model_inputs():
+    """The MODEL and conditionings DF-RISE and DF-CAM re-run: the sampler's own."""
+    return [
+        io.Model.Input("model", tooltip="The MODEL the sampler used (the Tap's output, with any patches on it)."),
+        io.Conditioning.Input("positive", tooltip="The sampler's positive conditioning."),
+        io.Conditioning.Input("negative", tooltip="The sampler's negative conditioning."),
+    ]
+
+
+class ExplanationNode(io.ComfyNode):
+    """What every explanation node shares: the pictures need matplotlib, checked when ComfyUI
+    validates the prompt (before any sampling) and again when the node starts."""
+
+    NEEDS: tuple[str, ...] = ("matplotlib",)
+
+    @classmethod
+    def validate_inputs(cls, trace):
+        return environment.node_requirement_error(cls.NEEDS) or True
+
+    @classmethod
+    def check_requirements(cls) -> None:
+        environment.require(cls.NEEDS)
 
 
 # ---------------------------------------------------------------------------- shared helpers
@@ -79,7 +113,7 @@ def parse_words(text: str) -> list[str] | None:
 
 
 def as_image(array) -> torch.Tensor:
-    return render.to_comfy_image(array)
+    return to_comfy_image(array)
 
 
 def masks_of(maps: list[torch.Tensor]) -> torch.Tensor:
@@ -87,35 +121,42 @@ def masks_of(maps: list[torch.Tensor]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- word heatmaps
-class ExplainWordHeatmaps:
-    DESCRIPTION = (
-        "Where the model looked for each prompt word: cross-attention averaged over the chosen steps, heads and "
-        "layers, upsampled to the image. One overlay and one MASK per word. Steps: '' = all, '0:10', '-5:', '3'."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "explain"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("IMAGE", "MASK", "IMAGE", "STRING")
-    RETURN_NAMES = ("overlays", "masks", "grid", "words")
+class ExplainWordHeatmaps(ExplanationNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffusionExplainWordHeatmaps",
+            display_name="Explain Word Heatmaps",
+            category=CATEGORY,
+            description=(
+                "Where the model looked for each prompt word: cross-attention averaged over the chosen steps, heads "
+                "and layers, upsampled to the image. One overlay and one MASK per word. Steps: '' = all, '0:10', '-5:', '3'."
+            ),
+            is_output_node=True,
+            inputs=[
+                trace_input(),
+                latent_input(),
+                io.String.Input("words", default="", tooltip="Comma-separated words or phrases; empty = every prompt word."),
+                io.String.Input("steps", default="", tooltip="'' all steps, '0:10', '10:', '-5:', '7' or '0,3,7'."),
+                item_input(),
+                io.Boolean.Input("negative", default=False, tooltip="Map the negative prompt's words instead."),
+                io.Combo.Input(
+                    "overlay", options=list(render.OVERLAY_MODES), default="paper",
+                    tooltip="'paper': the map's colours weighted by its strength (the paper's display); 'alpha': a 50 % blend.",
+                ),  # fmt: skip
+                image_input(),
+            ],
+            outputs=[
+                io.Image.Output("overlays", display_name="overlays", tooltip="One heatmap overlay per word, as an IMAGE batch."),
+                io.Mask.Output("masks", display_name="masks", tooltip="One MASK per word (0..1, min-max normalised), image-sized."),
+                io.Image.Output("grid", display_name="grid", tooltip="All words' overlays in one labelled picture."),
+                io.String.Output("word_list", display_name="words", tooltip="The mapped words, in output order, as a JSON list."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                **TRACE_INPUTS,
-                **LATENT_INPUT,
-                "words": ("STRING", {"default": "", "tooltip": "Comma-separated words or phrases; empty = every prompt word."}),
-                "steps": ("STRING", {"default": "", "tooltip": "'' all steps, '0:10', '10:', '-5:', '7' or '0,3,7'."}),
-                "item": ("INT", {"default": 0, "min": 0, "max": 4096, "tooltip": "Which image of the batch."}),
-                "negative": ("BOOLEAN", {"default": False, "tooltip": "Map the negative prompt's words instead."}),
-                "overlay": (list(render.OVERLAY_MODES), {"default": "paper"}),
-            },
-            "optional": {
-                "image": ("IMAGE", {"tooltip": "The decoded image to draw on (default: the trace's own)."}),
-            },
-        }
-
-    def explain(self, trace, latent, words, steps, item, negative, overlay, image=None):
+    def execute(cls, trace, latent, words, steps, item, negative, overlay, image=None):
+        cls.check_requirements()
         tr = trace.resolve(latent)
         item = check_item(tr, item)
         base = base_image(tr, item, image)
@@ -123,39 +164,42 @@ class ExplainWordHeatmaps:
         maps = heatmaps.word_heatmaps(tr, parse_words(words), steps, item=item, negative=negative, size=size)
         overlays = [render.overlay(base, m, mode=overlay) for m in maps.values()]
         grid = render.heatmap_grid(base, maps, mode=overlay, title=f"steps {steps or 'all'}", columns=min(len(maps), 6))
-        out_images = as_image(overlays)
-        return {
-            "ui": preview_ui(as_image(grid)),
-            "result": (out_images, masks_of(list(maps.values())), as_image(grid), json.dumps(list(maps))),
-        }
+        return io.NodeOutput(
+            as_image(overlays), masks_of(list(maps.values())), as_image(grid), json.dumps(list(maps)), ui=preview_ui(as_image(grid))
+        )
 
 
 # ---------------------------------------------------------------------------- step previews
-class ExplainStepPreviews:
-    DESCRIPTION = (
-        "What the model predicted at each step: the decoded x0 (the clean image it aims at) and the noisy latent "
-        "x_t entering the step, as IMAGE batches, plus a labelled grid."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "explain"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("IMAGE", "IMAGE", "IMAGE")
-    RETURN_NAMES = ("x0", "x_t", "grid")
+class ExplainStepPreviews(ExplanationNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffusionExplainStepPreviews",
+            display_name="Explain Step Previews (x0 and x_t)",
+            category=CATEGORY,
+            description=(
+                "What the model predicted at each step: the decoded x0 (the clean image it aims at) and the noisy "
+                "latent x_t entering the step, as IMAGE batches, plus a labelled grid."
+            ),
+            is_output_node=True,
+            inputs=[
+                trace_input(),
+                latent_input(),
+                io.Vae.Input("vae", tooltip="The VAE of the checkpoint, to decode the latents."),
+                io.String.Input("steps", default="", tooltip="'' = `count` steps spread over the run; or '0:10', '0,5,9'."),
+                io.Int.Input("count", default=8, min=1, max=1000, tooltip="How many steps to show when 'steps' is empty."),
+                item_input(),
+            ],
+            outputs=[
+                io.Image.Output("x0", display_name="x0", tooltip="Decoded x0 (the predicted clean image) of each chosen step."),
+                io.Image.Output("x_t", display_name="x_t", tooltip="Decoded noisy latent x_t entering each chosen step."),
+                io.Image.Output("grid", display_name="grid", tooltip="x0 and x_t of the chosen steps in one labelled picture."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                **TRACE_INPUTS,
-                **LATENT_INPUT,
-                "vae": ("VAE",),
-                "steps": ("STRING", {"default": "", "tooltip": "'' = `count` steps spread over the run; or '0:10', '0,5,9'."}),
-                "count": ("INT", {"default": 8, "min": 1, "max": 1000}),
-                "item": ("INT", {"default": 0, "min": 0, "max": 4096}),
-            }
-        }
-
-    def explain(self, trace, latent, vae, steps, count, item):
+    def execute(cls, trace, latent, vae, steps, count, item):
+        cls.check_requirements()
         tr = trace.resolve(latent)
         item = check_item(tr, item)
         chosen = heatmaps.select_steps(tr, steps) if steps.strip() else render.pick_steps(tr.num_steps, count)
@@ -172,74 +216,93 @@ class ExplainStepPreviews:
         full_xt[chosen, item] = to_uint8(xt)
         shown.x0_previews, shown.x_t_previews = full_x0, full_xt
         grid = as_image(render.step_grid(shown, steps=chosen, item=item))
-        return {"ui": preview_ui(grid), "result": (x0, xt, grid)}
+        return io.NodeOutput(x0, xt, grid, ui=preview_ui(grid))
 
 
 # ---------------------------------------------------------------------------- concept scores
-class ExplainConceptScores:
-    DESCRIPTION = (
-        "How much attention each prompt word gets at each step (the paper's per-step min-max, or the share of "
-        "prompt-word attention, or the raw mass), when it emerges and how it trends; a plot and JSON."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "explain"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("IMAGE", "STRING")
-    RETURN_NAMES = ("plot", "json")
+class ExplainConceptScores(ExplanationNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffusionExplainConceptScores",
+            display_name="Explain Concept Scores",
+            category=CATEGORY,
+            description=(
+                "How much attention each prompt word gets at each step (the paper's per-step min-max, or the share "
+                "of prompt-word attention, or the raw mass), when it emerges and how it trends; a plot and JSON."
+            ),
+            is_output_node=True,
+            inputs=[
+                trace_input(),
+                latent_input(),
+                io.String.Input("words", default="", tooltip="Comma-separated words or phrases; empty = every prompt word."),
+                io.String.Input("steps", default="", tooltip="'' all steps, '0:10', '10:', '-5:', '7' or '0,3,7'."),
+                io.Combo.Input(
+                    "kind", options=["normalized", "share", "mass"], default="normalized",
+                    tooltip="'normalized': the paper's per-step min-max over words; 'share': each word's part of the "
+                    "prompt words' attention; 'mass': the raw attention mass.",
+                ),  # fmt: skip
+                item_input(),
+                io.Boolean.Input("negative", default=False, tooltip="Score the negative prompt's words instead."),
+            ],
+            outputs=[
+                io.Image.Output("plot", display_name="plot", tooltip="The chosen score of each word over the steps."),
+                io.String.Output("json", display_name="json", tooltip="All scores per word and step, emergence steps and trends, as JSON."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                **TRACE_INPUTS,
-                **LATENT_INPUT,
-                "words": ("STRING", {"default": "", "tooltip": "Comma-separated; empty = every prompt word."}),
-                "steps": ("STRING", {"default": ""}),
-                "kind": (["normalized", "share", "mass"], {"default": "normalized"}),
-                "item": ("INT", {"default": 0, "min": 0, "max": 4096}),
-                "negative": ("BOOLEAN", {"default": False}),
-            }
-        }
-
-    def explain(self, trace, latent, words, steps, kind, item, negative):
+    def execute(cls, trace, latent, words, steps, kind, item, negative):
+        cls.check_requirements()
         tr = trace.resolve(latent)
         item = check_item(tr, item)
         scores = concepts.concept_scores(tr, parse_words(words), steps, item=item, negative=negative)
         plot = as_image(render.concept_curves(scores, kind=kind))
         text = json.dumps(scores.to_json())
-        return {"ui": {**preview_ui(plot), "text": [text]}, "result": (plot, text)}
+        return io.NodeOutput(plot, text, ui={**preview_ui(plot), "text": [text]})
 
 
 # ---------------------------------------------------------------------------- R1 recovery
-class ExplainRecovery:
-    DESCRIPTION = (
-        "R1, what is recovered when: how the x0 prediction changes from step to step, which pixels already match "
-        "the final result, and the step at which each pixel settles. With a VAE it compares decoded images, "
-        "otherwise latents."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "explain"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("IMAGE", "IMAGE", "MASK", "STRING")
-    RETURN_NAMES = ("grid", "curves", "recovery_step", "json")
+class ExplainRecovery(ExplanationNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffusionExplainRecovery",
+            display_name="Explain Recovery (R1)",
+            category=CATEGORY,
+            description=(
+                "R1, what is recovered when: how the x0 prediction changes from step to step, which pixels already "
+                "match the final result, and the step at which each pixel settles. With a VAE it compares decoded "
+                "images, otherwise latents."
+            ),
+            is_output_node=True,
+            inputs=[
+                trace_input(),
+                latent_input(),
+                io.Float.Input(
+                    "tolerance", default=0.25, min=0.001, max=10.0, step=0.01,
+                    tooltip="A pixel is recovered when within tolerance × std of the final.",
+                ),  # fmt: skip
+                io.Int.Input("count", default=6, min=1, max=100, tooltip="How many steps the grid shows."),
+                item_input(),
+                io.Vae.Input("vae", optional=True, tooltip="Compare decoded images instead of latents."),
+            ],
+            outputs=[
+                io.Image.Output("grid", display_name="grid", tooltip="x0, change and recovered pixels at the chosen steps."),
+                io.Image.Output("curves", display_name="curves", tooltip="Change between steps and recovered share over the run."),
+                io.Mask.Output(
+                    "recovery_step", display_name="recovery_step",
+                    tooltip="The step at which each pixel settles, as a fraction of the run (0 = first step, 1 = never).",
+                ),  # fmt: skip
+                io.String.Output("json", display_name="json", tooltip="The curves and per-pixel recovery steps as JSON."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                **TRACE_INPUTS,
-                **LATENT_INPUT,
-                "tolerance": ("FLOAT", {"default": 0.25, "min": 0.001, "max": 10.0, "step": 0.01,
-                                        "tooltip": "A pixel is recovered when within tolerance × std of the final."}),
-                "count": ("INT", {"default": 6, "min": 1, "max": 100}),
-                "item": ("INT", {"default": 0, "min": 0, "max": 4096}),
-            },
-            "optional": {"vae": ("VAE", {"tooltip": "Compare decoded images instead of latents."})},
-        }  # fmt: skip
-
-    def explain(self, trace, latent, tolerance, count, item, vae=None):
+    def execute(cls, trace, latent, tolerance, count, item, vae=None):
         from .decode import add_decoded_images
 
+        cls.check_requirements()
         tr = trace.resolve(latent)
         item = check_item(tr, item)
         space = "latent"
@@ -253,7 +316,7 @@ class ExplainRecovery:
         size = tr.image_size if space == "latent" else tuple(steps_map.shape)
         mask = heatmaps.upsample(steps_map, size, mode="nearest").unsqueeze(0)
         text = json.dumps(view.to_json())
-        return {"ui": preview_ui(torch.cat([grid])), "result": (grid, curves, mask, text)}
+        return io.NodeOutput(grid, curves, mask, text, ui=preview_ui(torch.cat([grid])))
 
 
 def _copy_trace(tr: Trace) -> Trace:
@@ -263,53 +326,70 @@ def _copy_trace(tr: Trace) -> Trace:
 
 
 # ---------------------------------------------------------------------------- DF-RISE
-class ExplainRise:
-    DESCRIPTION = (
-        "DF-RISE at one step: which regions of the noisy latent the model's prediction rests on. Random masks "
-        "keep parts of x_t, the model predicts from each, and the similarity to the unmasked prediction is "
-        "averaged per pixel. Also plays the insertion and deletion games (AUCs of distance curves: a faithful "
-        "map has a LOW insertion and a HIGH deletion AUC). Connect the same MODEL and conditionings as the sampler."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "explain"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("IMAGE", "MASK", "FLOAT", "FLOAT", "STRING")
-    RETURN_NAMES = ("overlay", "saliency", "insertion_auc", "deletion_auc", "json")
-
+class ExplainRise(ExplanationNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls):
         from explain import similarity
-
         from explain.methods import rise
 
-        return {
-            "required": {
-                **TRACE_INPUTS,
-                **LATENT_INPUT,
-                "model": ("MODEL",),
-                "positive": ("CONDITIONING",),
-                "negative": ("CONDITIONING",),
-                "step": ("INT", {"default": 0, "min": -1000, "max": 1000, "tooltip": "Step index in the run; -1 = last."}),
-                "n_masks": ("INT", {"default": 256, "min": 1, "max": 100000}),
-                "similarity": (list(similarity.SIMILARITIES), {"default": "structure"}),
-                "quantity": (["x0", "epsilon"], {"default": "x0"}),
-                "masks": (list(rise.MASK_KINDS), {"default": "bernoulli"}),
-                "p": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 0.99, "step": 0.01}),
-                "centered": ("BOOLEAN", {"default": True, "tooltip": "Subtract each pixel's mean similarity (less noisy)."}),
+        d = defaults.RISE
+        return io.Schema(
+            node_id="DiffusionExplainRise",
+            display_name="Explain DF-RISE (saliency + AUC)",
+            category=CATEGORY,
+            description=(
+                "DF-RISE at one step: which regions of the noisy latent the model's prediction rests on. Random masks "
+                "keep parts of x_t, the model predicts from each, and the similarity to the unmasked prediction is "
+                "averaged per pixel. Also plays the insertion and deletion games (AUCs of distance curves: a faithful "
+                "map has a LOW insertion and a HIGH deletion AUC). Connect the same MODEL and conditionings as the sampler."
+            ),
+            is_output_node=True,
+            inputs=[
+                trace_input(),
+                latent_input(),
+                *model_inputs(),
+                io.Int.Input("step", default=0, min=-1000, max=1000, tooltip="Step index in the run; -1 = last."),
+                io.Int.Input("n_masks", default=d.n_masks, min=1, max=100000, tooltip="How many random masks (more: less noisy, slower)."),
+                io.Combo.Input(
+                    "similarity", options=list(similarity.SIMILARITIES), default=d.similarity,
+                    tooltip="How a masked prediction is compared with the unmasked one ('structure': SSIM's structure term).",
+                ),  # fmt: skip
+                io.Combo.Input("quantity", options=["x0", "epsilon"], default=d.quantity, tooltip="Which prediction is compared: x0 or the noise."),
+                io.Combo.Input(
+                    "masks", options=list(rise.MASK_KINDS), default=d.masks,
+                    tooltip="'bernoulli': each latent pixel kept with probability p; 'grid': RISE's upsampled coarse grids.",
+                ),  # fmt: skip
+                io.Float.Input("p", default=d.p, min=0.01, max=0.99, step=0.01, tooltip="Share of the latent each mask keeps."),
+                io.Boolean.Input("centered", default=d.centered, tooltip="Subtract each pixel's mean similarity (less noisy)."),
                 # not called "seed": the front end gives inputs of that name a randomize-after-run control
-                "mask_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed of the random masks."}),
-                "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "0 = the sampler's cfg."}),
-                "item": ("INT", {"default": 0, "min": 0, "max": 4096}),
-                "games": ("BOOLEAN", {"default": True, "tooltip": "Play the insertion/deletion games for the AUCs."}),
-            },
-            "optional": {"image": ("IMAGE",)},
-        }
+                io.Int.Input("mask_seed", default=d.seed, min=0, max=0xFFFFFFFF, tooltip="Seed of the random masks."),
+                io.Float.Input("cfg", default=0.0, min=0.0, max=100.0, step=0.1, tooltip="0 = the sampler's cfg."),
+                item_input(),
+                io.Boolean.Input("games", default=True, tooltip="Play the insertion/deletion games for the AUCs."),
+                image_input(),
+            ],
+            outputs=[
+                io.Image.Output("overlay", display_name="overlay", tooltip="The saliency map over the image."),
+                io.Mask.Output("saliency", display_name="saliency", tooltip="The saliency map (0..1, min-max normalised), image-sized."),
+                io.Float.Output(
+                    "insertion_auc", display_name="insertion_auc",
+                    tooltip="Area under the insertion curve (distance to the full prediction; lower = more faithful). NaN without games.",
+                ),  # fmt: skip
+                io.Float.Output(
+                    "deletion_auc", display_name="deletion_auc",
+                    tooltip="Area under the deletion curve (higher = more faithful). NaN without games.",
+                ),  # fmt: skip
+                io.String.Output("json", display_name="json", tooltip="Settings, step, noise level and AUCs as JSON."),
+            ],
+        )
 
-    def explain(self, trace, latent, model, positive, negative, step, n_masks, similarity, quantity, masks, p, centered, mask_seed, cfg, item, games, image=None):
+    @classmethod
+    def execute(cls, trace, latent, model, positive, negative, step, n_masks, similarity, quantity, masks, p, centered, mask_seed, cfg, item, games, image=None):
         from explain.methods import faithfulness, rise
 
         from .comfy_denoiser import guidance_of, memory_budget, run_with_denoiser
 
+        cls.check_requirements()
         tr = trace.resolve(latent)
         item = check_item(tr, item)
         step = tr.check_step(int(step))
@@ -339,71 +419,88 @@ class ExplainRise:
             "auc_direction": "distance curves: lower insertion AUC and higher deletion AUC mean a more faithful map",
         }  # fmt: skip
         text = json.dumps(info)
-        return {
-            "ui": {**preview_ui(overlay), "text": [text]},
-            "result": (overlay, mask.unsqueeze(0), float(aucs.get("insertion", float("nan"))), float(aucs.get("deletion", float("nan"))), text),
-        }
+        insertion, deletion = float(aucs.get("insertion", float("nan"))), float(aucs.get("deletion", float("nan")))
+        return io.NodeOutput(overlay, mask.unsqueeze(0), insertion, deletion, text, ui={**preview_ui(overlay), "text": [text]})
 
 
 # ---------------------------------------------------------------------------- DF-CAM
-class ExplainCam:
-    DESCRIPTION = (
-        "DF-CAM at one step: Grad-CAM on the UNet's blocks (the paper's 43 modules, or all), from one forward and "
-        "one backward pass. Runs with gradients outside ComfyUI's inference mode and leaves the model unchanged. "
-        "Connect the same MODEL and conditionings as the sampler."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "explain"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("IMAGE", "MASK", "STRING")
-    RETURN_NAMES = ("overlay", "saliency", "json")
-
+class ExplainCam(ExplanationNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls):
         from explain.methods import cam
 
-        return {
-            "required": {
-                **TRACE_INPUTS,
-                **LATENT_INPUT,
-                "model": ("MODEL",),
-                "positive": ("CONDITIONING",),
-                "negative": ("CONDITIONING",),
-                "step": ("INT", {"default": 0, "min": -1000, "max": 1000, "tooltip": "Step index in the run; -1 = last."}),
-                "layers": (["paper", "all"], {"default": "paper"}),
-                "target": (list(cam.TARGETS), {"default": "sum"}),
-                "quantity": (["epsilon", "x0"], {"default": "epsilon"}),
-                "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "0 = the sampler's cfg."}),
-                "item": ("INT", {"default": 0, "min": 0, "max": 4096}),
-            },
-            "optional": {"image": ("IMAGE",)},
-        }
+        d = defaults.CAM
+        return io.Schema(
+            node_id="DiffusionExplainCam",
+            display_name="Explain DF-CAM (Grad-CAM)",
+            category=CATEGORY,
+            description=(
+                "DF-CAM at one step: Grad-CAM on the UNet's blocks (the paper's 43 modules, or all), or on the image "
+                "tokens of every transformer block of an SD3/Flux-family model, from one forward and one backward pass. "
+                "Runs with gradients outside ComfyUI's inference mode and leaves the model unchanged. Connect the same "
+                "MODEL and conditionings as the sampler."
+            ),
+            is_output_node=True,
+            inputs=[
+                trace_input(),
+                latent_input(),
+                *model_inputs(),
+                io.Int.Input("step", default=0, min=-1000, max=1000, tooltip="Step index in the run; -1 = last."),
+                io.Combo.Input(
+                    "layers", options=["paper", "all"], default=d.layers,
+                    tooltip="'paper': the paper's 43 UNet modules; 'all': every block. SD3/Flux-family models: every "
+                    "transformer block's image tokens either way.",
+                ),  # fmt: skip
+                io.Combo.Input(
+                    "target", options=list(cam.TARGETS), default=d.target,
+                    tooltip="What the gradients are taken of ('sum': the whole predicted output).",
+                ),  # fmt: skip
+                io.Combo.Input("quantity", options=["epsilon", "x0"], default=d.quantity, tooltip="Explain the predicted noise or x0."),
+                io.Float.Input("cfg", default=0.0, min=0.0, max=100.0, step=0.1, tooltip="0 = the sampler's cfg."),
+                item_input(),
+                image_input(),
+            ],
+            outputs=[
+                io.Image.Output("overlay", display_name="overlay", tooltip="The Grad-CAM map over the image."),
+                io.Mask.Output("saliency", display_name="saliency", tooltip="The Grad-CAM map (0..1, min-max normalised), image-sized."),
+                io.String.Output("json", display_name="json", tooltip="Settings, step and modules used as JSON (and a note on guidance patches)."),
+            ],
+        )
 
-    def explain(self, trace, latent, model, positive, negative, step, layers, target, quantity, cfg, item, image=None):
+    @classmethod
+    def execute(cls, trace, latent, model, positive, negative, step, layers, target, quantity, cfg, item, image=None):
         from explain.methods import cam
 
         from .comfy_denoiser import guidance_of, run_with_denoiser
+        from .joint_taps import with_image_token_probes
 
+        cls.check_requirements()
         tr = trace.resolve(latent)
         item = check_item(tr, item)
         step = tr.check_step(int(step))
         scale = guidance_of(tr, cfg)
         base = base_image(tr, item, image)
         size = tuple(render.as_uint8_image(base).shape[:2])
+        # a DiT's blocks give token sequences: a clone shows each block's image tokens as a feature map
+        probed, probes = with_image_token_probes(model, tr.latent_size)
 
         hosted = {}
 
         def work(denoiser):
             hosted["guidance"] = denoiser.guide_fn is not None
-            return cam.df_cam(denoiser, tr, step, item, layers=layers, target=target, quantity=quantity, image_size=size)
+            chosen = layers
+            if probes:
+                denoiser.modules.update(probes)
+                chosen = list(probes)  # the paper's layer list is UNet-specific: every block of a DiT plays that role
+            return cam.df_cam(denoiser, tr, step, item, layers=chosen, target=target, quantity=quantity, image_size=size)
 
-        result = run_with_denoiser(model, positive, negative, tr, step, scale, work, separate_branches=True, backward=True)
+        result = run_with_denoiser(probed, positive, negative, tr, step, scale, work, separate_branches=True, backward=True)
         mask = heatmaps.normalize_map(result.display().float(), "minmax")
         overlay = as_image(render.overlay(base, mask))
-        info = {"step": step, "timestep": float(tr.timesteps[step]), "layers": layers, "modules": len(result.layers),
-                "target": target, "quantity": quantity, "cfg": scale, "item": item}  # fmt: skip
+        info = {"step": step, "timestep": float(tr.timesteps[step]), "layers": "image tokens of every transformer block" if probes else layers,
+                "modules": len(result.layers), "target": target, "quantity": quantity, "cfg": scale, "item": item}  # fmt: skip
         if hosted.get("guidance"):
             info["note"] = CAM_GUIDANCE_NOTE
             logging.warning("DF-CAM: %s", CAM_GUIDANCE_NOTE)
         text = json.dumps(info)
-        return {"ui": {**preview_ui(overlay), "text": [text]}, "result": (overlay, mask.unsqueeze(0), text)}
+        return io.NodeOutput(overlay, mask.unsqueeze(0), text, ui={**preview_ui(overlay), "text": [text]})

@@ -9,6 +9,7 @@ import torch
 
 from explain import schedules
 
+from .api import io
 from .tap_node import CATEGORY
 
 log = logging.getLogger("diffusion-explain")
@@ -38,26 +39,30 @@ def exponential_sigmas_for(model, steps: int, schedule: str, lam: int) -> torch.
     return sigmas
 
 
-class ExplainExponentialSigmas:
-    DESCRIPTION = (
-        "The paper's exponential time-step sampling for SamplerCustom: 'early' crowds the steps at high "
-        "noise (where layout forms), 'latter' at low noise (where detail forms), 'uniform' spaces them evenly. "
-        "λ shifts how strongly they crowd (the paper uses 60)."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "sigmas"
-    RETURN_TYPES = ("SIGMAS",)
+class ExplainExponentialSigmas(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffusionExplainExponentialSigmas",
+            display_name="Explain Exponential Sigmas (early / latter)",
+            category=CATEGORY,
+            description=(
+                "The paper's exponential time-step sampling for SamplerCustom: 'early' crowds the steps at high "
+                "noise (where layout forms), 'latter' at low noise (where detail forms), 'uniform' spaces them evenly. "
+                "λ shifts how strongly they crowd (the paper uses 60)."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to sample (its training noise schedule sets the time steps)."),
+                io.Int.Input("steps", default=20, min=1, max=999, tooltip="Number of sampling steps."),
+                io.Combo.Input(
+                    "schedule", options=list(schedules.SCHEDULES), default="early",
+                    tooltip="'early': steps crowd at high noise; 'latter': at low noise; 'uniform': evenly spaced.",
+                ),  # fmt: skip
+                io.Int.Input("lam", default=60, min=0, max=10000, tooltip="λ, the paper's shift (60)."),
+            ],
+            outputs=[io.Sigmas.Output("sigmas", display_name="SIGMAS", tooltip="steps + 1 noise levels ending in 0, for SamplerCustom.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL",),
-                "steps": ("INT", {"default": 20, "min": 1, "max": 999}),
-                "schedule": (list(schedules.SCHEDULES), {"default": "early"}),
-                "lam": ("INT", {"default": 60, "min": 0, "max": 10000, "tooltip": "λ, the paper's shift (60)."}),
-            }
-        }
-
-    def sigmas(self, model, steps, schedule, lam):
-        return (exponential_sigmas_for(model, steps, schedule, lam),)
+    def execute(cls, model, steps, schedule, lam):
+        return io.NodeOutput(exponential_sigmas_for(model, steps, schedule, lam))

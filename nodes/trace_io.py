@@ -11,9 +11,10 @@ from pathlib import Path
 
 from explain.trace import FORMAT_TAG, Trace
 
+from .api import io
 from .decode import add_decoded_images
 from .runs import TraceHandle
-from .tap_node import CATEGORY, TRACE_TYPE
+from .tap_node import CATEGORY, TraceSocket
 
 MAX_LISTED = 2000  # trace files offered by Load Trace (newest first)
 
@@ -25,18 +26,16 @@ def output_directory() -> str:
 
 
 def is_trace_file(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a safetensors file whose header says it is a diffusion-explain
-    trace (reads only the header, so listing a folder of model weights stays cheap)."""
+    """True when ``path`` is a trace file whose header the core can read (`explain.trace.read_header`:
+    format tag, schema, the JSON header's size and depth; not the tensors), so Load Trace never
+    offers a damaged or hostile file, and listing a folder of model weights stays cheap."""
+    from explain.trace import TraceFormatError, read_header
+
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n <= 0 or n > 100_000_000:
-                return False
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error):
+        read_header(path)
+    except (TraceFormatError, OSError):
         return False
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return isinstance(meta, dict) and meta.get("format") == FORMAT_TAG
+    return True
 
 
 def list_trace_files(root: str | os.PathLike) -> list[str]:
@@ -61,33 +60,34 @@ def resolve_trace_path(name: str, root: str | os.PathLike) -> Path:
     return path
 
 
-class ExplainSaveTrace:
-    DESCRIPTION = (
-        "Saves the trace of the run that made LATENT as one .safetensors file (tensors plus a JSON header) in "
-        "ComfyUI's output folder. Open it in the diffusion-explain Gradio app or with `python -m explain`. "
-        "Connect the VAE to store the final images and decoded step previews too."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "save"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("path",)
+class ExplainSaveTrace(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffusionExplainSaveTrace",
+            display_name="Explain Save Trace",
+            category=CATEGORY,
+            description=(
+                "Saves the trace of the run that made LATENT as one .safetensors file (tensors plus a JSON header) in "
+                "ComfyUI's output folder. Open it in the diffusion-explain Gradio app or with `python -m explain`. "
+                "Connect the VAE to store the final images and decoded step previews too."
+            ),
+            is_output_node=True,
+            inputs=[
+                TraceSocket.Input("trace", tooltip="From an Explain Tap (or Explain Load Trace)."),
+                io.String.Input(
+                    "filename_prefix", default="diffusion-explain/trace",
+                    tooltip="Where in the output folder: a sub-folder and a file name start; a counter is added.",
+                ),  # fmt: skip
+                io.Latent.Input("latent", optional=True, tooltip="The sampler's LATENT output (required for a Tap's trace)."),
+                io.Vae.Input("vae", optional=True, tooltip="Decode the final images and per-step previews into the file."),
+                io.Boolean.Input("previews", optional=True, default=True, tooltip="With a VAE: also decode x0 and x_t at every step."),
+            ],
+            outputs=[io.String.Output("path", display_name="path", tooltip="The saved file's full path.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "trace": (TRACE_TYPE,),
-                "filename_prefix": ("STRING", {"default": "diffusion-explain/trace"}),
-            },
-            "optional": {
-                "latent": ("LATENT", {"tooltip": "The sampler's LATENT output (required for a Tap's trace)."}),
-                "vae": ("VAE", {"tooltip": "Decode the final images and per-step previews into the file."}),
-                "previews": ("BOOLEAN", {"default": True, "tooltip": "With a VAE: also decode x0 and x_t at every step."}),
-            },
-        }
-
-    def save(self, trace, filename_prefix, latent=None, vae=None, previews=True):
+    def execute(cls, trace, filename_prefix, latent=None, vae=None, previews=True):
         import folder_paths
 
         resolved = trace.resolve(latent)
@@ -99,23 +99,32 @@ class ExplainSaveTrace:
         path = Path(folder) / f"{filename}_{counter:05}_.safetensors"
         resolved.save(path)
         relative = Path(subfolder, path.name).as_posix() if subfolder else path.name
-        return {"ui": {"text": [relative]}, "result": (str(path),)}
+        return io.NodeOutput(str(path), ui={"text": [relative]})
 
 
-class ExplainLoadTrace:
-    DESCRIPTION = "Loads a trace saved by Save Trace (or by the CLI / diffusers tap) from ComfyUI's output folder."
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = (TRACE_TYPE,)
-    RETURN_NAMES = ("trace",)
+NO_TRACE_FILES = "(no trace files in the output folder yet)"
 
+
+class ExplainLoadTrace(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls):
         files = list_trace_files(output_directory())
-        return {"required": {"trace_file": (files or ["(no trace files in the output folder yet)"],)}}
+        return io.Schema(
+            node_id="DiffusionExplainLoadTrace",
+            display_name="Explain Load Trace",
+            category=CATEGORY,
+            description="Loads a trace saved by Save Trace (or by the CLI / diffusers tap) from ComfyUI's output folder.",
+            inputs=[
+                io.Combo.Input(
+                    "trace_file", options=files or [NO_TRACE_FILES],
+                    tooltip="A trace file in ComfyUI's output folder (newest first); refresh the page after saving one.",
+                ),  # fmt: skip
+            ],
+            outputs=[TraceSocket.Output("trace", display_name="trace", tooltip="The loaded trace, for the explanation nodes (leave their 'latent' unconnected).")],
+        )
 
     @classmethod
-    def IS_CHANGED(cls, trace_file):
+    def fingerprint_inputs(cls, trace_file):
         try:
             stat = resolve_trace_path(trace_file, output_directory()).stat()
         except (OSError, ValueError):
@@ -123,7 +132,7 @@ class ExplainLoadTrace:
         return f"{trace_file}:{stat.st_mtime_ns}:{stat.st_size}"
 
     @classmethod
-    def VALIDATE_INPUTS(cls, trace_file):
+    def validate_inputs(cls, trace_file):
         try:
             path = resolve_trace_path(trace_file, output_directory())
         except ValueError as exc:
@@ -132,6 +141,7 @@ class ExplainLoadTrace:
             return f"no trace file {trace_file!r} in the output folder; save one with the Save Trace node first"
         return True
 
-    def load(self, trace_file):
+    @classmethod
+    def execute(cls, trace_file):
         path = resolve_trace_path(trace_file, output_directory())
-        return (TraceHandle(trace=Trace.load(path), source=trace_file),)
+        return io.NodeOutput(TraceHandle(trace=Trace.load(path), source=trace_file))

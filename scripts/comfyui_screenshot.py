@@ -1,13 +1,15 @@
 """Screenshot the example workflows running in the real ComfyUI front end (docs/comfyui_*.png).
 
-    COMFYUI_PATH=/path/to/ComfyUI python scripts/comfyui_screenshot.py [--run]
+    COMFYUI_PATH=/path/to/ComfyUI python scripts/comfyui_screenshot.py [--run] [--dit flux-schnell|sd3]
 
 Starts ComfyUI (``--cpu``) on a free port with this repository linked as a custom node pack and
 the integration tests' tiny random-weight SD1 checkpoint (built on first use), opens the
 front end in headless Chromium (Playwright; Debian's ``/usr/bin/chromium`` by default), loads
 each workflow with ``app.loadGraphData``, optionally queues it (``--run``: every node then shows
 its preview, on random weights, so the pictures show the layout, not a model's quality) and
-saves a screenshot. Needs the ``comfyui-frontend-package`` ComfyUI pins.
+saves a screenshot. Needs the ``comfyui-frontend-package`` ComfyUI pins. ``--dit`` shows a
+joint-attention graph instead, on the integration tests' tiny random-weight Flux or SD3 model (its
+test loader node is registered in this server only).
 """
 
 from __future__ import annotations
@@ -69,6 +71,86 @@ SMALL = {
 }
 
 
+# A joint-attention (DiT) graph: the integration tests' tiny random-weight Flux / SD3 models (built
+# with ComfyUI's own classes) through their test loader node, registered only in this server.
+DIT_STUB = '''
+import sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+import comfyui_dit_models
+comfyui_dit_models.TinyDiTLoader.FAMILIES = [{family!r}] + [f for f in comfyui_dit_models.TinyDiTLoader.FAMILIES if f != {family!r}]
+NODE_CLASS_MAPPINGS = {{"ExplainTestTinyDiT": comfyui_dit_models.TinyDiTLoader}}
+NODE_DISPLAY_NAME_MAPPINGS = {{"ExplainTestTinyDiT": "TEST: tiny random-weight DiT"}}
+'''
+DIT_FAMILIES = ("flux-schnell", "sd3")
+
+
+def dit_workflow(family: str) -> dict:
+    """Tiny ``family`` DiT → Explain Tap → KSampler → every explanation node (UI format), laid out
+    as the txt2img example, at the screenshot size."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_example_workflows", REPO / "scripts" / "make_example_workflows.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    maker.STOCK["ExplainTestTinyDiT"] = ([], ["family", "with_t5"], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")])
+    maker.STOCK["EmptySD3LatentImage"] = ([], ["width", "height", "batch_size"], [("LATENT", "LATENT")])
+    wf = maker.Workflow()
+    loader = wf.add("ExplainTestTinyDiT", (0, 0), {"family": family, "with_t5": True}, size=(320, 100), title=f"TEST: tiny {family}")
+    text = wf.add("PrimitiveStringMultiline", (0, 160), {"value": "a red circle above a blue square"}, title="Prompt", size=(320, 120))
+    negative_text = wf.add("PrimitiveStringMultiline", (0, 320), {"value": "blurry"}, title="Negative prompt", size=(320, 100))
+    positive = wf.add("CLIPTextEncode", (360, 160), {"text": ""}, size=(300, 80))
+    negative = wf.add("CLIPTextEncode", (360, 320), {"text": ""}, size=(300, 80))
+    for enc, source in ((positive, text), (negative, negative_text)):
+        wf.connect(loader, 1, enc, "clip")
+        wf.connect(source, 0, enc, "text")
+    tap = wf.add("DiffusionExplainTap", (360, -260), size=(320, 200))
+    wf.connect(loader, 0, tap, "model")
+    wf.connect(loader, 1, tap, "clip")
+    wf.connect(text, 0, tap, "prompt")
+    wf.connect(negative_text, 0, tap, "negative_prompt")
+    latent = wf.add("EmptySD3LatentImage", (360, 460), {"width": 64, "height": 64, "batch_size": 1}, size=(300, 110))
+    sampler = wf.add(
+        "KSampler", (720, 0),
+        {"seed": 42, "steps": 6, "cfg": 3.5, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0},
+        size=(300, 270),
+    )  # fmt: skip
+    wf.connect(tap, 0, sampler, "model")
+    wf.connect(positive, 0, sampler, "positive")
+    wf.connect(negative, 0, sampler, "negative")
+    wf.connect(latent, 0, sampler, "latent_image")
+    decode = wf.add("VAEDecode", (1060, 0), size=(220, 50))
+    wf.connect(sampler, 0, decode, "samples")
+    wf.connect(loader, 2, decode, "vae")
+    save = wf.add("SaveImage", (1060, 100), {"filename_prefix": "diffusion-explain/dit"}, size=(300, 300))
+    wf.connect(decode, 0, save, "images")
+
+    def explanation(class_type, pos, widgets=None, size=(340, 330)):
+        node = wf.add(class_type, pos, widgets, size=size)
+        wf.connect(tap, 1, node, "trace")
+        wf.connect(sampler, 0, node, "latent")
+        return node
+
+    heat = explanation("DiffusionExplainWordHeatmaps", (1400, -480), size=(360, 440))
+    wf.connect(decode, 0, heat, "image")
+    steps = explanation("DiffusionExplainStepPreviews", (1400, 10), {"count": 6}, size=(360, 470))
+    wf.connect(loader, 2, steps, "vae")
+    explanation("DiffusionExplainConceptScores", (1400, 530), size=(360, 450))
+    recovery = explanation("DiffusionExplainRecovery", (1810, 690), size=(360, 470))
+    wf.connect(loader, 2, recovery, "vae")
+    for class_type, pos, widgets in (
+        ("DiffusionExplainRise", (1810, -480), {"step": 3, "n_masks": 16}),
+        ("DiffusionExplainCam", (1810, 170), {"step": 3}),
+    ):
+        node = explanation(class_type, pos, widgets, size=(360, 620 if class_type.endswith("Rise") else 470))
+        wf.connect(tap, 0, node, "model")
+        wf.connect(positive, 0, node, "positive")
+        wf.connect(negative, 0, node, "negative")
+        wf.connect(decode, 0, node, "image")
+    saver = explanation("DiffusionExplainSaveTrace", (1060, 460), {"filename_prefix": "diffusion-explain/dit-trace"}, size=(300, 130))
+    wf.connect(loader, 2, saver, "vae")
+    return wf.to_json()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -121,6 +203,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--checkpoint-cache", type=Path, default=Path(tempfile.gettempdir()) / "diffusion-explain-test-cache")
+    parser.add_argument("--dit", default="", help=f"screenshot a DiT graph instead (one of {', '.join(DIT_FAMILIES)}) on the tests' tiny model")
     args = parser.parse_args()
     if not args.comfyui or not (Path(args.comfyui) / "main.py").is_file():
         parser.error("point --comfyui (or COMFYUI_PATH) at a ComfyUI checkout")
@@ -130,6 +213,11 @@ def main() -> int:
         (work / sub).mkdir()
     (work / "custom_nodes" / "diffusion-explain").symlink_to(REPO, target_is_directory=True)
     (work / "custom_nodes" / "upscale_stub.py").write_text(UPSCALE_STUB)
+    if args.dit:
+        if args.dit not in DIT_FAMILIES:
+            parser.error(f"--dit must be one of {', '.join(DIT_FAMILIES)}")
+        stub = DIT_STUB.format(repo=str(REPO), tests=str(REPO / "tests" / "nodes"), family=args.dit)
+        (work / "custom_nodes" / "tiny_dit_stub.py").write_text(stub)
     args.checkpoint_cache.mkdir(parents=True, exist_ok=True)
     checkpoint = args.checkpoint_cache / "tiny-sd1-explain-test-v1.safetensors"
     if not checkpoint.exists():
@@ -151,11 +239,15 @@ def main() -> int:
     try:
         wait_for(f"http://127.0.0.1:{port}/object_info/DiffusionExplainTap", 300)
         args.out.mkdir(parents=True, exist_ok=True)
-        for name in ("txt2img_explain", "sampler_custom_exponential_sigmas"):
-            workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
-            for node in workflow["nodes"]:
-                for index, value in SMALL.get(node["type"], {}).items():
-                    node["widgets_values"][index] = value
+        names = [f"dit_{args.dit.replace('-', '_')}_explain"] if args.dit else ["txt2img_explain", "sampler_custom_exponential_sigmas"]
+        for name in names:
+            if args.dit:
+                workflow = dit_workflow(args.dit)
+            else:
+                workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
+                for node in workflow["nodes"]:
+                    for index, value in SMALL.get(node["type"], {}).items():
+                        node["widgets_values"][index] = value
             target = args.out / f"comfyui_{name}.png"
             screenshot(f"http://127.0.0.1:{port}", workflow, target, args.run, args.chromium)
             print(target)

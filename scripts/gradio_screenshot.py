@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--seed", default="1", help="seed (1 draws the default prompt right with the current weights)")
     parser.add_argument("--word", default="red", help="the word chip to select on the Words tab")
     parser.add_argument("--steps", default="0:6", help="the Words tab's step range, FROM:TO")
+    parser.add_argument("--rise", action="store_true", help="also run DF-RISE (its verdict shows on the DF-RISE tab)")
     args = parser.parse_args()
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -52,12 +53,16 @@ def main() -> None:
             if args.tab == "Words":
                 expect(page.locator("#word-heatmap img")).to_be_visible(timeout=60_000)
                 first, last = args.steps.split(":")
-                for box, value in (("#from-step", first), ("#to-step", last)):
-                    page.locator(f"{box} input[type=number]").fill(value)
-                    page.locator(f"{box} input[type=number]").press("Enter")
+                # the one range control: the upper thumb first, so the lower one never passes it
+                page.locator("#step-range input.hi").fill(last)
+                page.locator("#step-range input.lo").fill(first)
                 page.locator("#word-chips").get_by_text(args.word, exact=True).click()
                 expect(page.get_by_text(f"'{args.word}', steps {first}-{last}")).to_be_visible(timeout=60_000)
-            shown = {"Steps": "#x0 img", "Recovery (R1)": "#recovery-grid img", "Concepts": "#concept-plot svg"}
+            if args.tab == "DF-RISE" or args.rise:
+                page.get_by_role("tab", name="DF-RISE").click()
+                page.locator("#run-rise").click()
+                expect(page.locator("#rise-verdict")).to_contain_text("beats random", timeout=300_000)
+            shown = {"Steps": "#x0 img", "Recovery (R1)": "#recovery-grid img", "Concepts": "#concept-plot svg", "DF-RISE": "#rise-map img"}
             if args.tab in shown:
                 expect(page.locator(shown[args.tab]).first).to_be_visible(timeout=60_000)
             page.wait_for_timeout(1500)

@@ -1,11 +1,17 @@
-"""Write the ComfyUI example workflows in ``example_workflows/`` (UI format, as the front end
-saves them, so they open by drag-and-drop and appear under the pack's templates).
+"""Write the ComfyUI example workflows from one description each, in both formats:
+
+* ``example_workflows/<name>.json``: UI format, as the front end saves them, so they open by
+  drag-and-drop and appear under the pack's templates;
+* ``example_workflows/api/<name>.json``: API format, what headless users and servers POST to
+  ComfyUI's ``/prompt`` (as ``{"prompt": ...}``); not listed as templates.
 
     python scripts/make_example_workflows.py
 
-Socket and widget lists of this pack's nodes come from their ``INPUT_TYPES``; those of the
-stock nodes used are written out below (ComfyUI a125cd84). The integration tests load the
-files through ComfyUI's own node definitions, so a mismatch fails there.
+Socket and widget lists of this pack's nodes come from their V3 schemas (read through ComfyUI's
+``comfy_api`` when it is importable, else through the tests' stand-in, which records the same
+arguments); those of the stock nodes used are written out below (ComfyUI a125cd84). The
+integration tests regenerate both files inside ComfyUI and load them through its own node
+definitions and prompt validation, so a mismatch fails there.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+CONTROL = "control_after_generate"  # the front end's extra widget value after seeds (UI format only)
 
 # Stock nodes: (sockets [(name, type)], widgets [names, with control values after seeds], outputs [(name, type)])
 STOCK = {
@@ -47,26 +54,36 @@ def has_control_widget(name: str, options: dict) -> bool:
     return bool(options.get("control_after_generate")) or name in ("seed", "noise_seed")
 
 
-def pack_node_spec(class_type: str):
-    """(sockets, widgets, outputs, defaults) of one of this pack's nodes, from its INPUT_TYPES."""
-    from nodes import NODE_CLASS_MAPPINGS
+PACK_NODES: dict | None = None  # node id -> class; set by a caller that has the pack loaded (inside ComfyUI)
 
-    cls = NODE_CLASS_MAPPINGS[class_type]
+
+def pack_nodes() -> dict:
+    if PACK_NODES is not None:
+        return PACK_NODES
+    from tests.nodes.stubs import install_comfy_api_stand_in
+
+    install_comfy_api_stand_in()
+    from nodes.pack import NODES_BY_ID
+
+    return NODES_BY_ID
+
+
+def pack_node_spec(class_type: str):
+    """(sockets, widgets, outputs, defaults) of one of this pack's nodes, from its V3 schema."""
+    schema = pack_nodes()[class_type].define_schema()
     sockets, widgets, defaults = [], [], {}
-    spec = cls.INPUT_TYPES()
-    for section in ("required", "optional"):
-        for name, entry in (spec.get(section) or {}).items():
-            kind = entry[0]
-            options = entry[1] if len(entry) > 1 else {}
-            if isinstance(kind, (list, tuple)) or (kind in WIDGETS and not options.get("forceInput")):
-                widgets.append(name)
-                defaults[name] = options.get("default", kind[0] if isinstance(kind, (list, tuple)) else None)
-                if has_control_widget(name, options):
-                    widgets.append("control_after_generate")
-            else:
-                sockets.append((name, kind))
-    names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
-    outputs = list(zip(names, cls.RETURN_TYPES))
+    for inp in schema.inputs:
+        kind = str(inp.get_io_type())
+        options = inp.as_dict()
+        if kind in WIDGETS and not options.get("forceInput"):
+            widgets.append(inp.id)
+            choices = getattr(inp, "options", None)
+            defaults[inp.id] = options.get("default", choices[0] if choices else None)
+            if has_control_widget(inp.id, options):
+                widgets.append(CONTROL)
+        else:
+            sockets.append((inp.id, kind))
+    outputs = [(o.display_name or str(o.io_type), str(o.io_type)) for o in schema.outputs]
     return sockets, widgets, outputs, defaults
 
 
@@ -74,6 +91,7 @@ class Workflow:
     def __init__(self):
         self.nodes: list[dict] = []
         self.links: list[list] = []
+        self.widget_values: dict[int, dict] = {}  # node id -> {widget name: value}, for the API format
 
     def add(self, class_type: str, pos, widgets: dict | None = None, size=(320, 160), title: str | None = None) -> dict:
         widgets = dict(widgets or {})
@@ -82,16 +100,18 @@ class Workflow:
             defaults = {}
         else:
             sockets, widget_names, outputs, defaults = pack_node_spec(class_type)
-        values = []
+        values, named = [], {}
         for name in widget_names:
-            if name == "control_after_generate":
+            if name == CONTROL:
                 values.append("fixed")
-            elif name in widgets:
-                values.append(widgets.pop(name))
+                continue
+            if name in widgets:
+                named[name] = widgets.pop(name)
             elif name in defaults:
-                values.append(defaults[name])
+                named[name] = defaults[name]
             else:
                 raise KeyError(f"{class_type}: no value for widget {name!r}")
+            values.append(named[name])
         if widgets:
             raise KeyError(f"{class_type} has no widgets {sorted(widgets)}")
         node = {
@@ -110,6 +130,7 @@ class Workflow:
         if title:
             node["title"] = title
         self.nodes.append(node)
+        self.widget_values[node["id"]] = named
         return node
 
     def connect(self, src: dict, slot: int, dst: dict, name: str) -> None:
@@ -122,6 +143,23 @@ class Workflow:
         target["link"] = link_id
         src["outputs"][slot]["links"].append(link_id)
         self.links.append([link_id, src["id"], slot, dst["id"], dst["inputs"].index(target), kind])
+
+    def to_api(self) -> dict:
+        """The same graph in API format: ``{id: {"class_type", "inputs", "_meta"}}``, a link as
+        ``[source id, output slot]``, a linked widget (a widget turned into a socket) by its link."""
+        prompt = {}
+        for node in self.nodes:
+            inputs = dict(self.widget_values[node["id"]])
+            for socket in node["inputs"]:
+                if socket["link"] is not None:
+                    _, src, slot, _, _, _ = self.links[socket["link"] - 1]
+                    inputs[socket["name"]] = [str(src), slot]
+            prompt[str(node["id"])] = {
+                "class_type": node["type"],
+                "inputs": inputs,
+                "_meta": {"title": node.get("title", node["type"])},
+            }
+        return prompt
 
     def to_json(self) -> dict:
         return {
@@ -158,7 +196,7 @@ def _prompting(wf: Workflow):
     return ckpt, positive, negative, tap
 
 
-def txt2img_explain() -> dict:
+def txt2img_explain() -> Workflow:
     """Stock txt2img (KSampler) with the Tap and every explanation node."""
     wf = Workflow()
     ckpt, positive, negative, tap = _prompting(wf)
@@ -202,10 +240,10 @@ def txt2img_explain() -> dict:
         wf.connect(decode, 0, node, "image")
     saver = explanation("DiffusionExplainSaveTrace", (1060, 460), {"filename_prefix": "diffusion-explain/trace"}, size=(300, 130))
     wf.connect(ckpt, 2, saver, "vae")
-    return wf.to_json()
+    return wf
 
 
-def sampler_custom_exponential() -> dict:
+def sampler_custom_exponential() -> Workflow:
     """SamplerCustom driven by the paper's exponential sigmas, tapped and explained."""
     wf = Workflow()
     ckpt, positive, negative, tap = _prompting(wf)
@@ -233,7 +271,7 @@ def sampler_custom_exponential() -> dict:
         wf.connect(sampler, 0, node, "latent")
     wf.connect(decode, 0, heat, "image")
     wf.connect(ckpt, 2, saver, "vae")
-    return wf.to_json()
+    return wf
 
 
 WORKFLOWS = {
@@ -242,12 +280,22 @@ WORKFLOWS = {
 }
 
 
-def main() -> None:
-    folder = REPO / "example_workflows"
-    folder.mkdir(exist_ok=True)
+def outputs() -> dict[Path, dict]:
+    """Every file this script writes (relative to the repository) and its content."""
+    files = {}
     for name, build in WORKFLOWS.items():
-        (folder / name).write_text(json.dumps(build(), indent=1) + "\n")
-        print(folder / name)
+        wf = build()
+        files[Path("example_workflows") / name] = wf.to_json()
+        files[Path("example_workflows") / "api" / name] = wf.to_api()
+    return files
+
+
+def main() -> None:
+    for relative, content in outputs().items():
+        path = REPO / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(content, indent=1) + "\n")
+        print(path)
 
 
 if __name__ == "__main__":

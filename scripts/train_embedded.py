@@ -7,7 +7,8 @@
 Seeded and reproducible for a fixed number of steps (``--max-minutes`` is only a guard: the
 steps actually run are written to ``training.json`` next to the weights, with the whole
 configuration and the world generator's version). On a GPU it trains under bf16 autocast.
-Weights are saved as fp16 safetensors.
+Weights are saved as fp16 safetensors; the text encoder's config asks for float32 (see
+`load_text_encoder_in_float32`).
 """
 
 from __future__ import annotations
@@ -392,6 +393,7 @@ def save_pipeline(comps, unet, text, out: Path, info: dict, archive: str | None,
     )
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out), safe_serialization=True, max_shard_size="12MB")
+    load_text_encoder_in_float32(out / "text_encoder" / "config.json")
     (out / "training.json").write_text(json.dumps(info, indent=2))
     if archive:
         Path(archive).parent.mkdir(parents=True, exist_ok=True)
@@ -406,6 +408,20 @@ def save_pipeline(comps, unet, text, out: Path, info: dict, archive: str | None,
         for i in range(0, len(data), chunk):
             Path(f"{archive}.part{i // chunk}").write_bytes(data[i : i + chunk])
     log(f"saved pipeline to {out} ({info.get('unet_steps_done')} UNet steps)")
+
+
+def load_text_encoder_in_float32(config_path: Path) -> None:
+    """Make a stock ``StableDiffusionPipeline.from_pretrained(folder)`` load the text encoder in fp32.
+
+    transformers >= 5 loads a model in its config's ``dtype`` (which ``save_pretrained`` sets to
+    the fp16 the weights are stored in), while diffusers loads the UNet and VAE in fp32: the UNet's
+    first cross-attention then multiplies fp16 by fp32 and fails on the CPU. The weights stay fp16
+    (half the bytes; fp16 -> fp32 is exact), only the load dtype changes."""
+    config = json.loads(config_path.read_text())
+    config["dtype"] = "float32"
+    if "torch_dtype" in config:  # the key's name before transformers 4.56
+        config["torch_dtype"] = "float32"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_weights(comps, folder: Path) -> dict:

@@ -18,6 +18,12 @@ Targets (both summed over the two guidance branches, as the paper's):
 * ``"guided_projection"``: the projection of each branch's prediction onto the direction of the
   (detached) guided prediction, so the map explains what moves the output the way it went.
 
+Transformer denoisers (SD3's MMDiT, Flux): the layers are the transformer blocks, whose image
+tokens ``[B, N, D]`` (one of the block's outputs, `TRANSFORMER_BLOCKS` says which) are reshaped
+row-major to the image-token grid ``[B, D, h/p, w/p]`` of the latent (p = the patch size, 2 for
+both) and treated as a feature map; ``"paper"`` and ``"all"`` are every block (the paper's
+layer list is UNet-specific; every block of a DiT plays the role of its blocks).
+
 It works inside ``torch.inference_mode()`` (ComfyUI runs nodes that way): it opts out of it,
 clones inference-tensor inputs, parameters and buffers for the pass, turns parameter gradients
 off, and restores every parameter, flag and hook in ``finally``.
@@ -32,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from explain.attention import layer_grid
 from explain.denoiser import QUANTITIES, GuidedDenoiser, NoiseLevel
 
 TARGETS = ("sum", "guided_projection")
@@ -41,6 +48,9 @@ TARGETS = ("sum", "guided_projection")
 RESNET_CLASSES = ("ResnetBlock2D", "ResBlock")
 ATTENTION_CLASSES = ("Transformer2DModel", "SpatialTransformer")
 SAMPLER_CLASSES = ("Downsample2D", "Upsample2D", "Downsample", "Upsample")
+# Transformer blocks of DiT denoisers -> which element of the block's output tuple holds the
+# image tokens [B, N, D] (diffusers' joint blocks return (text, image)).
+TRANSFORMER_BLOCKS = {"JointTransformerBlock": 1, "FluxTransformerBlock": 1, "FluxSingleTransformerBlock": 1}
 _MID = re.compile(r"^(mid_block|middle_block)(\.|$)")
 
 
@@ -53,11 +63,13 @@ def _kind(module: torch.nn.Module) -> str | None:
         return "attention"
     if name in SAMPLER_CLASSES:
         return "sampler"
+    if name in TRANSFORMER_BLOCKS:
+        return "transformer"
     return None
 
 
 def all_layers(modules: dict[str, torch.nn.Module]) -> list[str]:
-    """Every ResNet block, attention block and down/upsampler, in model order."""
+    """Every ResNet block, attention block and down/upsampler (UNets) or transformer block (DiTs), in model order."""
     return [name for name, m in modules.items() if name and _kind(m) is not None]
 
 
@@ -166,7 +178,11 @@ def autograd_ready(modules: dict[str, torch.nn.Module]):
             store[name] = t
 
 
-def _feature_map(output) -> torch.Tensor | None:
+def _feature_map(output, module: torch.nn.Module | None = None) -> torch.Tensor | None:
+    index = TRANSFORMER_BLOCKS.get(type(module).__name__) if module is not None else None
+    if index is not None:  # a DiT block: its image tokens
+        part = output[index] if isinstance(output, (tuple, list)) and len(output) > index else output
+        return part if isinstance(part, torch.Tensor) else None
     if isinstance(output, torch.Tensor):
         return output
     if hasattr(output, "sample") and isinstance(output.sample, torch.Tensor):
@@ -174,6 +190,13 @@ def _feature_map(output) -> torch.Tensor | None:
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     return None
+
+
+def tokens_to_grid(tokens: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """Image tokens ``[B, N, D]`` (row-major patches of a ``latent_size`` latent) → ``[B, D, h_p, w_p]``."""
+    b, n, d = tokens.shape
+    h, w = layer_grid(n, latent_size)
+    return tokens.transpose(1, 2).reshape(b, d, h, w)
 
 
 # ---------------------------------------------------------------------------- DF-CAM
@@ -205,6 +228,7 @@ def df_cam(
     quantity: str = "epsilon",
     normalize: bool = True,
     image_size: tuple[int, int] | None = None,
+    progress=None,
 ) -> CamResult:
     """DF-CAM at ``step`` of ``trace`` (item ``item``) on ``layers`` (``"paper"``, ``"all"``, a
     module name or a list of names from ``denoiser.modules``), all from one forward and one
@@ -224,10 +248,13 @@ def df_cam(
 
     captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     handles = []
+    from explain.progress import bar
+
+    counter = bar(progress, 2, "DF-CAM forward and backward pass")
 
     def hook_for(name):
         def hook(module, inputs, output):
-            fmap = _feature_map(output)
+            fmap = _feature_map(output, module)
             if fmap is not None and fmap.requires_grad:
                 captured[name].append(fmap)
 
@@ -242,6 +269,7 @@ def df_cam(
                 x = x.to(denoiser.device)
             x.requires_grad_(True)
             uncond, cond = denoiser.branches(x, level, quantity)
+            counter.update(1)
             has_uncond = uncond is not None
             if target == "sum":
                 y = cond.sum() + (uncond.sum() if has_uncond else 0.0)
@@ -257,6 +285,7 @@ def df_cam(
             # made by torch.cat is not in y's graph, so its gradient would be None (all-zero maps).
             flat = [t for n in names for t in captured[n]]
             flat_grads = torch.autograd.grad(y, flat, allow_unused=True)
+            counter.update(1)
             activations, grads, k = [], [], 0
             for n in names:
                 parts = captured[n]
@@ -267,6 +296,8 @@ def df_cam(
             maps: dict[str, torch.Tensor] = {}
             rows = x.shape[0] * (2 if has_uncond else 1)
             for name, a, g in zip(names, activations, grads):
+                if a.ndim == 3 and _kind(denoiser.modules[name]) == "transformer":
+                    a, g = tokens_to_grid(a, size), tokens_to_grid(g, size)
                 if a.ndim != 4:
                     raise ValueError(f"module {name!r} gives {tuple(a.shape)}, not a feature map [B, C, h, w]; pick a block, not a sub-layer")
                 if a.shape[0] != rows:
@@ -280,6 +311,7 @@ def df_cam(
         for h in handles:
             h.remove()
         captured.clear()
+        counter.close()
     latent = aggregate(maps, size, normalize)
     image = aggregate(maps, image_size, normalize)
     return CamResult(latent, image, maps, target, step, item, normalize)

@@ -196,6 +196,7 @@ def play(
     removal: str = "paper",
     removed: torch.Tensor | None = None,
     score: str = "all",
+    progress=None,
 ) -> GameResult:
     """Play one game on latent ``x`` ``[C, h, w]`` for any batched ``predict_x0`` (any
     prediction: the curve is its mean squared distance to ``reference``). ``stride`` positions
@@ -234,6 +235,9 @@ def play(
     rank[order] = torch.arange(h * w)
     moved = rank.view(1, h, w) < counts.view(-1, 1, 1)  # [P, h, w]
     measured = (moved if mode == "insertion" else ~moved).float()  # where the latent is x itself
+    from explain.progress import bar
+
+    counter = bar(progress, latents.shape[0], f"{mode} game")
     lat, img = [], []
     for i in range(0, points, int(batch_size)):
         pred = predict_x0(latents[i : i + int(batch_size)]).float()
@@ -247,6 +251,8 @@ def play(
             else:
                 m = F.interpolate(measured[i : i + int(batch_size)].unsqueeze(1), size=tuple(di.shape[-2:]), mode="nearest")[:, 0]
                 img.append(_masked_mean(di, m))
+        counter.update(pred.shape[0])
+    counter.close()
     fractions = counts.double() / (h * w)
     lat_curve = torch.cat(lat)
     img_curve = torch.cat(img) if img else None
@@ -292,6 +298,7 @@ def insertion_deletion(
     batch_size: int | None = None,
     memory_budget: int | None = None,
     seed: int = 0,
+    progress=None,
 ) -> dict[str, GameResult]:
     """Insertion and/or deletion at ``step`` of ``trace`` (the explanation's own step), with the
     guided denoiser of the generation. Returns ``{mode: GameResult}``; with ``removal="noise"``
@@ -334,7 +341,7 @@ def insertion_deletion(
 
     if removal != "noise":
         return {
-            m: play(predict, x, saliency, mode=m, stride=stride, reference=reference, decode=decode, batch_size=batch_size, seed=seed, removal=removal, score=score)
+            m: play(predict, x, saliency, mode=m, stride=stride, reference=reference, decode=decode, batch_size=batch_size, seed=seed, removal=removal, score=score, progress=progress)
             for m in modes
         }
     draws = int(noise_draws)
@@ -348,7 +355,7 @@ def insertion_deletion(
     for m in modes:
         games = [
             play(predict, x, saliency, mode=m, stride=stride, reference=reference, decode=decode, batch_size=batch_size, seed=seed,
-                 removal="noise", removed=removed_latent(x, "noise", m, noise, std), score=score)
+                 removal="noise", removed=removed_latent(x, "noise", m, noise, std), score=score, progress=progress)
             for noise in noises
         ]  # fmt: skip
         out[m] = average_games(games)

@@ -266,6 +266,7 @@ def rise_map(
     centered: bool = False,
     perturbation: str = "zero",
     noise_std: float = 0.0,
+    progress=None,
 ) -> torch.Tensor:
     """RISE over latent pixels for any batched ``predict([N, C, h, w]) -> [N, C', h, w]``.
 
@@ -311,12 +312,16 @@ def rise_map(
     sim_sum = torch.zeros(h, w, dtype=torch.float32, device=x.device)
     mask_sum = torch.zeros(h, w, dtype=torch.float32, device=x.device)
     kept_maps, kept_masks = [], []
+    from explain.progress import bar
+
+    counter = bar(progress, n, "DF-RISE masks")
     for start in range(0, n, int(batch_size)):
         stop = min(n, start + int(batch_size))
         m = sampler.masks(start, stop).to(x.device)  # [b, h, w]
         noise = noises.draws(start, stop) if noises is not None else None
         probes = perturb(x, m, perturbation, fill=fill, noise=noise, noise_std=noise_std)
         pred = predict(probes)
+        counter.update(stop - start)
         s = sim(pred, reference)  # [b, h', w']
         if s.shape[-2:] != (h, w):
             s = F.interpolate(s.unsqueeze(1), size=(h, w), mode="bilinear", align_corners=False).squeeze(1)
@@ -330,6 +335,7 @@ def rise_map(
         if centered:
             sim_sum += s.float().sum(0)
             mask_sum += m.sum(0)
+    counter.close()
     if score == "kept":
         return _kept_estimate(torch.cat(kept_maps), torch.cat(kept_masks), float(p), centered)
     if centered:
@@ -404,6 +410,7 @@ def df_rise(
     seed: int | None = None,
     batch_size: int | None = None,
     memory_budget: int | None = None,
+    progress=None,
 ) -> RiseResult:
     """DF-RISE at ``step`` of ``trace`` (item ``item``) with the guided ``denoiser``.
 
@@ -455,6 +462,7 @@ def df_rise(
         centered=settings.centered,
         perturbation=settings.perturbation,
         noise_std=noise_std,
+        progress=progress,
     )
     method_name = defaults.method_id(settings) if custom is None else "df_rise:custom"
     return RiseResult(

@@ -1,3 +1,4 @@
+import math
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,3 +177,73 @@ def test_sdpa_identity_method_equals_explicit(masked):
     assert torch.allclose(out_s, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-5)
     with pytest.raises(ValueError, match="capture method"):
         attention_with_probs(q, k, v, method="fast")
+
+
+# ---------------------------------------------------------------------------- joint attention
+def _joint(b=2, heads=3, n=10, t=6, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, heads, n + t, d, generator=g) * 2
+    k = torch.randn(b, heads, n + t, d, generator=g) * 2
+    return q, k
+
+
+@pytest.mark.parametrize("order", ["image_first", "text_first"])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_joint_slice_equals_the_explicit_joint_softmax(order, renormalize):
+    from explain.attention import image_text_slice, joint_image_text_probs
+
+    n, t = 10, 6
+    q, k = _joint(n=n, t=t)
+    image, text = (slice(0, n), slice(n, n + t)) if order == "image_first" else (slice(t, t + n), slice(0, t))
+    full = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # over the joint keys
+    expected = full[:, :, image, text]
+    if renormalize:
+        expected = expected / expected.sum(-1, keepdim=True)
+    assert torch.allclose(image_text_slice(full, image, text, renormalize), expected, atol=1e-6)
+    got = joint_image_text_probs(q, k, image, text, renormalize=renormalize)
+    assert got.shape == (2, 3, n, t) and got.dtype == torch.float32
+    assert torch.allclose(got, expected, atol=1e-6)
+    # bounded memory: a chunk of one query row at a time gives the same numbers, heads averaged too
+    tiny = joint_image_text_probs(q, k, image, text, renormalize=renormalize, mean_heads=True, chunk_bytes=1)
+    assert torch.allclose(tiny, expected.mean(1), atol=1e-6)
+    rows = got.sum(-1)
+    if renormalize:
+        assert torch.allclose(rows, torch.ones_like(rows), atol=1e-5)
+    else:  # the text's share of each pixel's attention: strictly between 0 and 1
+        assert bool((rows > 0).all() and (rows < 1).all()) and float(rows.std()) > 1e-3
+
+
+def test_joint_slice_errors():
+    from explain.attention import joint_image_text_probs
+
+    q, k = _joint()
+    with pytest.raises(TypeError, match="contiguous slice"):
+        joint_image_text_probs(q, k, [0, 1], slice(10, 16))
+    with pytest.raises(ValueError, match=r"\[B, heads, S, d\]"):
+        joint_image_text_probs(q[0], k[0], slice(0, 10), slice(10, 16))
+
+
+def test_output_space_maps_are_a_softmax_over_tokens_of_output_dot_products():
+    from explain.attention import output_space_maps
+
+    g = torch.Generator().manual_seed(3)
+    img, txt = torch.randn(2, 5, 7, generator=g), torch.randn(2, 3, 7, generator=g)
+    maps = output_space_maps(img, txt)
+    expected = torch.stack([torch.softmax(img[b] @ txt[b].T, dim=-1) for b in range(2)])
+    assert maps.shape == (2, 5, 3) and torch.allclose(maps, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="same B and D"):
+        output_space_maps(img, txt[:, :, :4])
+
+
+def test_accumulator_keeps_listed_positions():
+    q, k, _ = _qkv(b=1, heads=2, n=16, t=9)
+    probs = attention_probs(q, k)
+    acc = StepAccumulator(latent_size=(4, 4), tokens=[0, 1, 5, 6])
+    acc.add("x", probs, (4, 4))
+    acc.end_step()
+    full = StepAccumulator(latent_size=(4, 4))
+    full.add("x", probs, (4, 4))
+    full.end_step()
+    assert torch.allclose(acc.records(), full.records()[:, :, [0, 1, 5, 6]])
+    with pytest.raises(ValueError, match="kept positions reach"):
+        StepAccumulator(latent_size=(4, 4), tokens=[0, 20]).add("x", probs, (4, 4))

@@ -90,3 +90,20 @@ def test_batch_size_follows_the_memory_budget():
     assert denoiser.batch_size_for(x, memory_budget=10**15, limit=7) == 7
     with pytest.raises(ValueError, match="memory_budget"):
         denoiser.batch_size_for(x, memory_budget=0)
+
+
+def test_flow_latent_space_converts_velocities_and_refuses_mismatched_types():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(1, 4, 3, 3, generator=g), torch.randn(1, 4, 3, 3, generator=g)
+    level = NoiseLevel(timestep=700.0, sigma=0.7)
+    x = 0.3 * x0 + 0.7 * eps
+    u_v, c_v = eps - x0 + 0.1, eps - x0  # the two branches' velocities
+    den = GuidedDenoiser(lambda x_, lv: (u_v, c_v), "flow", 3.0, latent_space="flow")
+    guided_v = u_v + 3.0 * (c_v - u_v)
+    assert torch.allclose(den.predict(x, level, "x0"), x - 0.7 * guided_v, atol=1e-6)
+    assert torch.allclose(den.convert(x, c_v, level, "epsilon"), eps, atol=1e-5)
+    assert torch.allclose(den.convert(x, c_v, level, "x0"), x0, atol=1e-5)
+    with pytest.raises(ValueError, match="need latent_space='flow'"):
+        GuidedDenoiser(lambda x_, lv: (None, x_), "flow", 1.0, latent_space="vp")
+    with pytest.raises(ValueError, match="prediction_type in the 'flow' latent space"):
+        GuidedDenoiser(lambda x_, lv: (None, x_), "v_prediction", 1.0, latent_space="flow")

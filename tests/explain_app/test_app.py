@@ -4,7 +4,9 @@ browser test driving Debian's Chromium with Playwright."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 gr = pytest.importorskip("gradio", reason="the app needs gradio: pip install -r requirements-dev.txt")
 
 import explain_app as app  # noqa: E402
+from explain import render as ui_render  # noqa: E402
 from explain_app import ui  # noqa: E402
 from explain.trace import Trace  # noqa: E402
 from tests.explain.synthetic import synthetic_trace  # noqa: E402
@@ -146,10 +149,10 @@ def test_word_heatmaps_are_where_the_word_attends(session):
     base = app.enlarge(trace.images[0].numpy())
     red = dict(app.content_words(trace))["red"]
     red_overlay, grid, caption = app.word_view(trace, red, "", 0, 5)
-    top_left, bottom_right = quadrant_change(red_overlay, base)
+    top_left, bottom_right = quadrant_change(red_overlay[: base.shape[0]], base)  # the colour bar sits below
     assert top_left > 2 * bottom_right
     blue_overlay, _, _ = app.word_view(trace, None, "blue square", 3, 5)
-    top_left, bottom_right = quadrant_change(blue_overlay, base)
+    top_left, bottom_right = quadrant_change(blue_overlay[: base.shape[0]], base)
     assert bottom_right > 2 * top_left
     assert "'red', steps 0-5" in caption and grid.ndim == 3
 
@@ -174,9 +177,9 @@ def test_word_view_explains_bad_words_and_step_ranges(session):
 def test_concept_curves_cover_content_words_and_show_the_trend(session):
     frame, table = app.concept_frame(session.trace, "share")
     assert sorted(set(frame["word"])) == ["above", "blue", "circle", "red", "square"]
-    assert sorted(set(frame["step"])) == list(range(6))
-    red = frame[frame["word"] == "red"].sort_values("step")["value"].to_numpy()
-    blue = frame[frame["word"] == "blue"].sort_values("step")["value"].to_numpy()
+    assert sorted(set(frame["step"]), key=int) == [str(s) for s in range(6)]  # whole steps, as labels
+    red = frame[frame["word"] == "red"].sort_values("step", key=lambda s: s.astype(int))["value"].to_numpy()
+    blue = frame[frame["word"] == "blue"].sort_values("step", key=lambda s: s.astype(int))["value"].to_numpy()
     assert red[-1] > red[0] and blue[-1] < blue[0]
     assert list(table["word"]) == ["red", "circle", "above", "blue", "square"]
     with pytest.raises(app.InputError, match="unknown curve"):
@@ -302,7 +305,7 @@ def test_df_rise_panel_gives_maps_game_curves_and_aucs(tiny_session, models):
     view = app.rise_view(tiny_session, 2, 16, models=models)
     assert view.overlay_final.shape[:2] == view.overlay_x0.shape[:2]
     assert set(view.curves["curve"]) == {"insertion (DF-RISE)", "deletion (DF-RISE)", "insertion (random)", "deletion (random)"}
-    assert len(view.aucs) == 4 and "step 2" in view.caption
+    assert len(view.aucs) == 2 and set(view.aucs["beats random"]) <= {"yes", "no"} and "step 2" in view.caption
     with pytest.raises(app.InputError, match="between 8 and"):
         app.rise_view(tiny_session, 2, 1, models=models)
     with pytest.raises(app.InputError, match="DF-RISE step must be between 0 and 3"):
@@ -313,8 +316,9 @@ def test_df_cam_panel_by_layer_group_and_bad_layer(tiny_session, models):
     pipe = models.get("tiny")[0]
     choices = app.cam_layer_choices(pipe)
     assert choices[:5] == list(app.CAM_GROUPS) and any(c.startswith("up_blocks.") for c in choices[5:])
-    on_final, on_x0, caption = app.cam_view(tiny_session, 1, "up_blocks", models=models)
-    assert on_final.shape == on_x0.shape and "up_blocks" in caption
+    view = app.cam_view(tiny_session, 1, "up_blocks", models=models)
+    assert view.overlay_final.shape == view.overlay_x0.shape and "up_blocks" in view.caption
+    assert len(view.aucs) == 2 and "beats random" in view.verdict
     with pytest.raises(app.InputError, match="no layer 'nowhere'"):
         app.cam_view(tiny_session, 1, "nowhere", models=models)
 
@@ -324,6 +328,95 @@ def test_opened_traces_need_a_model_with_matching_latents(models, session):
         session.trace.x_t = session.trace.x_t[:, :, :3]
         session.trace.x0 = session.trace.x0[:, :, :3]
         app.model_for_trace(session, "tiny", models)
+
+
+# ---------------------------------------------------------------------------- issue 16: what a panel says
+def test_df_rise_panel_runs_the_librarys_defaults_and_shows_its_verdicts(tiny_session, models, monkeypatch):
+    from explain.methods import defaults
+
+    changed = dataclasses.replace(defaults.RISE, n_masks=24, similarity="neg_mse", centered=not defaults.RISE.centered)
+    monkeypatch.setattr(defaults, "RISE", changed)
+    monkeypatch.setitem(defaults.PRESETS, "default", changed)
+    view = app.rise_view(tiny_session, 1, models=models)  # nothing chosen: the library's settings
+    assert view.method.settings == changed.kwargs()
+    assert "**beats random:**" in view.verdict and "passes the sanity checks:** not measured" in view.verdict
+    paper = app.rise_view(tiny_session, 1, 16, models=models, preset="paper")
+    assert paper.method.settings == dataclasses.replace(defaults.PAPER_RISE, n_masks=16).kwargs()
+    with pytest.raises(app.InputError, match="unknown similarity 'ssim3'"):
+        app.rise_settings(similarity="ssim3")
+    # the panel's controls start at the same settings
+    demo = ui.build_app(default_model="tiny", models=models)
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    assert by_id["rise-masks"].value == 24 and by_id["rise-similarity"].value == "neg_mse" and by_id["rise-centered"].value == changed.centered
+    assert by_id["cam-layer"].value == defaults.CAM.layers and by_id["curve-kind"].value == "share"
+
+
+def test_the_html_report_includes_the_sessions_df_rise_and_df_cam(tiny_session, models):
+    app.rise_view(tiny_session, 1, 16, models=models)
+    app.cam_view(tiny_session, 2, "up_blocks", models=models)
+    page = app.save_report(tiny_session).read_text()
+    assert "DF-RISE at step 1" in page and "DF-CAM at step 2" in page and page.count("beats random: ") == 2
+    assert app.generate("a red circle", steps=2, model="tiny", models=models).explanations == {}  # a new image starts empty
+
+
+def test_sizes_offered_are_the_models_own_and_others_say_they_were_not_trained(models):
+    pipe = models.get("tiny")[0]
+    assert app.native_size(pipe) == 32
+    choices = app.size_choices(64)
+    assert choices[0] == ("64 px (the model's size)", "model default")
+    assert [v for _, v in choices[1:]] == ["96", "128"] and all("not trained" in label for label, _ in choices[1:])
+
+    def refuse(spec):
+        raise AssertionError("the size menu must not load a model")
+
+    assert app.model_size_choices("embedded", app.ModelCache(loader=refuse))[0][0] == "64 px (the model's size)"  # from its config files
+    session = app.generate("a red circle", steps=2, size="64", model="tiny", models=models)
+    note = "the model was trained at 32×32 px, not 64×64: expect repeated, tiled objects"
+    assert any(note in n for n in session.notes) and any(note in n for n in session.trace.meta["notes"])
+    assert not any("trained at" in n for n in app.generate("a red circle", steps=2, model="tiny", models=models).notes)
+
+
+def test_an_opened_trace_shows_the_warnings_recorded_with_it(tmp_path):
+    trace = synthetic_trace(steps=3)
+    trace.meta["notes"] = ["the embedded model never saw 'grean' (in the prompt); their maps mean nothing"]
+    session = app.open_trace(str(trace.save(tmp_path / "noted.safetensors")))
+    assert session.notes == trace.meta["notes"]
+    assert "never saw 'grean'" in app.summary(session)
+
+
+def test_the_word_heatmap_carries_a_colour_bar(session):
+    single, _, _ = app.word_view(session.trace, 1, "", 0, 5)
+    side = app.enlarge(session.trace.images[0].numpy()).shape[0]
+    assert single.shape[0] > side + 10
+    bar = single[side + 3 : side + 12]
+    assert bar[:, 2, 2].mean() > 100 and bar[:, 2, 0].mean() < 60  # blue at the cold end
+    assert bar[:, -3, 0].mean() > 100 and bar[:, -3, 2].mean() < 60  # red at the hot end
+
+
+def test_model_cache_says_whether_a_model_is_loading_ready_or_failed():
+    release = threading.Event()
+
+    def loader(spec):
+        if spec == "bad":
+            raise app.InputError("no such model")
+        release.wait(30)
+        return object(), spec
+
+    cache = app.ModelCache(loader=loader)
+    assert cache.status("slow") == "not loaded" and "loads at the first Generate" in app.model_status("slow", cache)
+    thread = threading.Thread(target=cache.get, args=("slow",))
+    thread.start()
+    for _ in range(100):
+        if cache.status("slow") == "loading":
+            break
+        threading.Event().wait(0.01)
+    assert cache.status("slow") == "loading" and "loading the model" in app.model_status("slow", cache)
+    release.set()
+    thread.join(30)
+    assert cache.status("slow") == "ready" and "is loaded" in app.model_status("slow", cache)
+    with pytest.raises(app.InputError):
+        cache.get("bad")
+    assert cache.status("bad") == "failed: no such model" and "could not be loaded" in app.model_status("bad", cache)
 
 
 # ---------------------------------------------------------------------------- launched app
@@ -378,49 +471,178 @@ def test_bad_input_over_the_api_gets_the_message_and_the_app_keeps_running(launc
 
 
 # ---------------------------------------------------------------------------- browser
-@pytest.mark.browser
-def test_browser_generate_explain_and_open_a_trace(launched, tmp_path):
+def _browser(p):
+    return p.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+
+
+def _need_browser():
     if CHROMIUM is None:
         pytest.skip("no system Chromium: apt-get install chromium (Playwright's own browser download is not used)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright: pip install -r requirements-dev.txt")
+    sync_api.expect.set_options(timeout=20_000)  # the machine is shared: give each check time, not just 5 s
+    return sync_api
+
+
+@pytest.mark.browser
+def test_browser_generate_explain_and_open_a_trace(launched, tmp_path):
+    sync_api = _need_browser()
+    expect = sync_api.expect
     synthetic_trace(steps=6).save(tmp_path / "synthetic.safetensors")
 
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+        browser = _browser(p)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(launched)
+            expect(page.locator("#generate")).to_be_visible(timeout=60_000)  # a loaded machine serves the page slowly
+            # nothing to download before there is an image
+            expect(page.locator("#download-trace")).to_be_disabled()
+            expect(page.locator("#download-report")).to_be_disabled()
+            # an example fills the prompt
+            page.locator("#examples").get_by_text("a green triangle on the left").click()
+            expect(page.locator("#prompt textarea")).to_have_value("a green triangle on the left")
             # an empty prompt gets a message, and the app keeps working
             page.locator("#prompt textarea").fill("")
             page.locator("#generate").click()
-            sync_api.expect(page.get_by_text("the prompt is empty").first).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("the prompt is empty").first).to_be_visible(timeout=30_000)
 
             page.locator("#prompt textarea").fill("a red circle above a blue square")
             page.locator("#steps input[type=number]").fill("3")
             page.locator("#generate").click()
-            sync_api.expect(page.locator("#summary")).to_contain_text("a red circle above a blue square", timeout=120_000)
-            sync_api.expect(page.locator("#final-image img")).to_be_visible()
-            sync_api.expect(page.locator("#summary")).to_contain_text("3")
+            expect(page.locator("#summary")).to_contain_text("a red circle above a blue square", timeout=120_000)
+            expect(page.locator("#final-image img")).to_be_visible()
+            expect(page.locator("#summary")).to_contain_text("3")
+            expect(page.locator("#download-trace")).to_be_enabled()
+            # the summary's first column never wraps ("settin g", "guidanc e")
+            cells = page.locator("#summary td:first-child")
+            assert set(cells.evaluate_all("els => els.map(e => getComputedStyle(e).whiteSpace)")) == {"nowrap"}
+            heights = cells.evaluate_all("els => els.map(e => e.getBoundingClientRect().height)")
+            assert max(heights[:4]) < 1.6 * min(heights[:4])  # one line each
+            # the size menu offers the model's size and a few it was not trained at, not 1024 px
+            expect(page.locator("#size input")).to_have_value("32 px (the model's size)", timeout=30_000)  # read from the loaded pipeline
+            page.locator("#size input").click()
+            options = page.get_by_role("option").all_inner_texts()
+            page.keyboard.press("Escape")
+            assert any("32 px (the model's size)" in o for o in options) and not any("1024" in o for o in options), options
+
+            # Steps: play runs through the steps
+            page.get_by_role("tab", name="Steps").click()
+            page.locator("#step-slider input[type=number]").fill("0")
+            page.locator("#step-slider input[type=number]").press("Enter")
+            expect(page.locator("#step-caption")).to_contain_text("step 0 of 2", timeout=30_000)
+            page.locator("#play").click()
+            expect(page.locator("#step-caption")).to_contain_text("step 2 of 2", timeout=30_000)
+            expect(page.locator("#play")).to_have_text("▶ play", timeout=10_000)
 
             page.get_by_role("tab", name="Words").click()
-            sync_api.expect(page.locator("#word-heatmap img")).to_be_visible()
+            expect(page.locator("#word-heatmap img")).to_be_visible()
             page.locator("#word-chips").get_by_text("blue", exact=True).click()
-            sync_api.expect(page.locator("#word-heatmap")).to_contain_text("heatmap")
-            sync_api.expect(page.get_by_text("'blue', steps 0-2")).to_be_visible(timeout=30_000)
+            expect(page.locator("#word-heatmap")).to_contain_text("heatmap")
+            expect(page.get_by_text("'blue', steps 0-2")).to_be_visible(timeout=30_000)
+            # one range control with two thumbs instead of two sliders
+            assert page.locator("#from-step").count() == 0 and page.locator("#step-range input[type=range]").count() == 2
+            page.locator("#step-range input.lo").fill("1")
+            expect(page.get_by_text("'blue', steps 1-2")).to_be_visible(timeout=30_000)
+            # a mistyped word: a message beside the last result, not two red Error badges
+            page.locator("#typed-word textarea, #typed-word input").first.fill("grean")
+            page.locator("#typed-word textarea, #typed-word input").first.press("Enter")
+            expect(page.locator("#word-caption")).to_contain_text("'grean' is not in the prompt", timeout=30_000)
+            expect(page.locator("#word-heatmap img")).to_be_visible()
+            expect(page.locator("#words-grid img")).to_be_visible()
+            assert "Error" not in page.locator("#word-heatmap").inner_text() + page.locator("#words-grid").inner_text()
 
             page.get_by_role("tab", name="Concepts").click()
             sync_api.expect(page.locator("#concept-plot svg").first).to_be_visible(timeout=30_000)
-            sync_api.expect(page.locator("#concept-plot")).to_contain_text("circle")
+            expect(page.locator("#concept-plot")).to_contain_text("circle")
+            expect(page.locator("#curve-kind input[value=share]")).to_be_checked()
+            ticks = page.locator("#concept-plot .role-axis-label text").all_text_contents()
+            steps = [t for t in ticks if t.isdigit()]
+            assert steps == ["0", "1", "2"], ticks  # whole steps only: no 0.5, no step 3
+            titles = page.locator("#concept-plot .role-axis-title text").all_text_contents()
+            assert "share of the prompt words' attention" in titles and "value" not in titles
+            strokes = page.locator("#concept-plot .mark-line path").evaluate_all("els => els.map(e => e.getAttribute('stroke'))")
+            assert ui_render.hex_color(ui_render.WORD_COLORS["blue"]) in strokes and ui_render.hex_color(ui_render.WORD_COLORS["red"]) in strokes
             shot = Path(os.environ.get("GRADIO_APP_SCREENSHOT") or tmp_path / "gradio_app.png")
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
 
-            page.locator("#download-trace").click()
-            sync_api.expect(page.locator("#download a[href$='trace.safetensors']")).to_be_visible(timeout=30_000)
+            # DF-RISE and DF-CAM panels say whether their maps beat random and pass the sanity checks
+            page.get_by_role("tab", name="DF-RISE").click()
+            page.locator("#rise-masks input[type=number]").fill("16")
+            page.locator("#rise-masks input[type=number]").press("Enter")
+            page.locator("#run-rise").click()
+            expect(page.locator("#rise-verdict")).to_contain_text("beats random", timeout=120_000)
+            expect(page.locator("#rise-verdict")).to_contain_text("passes the sanity checks")
+            expect(page.locator("#rise-map img")).to_be_visible()
+            page.get_by_role("tab", name="DF-CAM").click()
+            page.locator("#run-cam").click()
+            expect(page.locator("#cam-verdict")).to_contain_text("beats random", timeout=120_000)
 
+            # the HTML report carries the maps computed in the session
+            page.locator("#download-report").click()
+            link = page.locator("#download a[href$='index.html']")
+            expect(link).to_be_visible(timeout=60_000)
+            report = page.request.get(link.get_attribute("href")).text()
+            assert "DF-RISE at step" in report and "DF-CAM at step" in report
+
+            page.locator("#download-trace").click()
+            expect(page.locator("#download a[href$='trace.safetensors']")).to_be_visible(timeout=30_000)
+
+            # opening another trace clears every explanation of the previous image
             page.get_by_role("tab", name="Open a trace").click()
             page.locator("#trace-file input[type=file]").set_input_files(str(tmp_path / "synthetic.safetensors"))
-            sync_api.expect(page.locator("#summary")).to_contain_text("opened synthetic.safetensors", timeout=60_000)
-            sync_api.expect(page.locator("#word-chips")).to_contain_text("square")
+            expect(page.locator("#summary")).to_contain_text("opened synthetic.safetensors", timeout=60_000)
+            expect(page.locator("#word-chips")).to_contain_text("square")
+            expect(page.locator("#download")).to_be_hidden()
+            page.get_by_role("tab", name="DF-CAM").click()
+            expect(page.locator("#cam-map img")).to_have_count(0)
+            expect(page.locator("#cam-verdict")).not_to_contain_text("beats random")
+            page.get_by_role("tab", name="DF-RISE").click()
+            expect(page.locator("#rise-map img")).to_have_count(0)
+            expect(page.locator("#rise-x0 img")).to_have_count(0)
+            expect(page.locator("#rise-verdict")).not_to_contain_text("beats random")
+            expect(page.locator("#rise-caption")).not_to_contain_text("DF-RISE at step")
+            assert page.locator("#rise-auc").inner_text().count("insertion") == 0
         finally:
             browser.close()
+
+
+@pytest.mark.browser
+def test_browser_says_the_model_is_loading_and_shows_progress_on_the_image(tmp_path):
+    sync_api = _need_browser()
+    expect = sync_api.expect
+    from explain.testing import tiny_sd_pipeline
+
+    release = threading.Event()
+
+    def slow_loader(spec):
+        release.wait(60)  # the model loading in the background, as gradio_app.py preloads it
+        return tiny_sd_pipeline(), "tiny (random weights, test only)"
+
+    cache = app.ModelCache(loader=slow_loader)
+    preload = threading.Thread(target=cache.get, args=("tiny",), daemon=True)
+    preload.start()
+    demo = ui.build_app(default_model="tiny", models=cache)
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1")
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = _browser(p)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.goto(url)
+                expect(page.locator("#generate")).to_be_visible(timeout=60_000)
+                expect(page.locator("#model-status")).to_contain_text("loading the model", timeout=30_000)
+                page.locator("#steps input[type=number]").fill("2")
+                page.locator("#generate").click()
+                # while it waits, the progress shows on the image; the summary keeps its text, uncovered
+                expect(page.locator("#final-image [data-testid=status-tracker]").first).not_to_have_class(re.compile(r"\bhide\b"), timeout=30_000)
+                expect(page.locator("#summary [data-testid=status-tracker]").first).to_have_class(re.compile(r"\bhide\b"))
+                expect(page.locator("#summary")).to_contain_text("Generate an image or open a trace to begin.")
+                release.set()
+                expect(page.locator("#model-status")).to_contain_text("is loaded", timeout=60_000)
+                expect(page.locator("#summary")).to_contain_text("a large red circle", timeout=120_000)
+            finally:
+                browser.close()
+    finally:
+        release.set()
+        demo.close()

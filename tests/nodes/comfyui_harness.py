@@ -15,7 +15,10 @@ in a subprocess of its own: ``python tests/nodes/comfyui_harness.py --comfyui PA
 3. converts the example workflows (UI format, as the front end saves them) to API prompts with
    the loaded nodes' ``INPUT_TYPES``, validates them with ``execution.validate_prompt`` and runs
    them with ``execution.PromptExecutor``;
-4. writes what every scenario found to ``--out`` as JSON, for the tests to assert on.
+4. registers two test-only nodes for the joint-attention (DiT) graphs: a loader of tiny SD3 / Flux /
+   Chroma models built with ComfyUI's own classes (``comfyui_dit_models.py``) and a test "speed
+   pack" attention override (``comfyui_dit_scenarios.py``);
+5. writes what every scenario found to ``--out`` as JSON, for the tests to assert on.
 
 Only torch-free stubs are added: ``torchvision`` (imported by model files ComfyUI never uses
 for SD1, and broken from PyPI beside this project's torch) becomes an empty module when it
@@ -258,6 +261,15 @@ class Runner:
         return None if value is None else value[slot][0]
 
 
+def _comfyui_version() -> str:
+    try:
+        import comfyui_version
+
+        return str(comfyui_version.__version__)
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
 def _jsonable(value):
     try:
         return json.loads(json.dumps(value, default=str))
@@ -274,10 +286,15 @@ def _load_scenarios():
         harness = types.ModuleType("comfyui_harness")
         harness.__dict__.update(globals())
         sys.modules["comfyui_harness"] = harness
-    spec = importlib.util.spec_from_file_location("comfyui_scenarios", Path(__file__).with_name("comfyui_scenarios.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    modules = []
+    for name in ("comfyui_scenarios", "comfyui_dit_models", "comfyui_dit_scenarios"):
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # the DiT scenarios import the others by these names
+        spec.loader.exec_module(module)
+        modules.append(module)
+    scenarios, _models, dit = modules
+    return scenarios.SCENARIOS | dit.SCENARIOS, dit.register
 
 
 def main(argv=None) -> int:
@@ -301,10 +318,12 @@ def main(argv=None) -> int:
     if not target.exists():
         target.symlink_to(cache)
     results["loaded_pack"] = sorted(k for k in nodes_module.NODE_CLASS_MAPPINGS if k.startswith("DiffusionExplain"))
-    comfyui_scenarios = _load_scenarios()
+    scenarios, register_test_nodes = _load_scenarios()
+    register_test_nodes(nodes_module)  # the tiny DiT loader and the test speed pack, for the DiT graphs
+    results["comfyui_version"] = _comfyui_version()
     runner = Runner()
     only = {s for s in args.only.split(",") if s}
-    for name, scenario in comfyui_scenarios.SCENARIOS.items():
+    for name, scenario in scenarios.items():
         if only and name not in only:
             continue
         t = time.perf_counter()

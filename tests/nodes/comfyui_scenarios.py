@@ -111,7 +111,7 @@ def _tapped_run(tap_node, model, clip, unique_id: str, seed: int, steps: int, cf
     conditionings, the LATENT and the run's trace."""
     import nodes as comfy_nodes
 
-    tapped, handle = tap_node.ExplainTap().tap(model, clip=clip, prompt=PROMPT, unique_id=unique_id)
+    tapped, handle = tap_node.tap(model, clip=clip, prompt=PROMPT, unique_id=unique_id)
     positive = comfy_nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
     negative = comfy_nodes.CLIPTextEncode().encode(clip, NEGATIVE)[0]
     latent = {"samples": torch.zeros(1, 4, 4, 4)}
@@ -357,7 +357,7 @@ def _probe_against_sampler(patched, plain, clip, unique_id: str, cfg: float = 5.
     facts = {"scale": float(recorded.abs().max()), "found": comfy_denoiser.custom_guidance(patched.model_options)}
     for name, m in (("patched", patched), ("plain", plain)):
         x0, hosted, item_bytes = comfy_denoiser.run_with_denoiser(m, positive, negative, trace, step, cfg, probe)
-        cam_json = explain_nodes.ExplainCam().explain(handle, out, m, positive, negative, step, "paper", "sum", "epsilon", 0.0, 0)["result"][2]
+        cam_json = explain_nodes.ExplainCam.execute(handle, out, m, positive, negative, step, "paper", "sum", "epsilon", 0.0, 0).result[2]
         facts[name] = {
             "max_abs_diff": float((x0 - recorded).abs().max()), "hosted": hosted, "cam_note": json.loads(cam_json).get("note"),
             "item_bytes": item_bytes, "comfy_item_bytes": m.model.memory_required([1, *x.shape[1:]]),
@@ -443,7 +443,7 @@ def unet_families(runner, nodes_module, work) -> dict:
             positive = [[torch.randn(1, 77, context, generator=gen), dict(extras)]]
             negative = [[torch.randn(1, 77, context, generator=gen), dict(extras)]]
             latent = {"samples": torch.zeros(2, 4, 6, 4)}
-            tapped, handle = tap_node.ExplainTap().tap(patcher, unique_id=name)
+            tapped, handle = tap_node.tap(patcher, unique_id=name)
             (out,) = comfy_nodes.common_ksampler(tapped, 7, 3, 4.0, "euler", "normal", positive, negative, latent)
             (plain,) = comfy_nodes.common_ksampler(patcher, 7, 3, 4.0, "euler", "normal", positive, negative, latent)
             trace = handle.resolve(out)
@@ -459,6 +459,190 @@ def unet_families(runner, nodes_module, work) -> dict:
             "scale": float(plain["samples"].abs().max()),
         }
     return facts
+
+
+# ---------------------------------------------------------------------------- newer ComfyUI
+class NewerCallingConvention:
+    """TEST SHIM (not ComfyUI code): makes the checkout under test call OUTER_SAMPLE wrappers
+    the way ComfyUI does since late October 2025, where ``CFGGuider.sample`` passes an extra
+    keyword, ``latent_shapes=[latent.shape]``, and ``CFGGuider.outer_sample`` takes it (packs
+    with a fixed wrapper signature then fail with "unexpected keyword argument 'latent_shapes'",
+    ComfyUI issue #10562). The only full checkout we can fetch (a125cd84) predates the change.
+
+    Inside the ``with`` block the first executor of an OUTER_SAMPLE chain gets the keyword, and
+    ``outer_sample`` records what reached it, so a wrapper that drops the keyword is caught too."""
+
+    def __init__(self):
+        self.received: list = []  # latent_shapes as each outer_sample call got it
+
+    def __enter__(self):
+        import comfy.patcher_extension
+        import comfy.samplers
+
+        self._executor = comfy.patcher_extension.WrapperExecutor
+        self._guider = comfy.samplers.CFGGuider
+        self._execute, self._outer = self._executor.execute, self._guider.outer_sample
+        shim, original_outer, original_execute = self, self._outer, self._execute
+
+        def outer_sample(guider, *args, latent_shapes=None, **kwargs):
+            shim.received.append(None if latent_shapes is None else [list(s) for s in latent_shapes])
+            return original_outer(guider, *args, **kwargs)
+
+        def execute(executor, *args, **kwargs):
+            starts_outer_sample = executor.idx == 0 and getattr(executor.original, "__func__", None) is outer_sample
+            if starts_outer_sample and "latent_shapes" not in kwargs:
+                latent_image = args[1] if len(args) > 1 else kwargs["latent_image"]
+                kwargs["latent_shapes"] = [latent_image.shape]
+            return original_execute(executor, *args, **kwargs)
+
+        self._guider.outer_sample = outer_sample
+        self._executor.execute = execute
+        return self
+
+    def __exit__(self, *exc):
+        self._guider.outer_sample = self._outer
+        self._executor.execute = self._execute
+        return False
+
+
+def newer_calling_convention(runner, nodes_module, work) -> dict:
+    """The example workflows and more samplers under newer ComfyUI's OUTER_SAMPLE calling
+    convention (the shim above); new seeds so that nothing comes from the cache."""
+    facts = {}
+    overrides = {**TEST_OVERRIDES, "KSampler": {"steps": 4, "seed": 1234}, "SamplerCustom": {"noise_seed": 1234}}
+    with NewerCallingConvention() as shim:
+        for name, file in (("txt2img", "txt2img_explain.json"), ("sampler_custom", "sampler_custom_exponential_sigmas.json")):
+            prompt = workflow_to_prompt(nodes_module, load_workflow(file), overrides)
+            result = runner.run(prompt)
+            facts[name] = {"result": result}
+            if result["ok"]:
+                by_type = {v["class_type"]: k for k, v in prompt.items()}
+                facts[name]["trace"] = _trace_facts(_saved(result, by_type["DiffusionExplainSaveTrace"]))
+        facts["heun"] = _run(runner, basic_prompt(sampler="heun", seed=1235, prefix="explain-test/newer-heun"))
+        advanced = basic_prompt(seed=1236, prefix="explain-test/newer-advanced")
+        advanced["6"] = {
+            "class_type": "SamplerCustomAdvanced",
+            "inputs": {"noise": ["11", 0], "guider": ["10", 0], "sampler": ["12", 0], "sigmas": ["13", 0], "latent_image": ["5", 0]},
+        }
+        advanced.update(
+            {
+                "10": {"class_type": "CFGGuider", "inputs": {"model": ["4", 0], "positive": ["2", 0], "negative": ["3", 0], "cfg": 4.0}},
+                "11": {"class_type": "RandomNoise", "inputs": {"noise_seed": 1236}},
+                "12": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "dpmpp_2m"}},
+                "13": {"class_type": "BasicScheduler", "inputs": {"model": ["4", 0], "scheduler": "karras", "steps": 3, "denoise": 1.0}},
+            }
+        )
+        facts["custom_advanced"] = _run(runner, advanced)
+    facts["latent_shapes_received"] = shim.received
+    return facts
+
+
+# ---------------------------------------------------------------------------- V3 schemas, workflow files
+def _v1_view(cls) -> dict:
+    """A node as ComfyUI's /object_info serves it (its V1 view), for a V3 or a V1 class."""
+    info = cls.GET_NODE_INFO_V1() if hasattr(cls, "GET_NODE_INFO_V1") else None
+    if info is None:
+        return {"v3": False}
+    inputs = []
+    for section in ("required", "optional"):
+        for name in info["input_order"].get(section, []):
+            kind, options = info["input"][section][name][0], dict(info["input"][section][name][1])
+            inputs.append({"name": name, "section": section, "type": "COMBO" if isinstance(kind, list) else str(kind), **options})
+    return {
+        "v3": True,
+        "display_name": info["display_name"],
+        "description": info["description"],
+        "inputs": inputs,
+        "hidden": sorted(str(v[0]) for v in info["input"].get("hidden", {}).values()),
+        "outputs": [{"name": n, "type": str(t)} for n, t in zip(info["output_name"], info["output"])],
+        "output_tooltips": list(info["output_tooltips"]),
+        "output_node": bool(info["output_node"]),
+    }
+
+
+def node_schemas(runner, nodes_module, work) -> dict:
+    """Every node of the pack as ComfyUI registered it (through comfy_entrypoint) and serves it."""
+    from comfy_api.internal import _ComfyNodeInternal
+
+    pack = pack_module("nodes.pack")
+    facts = {"nodes": {}, "registered_by_entrypoint": all(issubclass(c, _ComfyNodeInternal) for c in pack.NODES)}
+    for node_id in pack.NODES_BY_ID:
+        cls = nodes_module.NODE_CLASS_MAPPINGS.get(node_id)
+        facts["nodes"][node_id] = None if cls is None else {**_v1_view(cls), "same_class": cls is pack.NODES_BY_ID[node_id]}
+    return facts
+
+
+def _api_prompt(name: str, overrides: dict) -> dict:
+    prompt = json.loads((Path(__file__).resolve().parents[2] / "example_workflows" / "api" / name).read_text())
+    for entry in prompt.values():
+        entry["inputs"].update(overrides.get(entry["class_type"], {}))
+    return prompt
+
+
+async def _validate(prompt: dict):
+    import execution
+
+    return await execution.validate_prompt("validate-only", copy.deepcopy(prompt), None)
+
+
+def workflow_files(runner, nodes_module, work) -> dict:
+    """The example workflows in API format (what /prompt takes) validate and run; both formats
+    regenerated here, with ComfyUI's own V3 API, equal the shipped files; the workflows saved
+    with the pack's V1 nodes still map onto its nodes and validate."""
+    import asyncio
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[2]
+    facts = {"api": {}, "saved_v1": {}}
+    overrides = {**TEST_OVERRIDES, "KSampler": {"steps": 4, "seed": 77}, "SamplerCustom": {"noise_seed": 77}}
+    for name in ("txt2img_explain.json", "sampler_custom_exponential_sigmas.json"):
+        valid = asyncio.run(_validate(_api_prompt(name, overrides)))
+        facts["api"][name] = {"valid": bool(valid[0]), "error": valid[1], "node_errors": _jsonable_errors(valid[3])}
+    facts["api_run"] = _run(runner, _api_prompt("sampler_custom_exponential_sigmas.json", overrides), save_node=_save_node(_api_prompt("sampler_custom_exponential_sigmas.json", {})))
+    for path in sorted((repo / "tests" / "nodes" / "data" / "saved_workflows").glob("*.json")):
+        prompt = workflow_to_prompt(nodes_module, json.loads(path.read_text()), TEST_OVERRIDES)
+        valid = asyncio.run(_validate(prompt))
+        facts["saved_v1"][path.name] = {"valid": bool(valid[0]), "error": valid[1], "node_errors": _jsonable_errors(valid[3])}
+    spec = importlib.util.spec_from_file_location("make_example_workflows_in_comfyui", repo / "scripts" / "make_example_workflows.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    maker.PACK_NODES = pack_module("nodes.pack").NODES_BY_ID
+    facts["regenerated_equal"] = {str(rel): json.loads((repo / rel).read_text()) == content for rel, content in maker.outputs().items()}
+    return facts
+
+
+def _save_node(prompt: dict) -> str:
+    return next(k for k, v in prompt.items() if v["class_type"] == "DiffusionExplainSaveTrace")
+
+
+def _jsonable_errors(node_errors) -> dict:
+    out = {}
+    for node_id, entry in (node_errors or {}).items():
+        out[str(node_id)] = {
+            "class_type": entry.get("class_type"),
+            "messages": [f"{e.get('message')}: {e.get('details')}" for e in entry.get("errors", [])],
+        }
+    return out
+
+
+def missing_requirement(runner, nodes_module, work) -> dict:
+    """A pack installed without its requirements (matplotlib missing, simulated): prompt validation
+    flags the nodes that need it, with the install command, before anything runs."""
+    import asyncio
+
+    environment = pack_module("nodes.environment")
+    real = environment.module_available
+    environment.module_available = lambda module: False if module.split(".")[0] == "matplotlib" else real(module)
+    try:
+        prompt = _api_prompt("txt2img_explain.json", {**TEST_OVERRIDES, "KSampler": {"steps": 4, "seed": 99}})
+        valid = asyncio.run(_validate(prompt))
+    finally:
+        environment.module_available = real
+    return {
+        "valid": bool(valid[0]),
+        "good_outputs": sorted(prompt[o]["class_type"] for o in valid[2]),
+        "node_errors": _jsonable_errors(valid[3]),
+    }
 
 
 SCENARIOS = {
@@ -477,4 +661,8 @@ SCENARIOS = {
     "unet_families": unet_families,
     "custom_guidance": custom_guidance,
     "branch_patches": branch_patches,
+    "newer_calling_convention": newer_calling_convention,
+    "node_schemas": node_schemas,
+    "workflow_files": workflow_files,
+    "missing_requirement": missing_requirement,
 }

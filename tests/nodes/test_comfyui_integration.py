@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.nodes.comfyui_report import ok, scenario
 
 HERE = Path(__file__).resolve().parent
 COMFYUI = os.environ.get("COMFYUI_PATH", "")
@@ -32,37 +31,14 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    work = tmp_path_factory.mktemp("comfyui")
-    out = work / "results.json"
-    cache = Path(os.environ.get("EXPLAIN_TEST_CACHE", Path(tempfile.gettempdir()) / "diffusion-explain-test-cache"))
-    cache.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable, str(HERE / "comfyui_harness.py"),
-        "--comfyui", COMFYUI, "--work", str(work), "--out", str(out), "--checkpoint-cache", str(cache),
-    ]  # fmt: skip
-    proc = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=1800)
-    if not out.is_file():
-        pytest.fail(f"the ComfyUI harness wrote no results (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
-    return json.loads(out.read_text())
-
-
-def scenario(report, name: str) -> dict:
-    facts = report.get(name)
-    assert facts is not None, f"scenario {name} did not run"
-    assert "crashed" not in facts, facts.get("traceback", facts.get("crashed"))
-    return facts
-
-
-def ok(result: dict) -> dict:
-    assert result["ok"], json.dumps(result.get("error") or result, indent=1)[:4000]
-    return result
+def report(comfyui_report):
+    return comfyui_report
 
 
 def test_comfyui_loads_every_node_of_the_pack(report):
-    from nodes import NODE_CLASS_MAPPINGS
+    from nodes.pack import NODES_BY_ID
 
-    assert report["loaded_pack"] == sorted(NODE_CLASS_MAPPINGS)
+    assert report["loaded_pack"] == sorted(NODES_BY_ID)
 
 
 def test_txt2img_example_runs_every_explanation_node(report):
@@ -224,3 +200,69 @@ def test_probe_batches_use_comfyuis_memory_estimate(report):
     for case, branches in ((facts["pre_cfg"]["plain"], 2), (facts["cfg_one_post_cfg"]["patched"], 2), (facts["cfg_one_post_cfg"]["plain"], 1)):
         assert case["comfy_item_bytes"] > 0
         assert case["item_bytes"] == int(case["comfy_item_bytes"] * branches * 1.5) + 1  # with ComfyUI's safety factor
+
+
+def test_the_pack_runs_under_newer_comfyuis_calling_convention(report):
+    """ComfyUI since late October 2025 passes ``latent_shapes`` to OUTER_SAMPLE wrappers (a shim
+    in comfyui_scenarios.py makes a125cd84 do so): the example workflows, Heun and
+    SamplerCustomAdvanced still run, and the keyword reaches ComfyUI's outer_sample through the
+    Tap's wrapper (also for DF-RISE's and DF-CAM's probe runs)."""
+    facts = scenario(report, "newer_calling_convention")
+    for name in ("txt2img", "sampler_custom", "heun", "custom_advanced"):
+        ok(facts[name]["result"])
+    assert facts["txt2img"]["trace"]["steps"] == 4 and facts["txt2img"]["trace"]["words"][:2] == ["a", "photo"]
+    assert facts["sampler_custom"]["trace"]["meta"]["sampler"] == "dpmpp_2m"
+    assert facts["heun"]["trace"]["meta"]["model_calls"] == 5
+    assert facts["custom_advanced"]["trace"]["steps"] == 3
+    received = facts["latent_shapes_received"]
+    # 4 sampling runs, DF-RISE's probe run and DF-CAM's: every one got latent_shapes through the Tap
+    assert len(received) >= 6 and all(shapes is not None and len(shapes) == 1 for shapes in received), received
+    assert [1, 4, 4, 4] in [shapes[0] for shapes in received]
+
+
+V1_INTERFACE = json.loads((HERE / "data" / "node_interface_v1.json").read_text())
+
+
+def test_comfyui_registers_the_v3_nodes_and_serves_the_interface_saved_workflows_know(report):
+    """What /object_info gives the front end for each V3 node equals what the V1 nodes gave (node
+    ids, display names, input names, order, sections, types, choices, defaults, ranges; output
+    names and types), so workflows saved before the port load unchanged; every output has a tooltip."""
+    facts = scenario(report, "node_schemas")
+    assert facts["registered_by_entrypoint"]
+    for node_id, before in V1_INTERFACE.items():
+        now = facts["nodes"][node_id]
+        assert now is not None and now["v3"] and now["same_class"], node_id
+        assert now["display_name"] == before["display_name"] and now["output_node"] == before["output_node"]
+        assert now["outputs"] == before["outputs"], node_id
+        assert all(now["output_tooltips"]), node_id
+        assert [i["name"] for i in now["inputs"]] == [i["name"] for i in before["inputs"]], node_id
+        for was, is_ in zip(before["inputs"], now["inputs"]):
+            assert is_["tooltip"], f"{node_id}.{is_['name']} has no tooltip"
+            for key in ("section", "type", "options", "default", "min", "max", "step", "multiline"):
+                if key in was:
+                    assert is_.get(key) == was[key], f"{node_id}.{was['name']}.{key}: {is_.get(key)!r} != {was[key]!r}"
+        assert set(before["hidden"]) <= set(now["hidden"]), node_id
+
+
+def test_example_workflows_in_api_format_validate_and_run_and_saved_ones_still_load(report):
+    facts = scenario(report, "workflow_files")
+    for name, result in facts["api"].items():
+        assert result["valid"] and not result["node_errors"], (name, result)
+    ok(facts["api_run"]["result"])
+    assert facts["api_run"]["trace"]["meta"]["sampler"] == "dpmpp_2m"
+    for name, result in facts["saved_v1"].items():
+        assert result["valid"] and not result["node_errors"], (name, result)
+    assert len(facts["saved_v1"]) == 2
+    assert facts["regenerated_equal"] and all(facts["regenerated_equal"].values()), facts["regenerated_equal"]
+
+
+def test_a_missing_requirement_is_named_at_validation_before_anything_runs(report):
+    facts = scenario(report, "missing_requirement")
+    flagged = {e["class_type"]: e["messages"] for e in facts["node_errors"].values()}
+    explanation = {"DiffusionExplainWordHeatmaps", "DiffusionExplainStepPreviews", "DiffusionExplainConceptScores",
+                   "DiffusionExplainRise", "DiffusionExplainCam", "DiffusionExplainRecovery"}  # fmt: skip
+    assert set(flagged) == explanation
+    for messages in flagged.values():
+        assert any("needs matplotlib" in m and "install.py" in m and "-m pip install -r requirements.txt" in m for m in messages), messages
+    # the nodes that need nothing missing (Save Trace, SaveImage) stay runnable
+    assert "DiffusionExplainSaveTrace" in facts["good_outputs"] and not explanation & set(facts["good_outputs"])

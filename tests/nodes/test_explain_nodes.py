@@ -43,8 +43,8 @@ def check_image(t, n=None):
 
 
 def test_word_heatmaps_find_the_words_where_the_synthetic_attention_put_them():
-    out = explain_nodes.ExplainWordHeatmaps().explain(loaded(), None, "red, blue square", "", 0, False, "paper")
-    overlays, masks, grid, words = out["result"]
+    out = explain_nodes.ExplainWordHeatmaps.execute(loaded(), None, "red, blue square", "", 0, False, "paper")
+    overlays, masks, grid, words = out.result
     assert json.loads(words) == ["red", "blue square"]
     check_image(overlays, 2)
     check_image(grid, 1)
@@ -52,30 +52,30 @@ def test_word_heatmaps_find_the_words_where_the_synthetic_attention_put_them():
     h = masks.shape[-1] // 2
     assert masks[0, :h, :h].mean() > masks[0, h:, h:].mean()  # red: top left
     assert masks[1, h:, h:].mean() > masks[1, :h, :h].mean()  # blue square: bottom right
-    assert out["ui"]["images"][0]["type"] == "temp"
+    assert out.ui["images"][0]["type"] == "temp"
 
 
 def test_word_heatmaps_follow_the_step_range_and_the_image_input():
     trace = synthetic_trace(steps=6)
     image = torch.rand(1, 48, 40, 3)
-    early = explain_nodes.ExplainWordHeatmaps().explain(loaded(trace), None, "blue", "0:2", 0, False, "alpha", image)
-    late = explain_nodes.ExplainWordHeatmaps().explain(loaded(trace), None, "blue", "-2:", 0, False, "alpha", image)
-    assert early["result"][1].shape == (1, 48, 40)
-    assert not torch.allclose(early["result"][0], late["result"][0])
+    early = explain_nodes.ExplainWordHeatmaps.execute(loaded(trace), None, "blue", "0:2", 0, False, "alpha", image)
+    late = explain_nodes.ExplainWordHeatmaps.execute(loaded(trace), None, "blue", "-2:", 0, False, "alpha", image)
+    assert early.result[1].shape == (1, 48, 40)
+    assert not torch.allclose(early.result[0], late.result[0])
 
 
 def test_word_heatmaps_errors_name_the_fix():
-    node = explain_nodes.ExplainWordHeatmaps()
+    node = explain_nodes.ExplainWordHeatmaps
     with pytest.raises(ValueError, match="its words are"):
-        node.explain(loaded(), None, "zebra", "", 0, False, "paper")
+        node.execute(loaded(), None, "zebra", "", 0, False, "paper")
     with pytest.raises(ValueError, match="step"):
-        node.explain(loaded(), None, "", "x:y", 0, False, "paper")
+        node.execute(loaded(), None, "", "x:y", 0, False, "paper")
     with pytest.raises(ValueError, match="items 0..0"):
-        node.explain(loaded(), None, "", "", 3, False, "paper")
+        node.execute(loaded(), None, "", "", 3, False, "paper")
     with pytest.raises(ValueError, match="negative"):
-        node.explain(loaded(), None, "", "", 0, True, "paper")
+        node.execute(loaded(), None, "", "", 0, True, "paper")
     with pytest.raises(TraceLookupError, match="LATENT"):
-        node.explain(TraceHandle(tap_key="k", registry=RunRegistry()), None, "", "", 0, False, "paper")
+        node.execute(TraceHandle(tap_key="k", registry=RunRegistry()), None, "", "", 0, False, "paper")
 
 
 def test_nodes_resolve_a_tap_handle_by_the_samplers_latent():
@@ -84,31 +84,31 @@ def test_nodes_resolve_a_tap_handle_by_the_samplers_latent():
     trace = synthetic_trace()
     registry.add(Run("k", trace, [latent]))
     handle = TraceHandle(tap_key="k", registry=registry)
-    plot, text = explain_nodes.ExplainConceptScores().explain(handle, {"samples": latent}, "", "", "share", 0, False)["result"]
+    plot, text = explain_nodes.ExplainConceptScores.execute(handle, {"samples": latent}, "", "", "share", 0, False).result
     check_image(plot, 1)
     assert json.loads(text)["labels"][:3] == ["a", "red", "circle"]
     with pytest.raises(TraceLookupError):
-        explain_nodes.ExplainConceptScores().explain(handle, {"samples": latent + 1}, "", "", "share", 0, False)
+        explain_nodes.ExplainConceptScores.execute(handle, {"samples": latent + 1}, "", "", "share", 0, False)
 
 
 def test_concept_scores_json_ranks_the_rising_word_up():
-    out = explain_nodes.ExplainConceptScores().explain(loaded(), None, "red, blue", "", "normalized", 0, False)
-    data = json.loads(out["result"][1])
+    out = explain_nodes.ExplainConceptScores.execute(loaded(), None, "red, blue", "", "normalized", 0, False)
+    data = json.loads(out.result[1])
     rho = dict(zip(data["labels"], data["spearman_rho"]))
     assert rho["red"] > 0 > rho["blue"]
-    assert out["ui"]["text"] == [out["result"][1]]
+    assert out.ui["text"] == [out.result[1]]
 
 
 def test_step_previews_decode_the_chosen_steps():
     trace = synthetic_trace(steps=6)
     trace.meta.update(latent_space="sigma", latent_scale_factor=0.5)
     vae = FakeVAE()
-    x0, xt, grid = explain_nodes.ExplainStepPreviews().explain(loaded(trace), None, vae, "", 3, 0)["result"]
+    x0, xt, grid = explain_nodes.ExplainStepPreviews.execute(loaded(trace), None, vae, "", 3, 0).result
     check_image(x0, 3)
     check_image(xt, 3)
     check_image(grid, 1)
     assert vae.calls == 2
-    x0, _, _ = explain_nodes.ExplainStepPreviews().explain(loaded(trace), None, vae, "1,4", 8, 0)["result"]
+    x0, _, _ = explain_nodes.ExplainStepPreviews.execute(loaded(trace), None, vae, "1,4", 8, 0).result
     expected = torch.sigmoid(trace.x0[4, 0, :3] / 0.5)
     torch.testing.assert_close(x0[1, ::8, ::8].permute(2, 0, 1), expected)
 
@@ -116,7 +116,7 @@ def test_step_previews_decode_the_chosen_steps():
 def test_recovery_in_latent_and_image_space():
     trace = synthetic_trace(steps=6)
     trace.meta.update(latent_space="sigma", latent_scale_factor=1.0)
-    grid, curves, mask, text = explain_nodes.ExplainRecovery().explain(loaded(trace), None, 0.25, 4, 0)["result"]
+    grid, curves, mask, text = explain_nodes.ExplainRecovery.execute(loaded(trace), None, 0.25, 4, 0).result
     check_image(grid, 1)
     check_image(curves, 1)
     assert mask.shape == (1, 32, 32) and float(mask.min()) >= 0 and float(mask.max()) <= 1
@@ -124,7 +124,7 @@ def test_recovery_in_latent_and_image_space():
     assert data["space"] == "latent" and data["recovered_fraction"][0][-1] == 1.0
     h = mask.shape[-1] // 2
     assert mask[0, :h, :h].mean() < mask[0, h:, h:].mean()  # the top left settles first
-    _, _, mask_img, text_img = explain_nodes.ExplainRecovery().explain(loaded(trace), None, 0.25, 4, 0, FakeVAE())["result"]
+    _, _, mask_img, text_img = explain_nodes.ExplainRecovery.execute(loaded(trace), None, 0.25, 4, 0, FakeVAE()).result
     assert json.loads(text_img)["space"] == "preview" and mask_img.shape == (1, 64, 64)
 
 
@@ -187,22 +187,22 @@ def test_rise_node_outputs_a_mask_an_overlay_and_both_aucs(monkeypatch):
     monkeypatch.setattr(comfy_denoiser, "run_with_denoiser", toy_run_with_denoiser)
     trace = synthetic_trace(steps=4)
     trace.meta["guidance_scale"] = 3.0
-    out = explain_nodes.ExplainRise().explain(loaded(trace), None, None, [], [], 2, 32, "neg_mse", "x0", "bernoulli", 0.5, True, 0, 0.0, 0, True)
-    overlay, mask, insertion, deletion, text = out["result"]
+    out = explain_nodes.ExplainRise.execute(loaded(trace), None, None, [], [], 2, 32, "neg_mse", "x0", "bernoulli", 0.5, True, 0, 0.0, 0, True)
+    overlay, mask, insertion, deletion, text = out.result
     check_image(overlay, 1)
     assert mask.shape == (1, 32, 32) and float(mask.max()) == pytest.approx(1.0)
     assert math.isfinite(insertion) and math.isfinite(deletion)
     info = json.loads(text)
     assert info["cfg"] == 3.0 and info["step"] == 2 and info["n_masks"] == 32
-    none = explain_nodes.ExplainRise().explain(loaded(trace), None, None, [], [], -1, 8, "cosine", "x0", "grid", 0.5, False, 0, 2.0, 0, False)
-    assert math.isnan(none["result"][2]) and json.loads(none["result"][4])["step"] == 3
+    none = explain_nodes.ExplainRise.execute(loaded(trace), None, None, [], [], -1, 8, "cosine", "x0", "grid", 0.5, False, 0, 2.0, 0, False)
+    assert math.isnan(none.result[2]) and json.loads(none.result[4])["step"] == 3
 
 
 def test_cam_node_gets_nonzero_maps_from_separate_branch_forwards(monkeypatch):
     monkeypatch.setattr(comfy_denoiser, "run_with_denoiser", toy_run_with_denoiser)
     trace = synthetic_trace(steps=4)
     trace.meta["guidance_scale"] = 3.0
-    overlay, mask, text = explain_nodes.ExplainCam().explain(loaded(trace), None, None, [], [], 1, "all", "sum", "x0", 0.0, 0)["result"]
+    overlay, mask, text = explain_nodes.ExplainCam.execute(loaded(trace), None, None, [], [], 1, "all", "sum", "x0", 0.0, 0).result
     check_image(overlay, 1)
     assert mask.shape == (1, 32, 32) and float(mask.max()) > 0
     assert json.loads(text)["modules"] == 1
@@ -216,3 +216,30 @@ def test_guidance_defaults_to_the_recorded_cfg():
     trace.meta.pop("guidance_scale")
     with pytest.raises(ValueError, match="set cfg"):
         comfy_denoiser.guidance_of(trace, 0.0)
+
+
+def test_nodes_that_need_a_missing_package_say_so_at_validation_and_at_start(monkeypatch):
+    """Installed without requirements.txt (matplotlib missing, simulated): the explanation nodes fail
+    ComfyUI's validation with the install command, and refuse to start if run anyway."""
+    from nodes import environment
+
+    real = environment.module_available
+    monkeypatch.setattr(environment, "module_available", lambda m: False if m == "matplotlib" else real(m))
+    for node in (explain_nodes.ExplainWordHeatmaps, explain_nodes.ExplainConceptScores, explain_nodes.ExplainRise, explain_nodes.ExplainCam):
+        message = node.validate_inputs(trace=None)
+        assert isinstance(message, str) and "needs matplotlib" in message and "install.py" in message
+    with pytest.raises(environment.MissingRequirementError, match="needs matplotlib"):
+        explain_nodes.ExplainWordHeatmaps.execute(loaded(), None, "", "", 0, False, "paper")
+    monkeypatch.setattr(environment, "module_available", real)
+    assert explain_nodes.ExplainWordHeatmaps.validate_inputs(trace=None) is True
+
+
+def test_missing_requirements_reads_names_and_minimum_versions(tmp_path, monkeypatch):
+    from nodes import environment
+
+    reqs = tmp_path / "requirements.txt"
+    reqs.write_text("# comment\nnumpy>=1.24\nMatPlotLib>=3.7  # plots\nnot-installed-pkg>=1\n-r other.txt\npillow\n")
+    versions = {"numpy": "1.21.5", "matplotlib": "3.8.0rc1", "pillow": "10.0"}
+    monkeypatch.setattr(environment, "installed_version", lambda name: versions.get(name))
+    assert environment.missing_requirements(reqs) == ["numpy>=1.24 (found 1.21.5)", "not-installed-pkg>=1"]
+    assert environment.version_tuple("3.8.0rc1") == (3, 8, 0) and environment.version_tuple("2.13.0+cpu") == (2, 13, 0)

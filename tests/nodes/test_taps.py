@@ -190,10 +190,10 @@ def test_context_lengths_and_token_lists():
     conds = {"positive": [{"cross_attn": torch.zeros(1, 154, 8)}], "negative": [{"cross_attn": torch.zeros(1, 77, 8)}]}
     assert taps.context_lengths(conds) == {COND: 154, UNCOND: 77}
     assert taps.context_lengths({}) == {COND: None, UNCOND: None}
-    tokens, words, prompts = taps.token_lists(None, 2, 4)
+    tokens, words, prompts = taps.token_lists(None, None, 2, 4)
     assert tokens[1] == ["<position 0>", "<position 1>", "<position 2>", "<position 3>"] and words == [[], []] and prompts == ["", ""]
     info = taps.PromptInfo("a b", PromptTokens("a b", ["s", "a</w>", "b</w>", "e"], [Word("a", [1]), Word("b", [2])]))
-    tokens, words, prompts = taps.token_lists(info, 1, 3)
+    tokens, words, prompts = taps.token_lists(info.tokens, info, 1, 3)
     assert tokens == [["s", "a</w>", "b</w>"]] and [w.text for w in words[0]] == ["a", "b"] and prompts == ["a b"]
 
 
@@ -350,3 +350,108 @@ def test_deepcopy_keeps_patches_and_recorders_shared():
     options_ = {"patch": taps.AttentionTap(rec, "l"), "wrapper": rec.outer_sample}
     copied = copy.deepcopy(options_)
     assert copied["patch"] is options_["patch"] and copied["wrapper"].__self__ is rec
+
+
+# ---------------------------------------------------------------------------- newer calling conventions
+class _NewerExecutor(_Executor):
+    """The simulated run as a newer ComfyUI calls it: arguments by keyword, ``latent_shapes``
+    and a keyword this code has never heard of, and a callback with an extra argument."""
+
+    def __init__(self, recorder, guider, denoised_as=None):
+        super().__init__(recorder, guider)
+        self.received = None
+        self.denoised_as = denoised_as
+
+    def __call__(self, *args, **kwargs):
+        self.received = (args, kwargs)
+        callback = kwargs["callback"]
+        x = kwargs["noise"] * kwargs["sigmas"][0]
+        sigmas = kwargs["sigmas"]
+        for i in range(len(sigmas) - 1):
+            denoised = self._evaluate(x, float(sigmas[i]))
+            shown = self.denoised_as(denoised) if self.denoised_as else denoised
+            callback(i, shown, x, len(sigmas) - 1, "future positional", future="keyword")
+            x = denoised + (x - denoised) * float(sigmas[i + 1] / sigmas[i])
+        return x
+
+
+def test_outer_sample_passes_on_arguments_it_does_not_know():
+    registry = RunRegistry()
+    rec = taps.TapRecorder(tap_key="k", registry=registry)
+    executor = _NewerExecutor(rec, _guider())
+    seen = []
+    noise = torch.randn(B, 4, H, W, generator=torch.Generator().manual_seed(0))
+    call = dict(
+        noise=noise, latent_image=torch.zeros_like(noise), sampler=object(), sigmas=torch.tensor([4.0, 2.0, 0.0]),
+        denoise_mask=None, callback=lambda *a, **k: seen.append((a[0], a[4:], k)), disable_pbar=True, seed=3,
+        latent_shapes=[noise.shape], added_in_2030=object(),
+    )  # fmt: skip
+    out = rec.outer_sample(executor, **call)
+    args, kwargs = executor.received
+    assert args == () and set(kwargs) == set(call)
+    assert all(kwargs[k] is call[k] for k in call if k != "callback") and kwargs["callback"] is not call["callback"]
+    assert seen == [(0, ("future positional",), {"future": "keyword"}), (1, ("future positional",), {"future": "keyword"})]
+    trace = TraceHandle(tap_key="k", registry=registry).resolve({"samples": out})
+    assert trace.num_steps == 2 and trace.meta["seed"] == 3
+
+
+def test_outer_sample_swaps_a_positional_callback_in_place():
+    rec = taps.TapRecorder(tap_key="k", registry=RunRegistry())
+    executor = _NewerExecutor(rec, _guider())
+    received = {}
+
+    def executor_call(*args, **kwargs):
+        received["args"], received["kwargs"] = args, kwargs
+        return executor(**dict(zip(taps.OUTER_SAMPLE_ARGUMENTS, args)), **kwargs)
+
+    executor_call.class_obj = executor.class_obj
+    noise = torch.randn(B, 4, H, W)
+    args = (noise, torch.zeros_like(noise), object(), torch.tensor([4.0, 2.0, 0.0]), None, None, True, 5)
+    rec.outer_sample(executor_call, *args, latent_shapes=[noise.shape])
+    assert len(received["args"]) == 8 and received["kwargs"] == {"latent_shapes": [noise.shape]}
+    assert received["args"][5] is not None and all(a is b for i, (a, b) in enumerate(zip(received["args"], args)) if i != 5)
+
+
+def test_predict_noise_and_the_attention_patch_pass_on_what_they_do_not_know():
+    rec, run = recorder_with_run()
+    got = {}
+
+    def executor(*args, **kwargs):
+        got["predict"] = (args, kwargs)
+        return "out"
+
+    assert rec.predict_noise(executor, "x", "t", {}, 1, "extra", newer=True) == "out"
+    assert got["predict"] == (("x", "t", {}, 1, "extra"), {"newer": True}) and run.evaluations == 1
+
+    def previous(q, k, v, extra, *args, **kwargs):
+        got["patch"] = (args, kwargs)
+        return torch.zeros_like(q)
+
+    taps.AttentionTap(rec, "l", previous)(*qkv(2 * B), options([0, 1]), "extra", newer=True)
+    assert got["patch"] == (("extra",), {"newer": True}) and run.acc[COND].pending == 1
+
+
+def test_a_recording_that_fails_stops_recording_but_never_the_sampling(caplog, monkeypatch):
+    """Newer ComfyUI hands callbacks NestedTensors for multi-latent models: the tap cannot record
+    them, so it stops, says why, files nothing, and the sampler's result is unchanged."""
+    install_comfy_stubs(monkeypatch)
+
+    class Nested:  # not a tensor: has no .detach()
+        def __init__(self, t):
+            self.t = t
+
+    registry = RunRegistry()
+    rec = taps.TapRecorder(tap_key="k", registry=registry)
+    plain = taps.TapRecorder(tap_key="p", registry=RunRegistry())
+    noise = torch.randn(B, 4, H, W, generator=torch.Generator().manual_seed(0))
+    sigmas = torch.tensor([4.0, 2.0, 0.0])
+
+    def run(recorder, denoised_as):
+        executor = _NewerExecutor(recorder, _guider(), denoised_as=denoised_as)
+        return recorder.outer_sample(executor, noise=noise, latent_image=noise, sampler=None, sigmas=sigmas, callback=None, seed=0)
+
+    with caplog.at_level("WARNING", logger="diffusion-explain"):
+        out = run(rec, Nested)
+    torch.testing.assert_close(out, run(plain, None))
+    assert len(registry) == 0 and "step 0 could not be recorded" in rec.last_error
+    assert sum("recording stopped, sampling goes on" in r.message for r in caplog.records) == 1

@@ -95,6 +95,12 @@ def test_tiny_run_writes_a_loadable_pipeline_and_its_record(train, tmp_path):
     pipe = embedded.load_pipeline(out, device="cpu")
     # the grounding processors were a training device only: the saved UNet has diffusers' own
     assert not any(type(p).__name__ == "GroundingAttnProcessor" for p in pipe.unet.attn_processors.values())
+    # and a stock from_pretrained (no dtype) loads it in one dtype and generates on the CPU
+    from diffusers import StableDiffusionPipeline
+
+    stock = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
+    assert stock.text_encoder.dtype == stock.unet.dtype == torch.float32
+    stock("a red circle", num_inference_steps=1, output_type="np", generator=torch.Generator().manual_seed(0))
 
 
 def test_object_mix_sets_the_pools_shares_of_object_counts(train):

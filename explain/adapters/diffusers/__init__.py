@@ -8,7 +8,7 @@
 
 Role files: `tap` (the trace context manager), `denoiser` (`from_pipeline`), `decode` (VAE),
 `schedules` (the paper's time steps as pipeline arguments), `loading` (models by name);
-model families, one file each, in `families`.
+model families, one file each, in `families` (UNets: SD 1.x/2.x/XL; SD3; Flux).
 """
 
 from explain.adapters.diffusers.decode import decode_latents, vae_decoder

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from explain.adapters.diffusers.families import family_of
-from explain.adapters.diffusers.schedules import latent_space_of
+from explain.adapters.diffusers.schedules import latent_space_of, prediction_type_of
 from explain.denoiser import LATENT_SPACES, GuidedDenoiser, NoiseLevel, rescale_guidance
 
 __all__ = ["from_pipeline", "latent_space_of"]
@@ -37,7 +37,9 @@ def from_pipeline(
     less means no guidance, as in diffusers. ``model`` (or, for UNets, ``unet``) replaces the
     pipeline's denoiser (for the model-randomisation check).
     """
+    settings: dict = {}
     if trace is not None:
+        settings = dict(trace.meta)
         if not 0 <= item < trace.batch_size:
             raise IndexError(f"item {item} is outside the trace's batch of {trace.batch_size}")
         prompt = prompt if prompt is not None else trace.prompts[item]
@@ -67,8 +69,8 @@ def from_pipeline(
     model = model if model is not None else unet if unet is not None else family.denoiser(pipe)
     guided = float(guidance_scale) > 1.0
     space = latent_space or latent_space_of(pipe.scheduler)
-    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-    probes = family.probe_functions(pipe, model, prompt, negative_prompt, guided, image_size, space)
+    prediction_type = prediction_type_of(pipe.scheduler)
+    probes = family.probe_functions(pipe, model, prompt, negative_prompt, guided, image_size, space, settings)
 
     def rescaled_guidance(x: torch.Tensor, level: NoiseLevel, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return rescale_guidance(uncond + float(guidance_scale) * (cond - uncond), cond, rescale)

@@ -2,11 +2,18 @@
 
 ``"embedded"`` is the shapes model shipped in the package (`explain.embedded`); a local
 diffusers folder loads offline; ``org/name`` goes to the Hugging Face hub (which needs the
-network). ``"tiny"`` is a random-weight pipeline for tests.
+network). ``"tiny"``, ``"tiny-sd3"`` and ``"tiny-flux"`` are random-weight pipelines for tests.
+
+A folder's ``model_index.json`` decides the pipeline class. An SD3 folder saved without T5 lists
+``text_encoder_3`` / ``tokenizer_3`` as ``[null, null]`` (or lacks their folders), and diffusers
+then refuses it unless ``text_encoder_3=None, tokenizer_3=None`` are passed: the loader passes
+them. A loaded pipeline that no model family of the adapter serves is refused with the list of
+the supported ones.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import warnings
@@ -14,6 +21,9 @@ from pathlib import Path
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 EMBEDDED_NAMES = ("embedded",)
+TINY_NAMES = ("tiny", "tiny-sd3", "tiny-flux")
+# Components a pipeline runs without when its folder has none: SD3's T5 (it pads zeros instead).
+OPTIONAL_COMPONENTS = {"StableDiffusion3Pipeline": ("text_encoder_3", "tokenizer_3")}
 
 
 class ModelLoadError(ValueError):
@@ -56,7 +66,7 @@ def load_model(spec: str | None, device: str = "auto", dtype: str = "auto", anno
     (`explain.precision.choose_dtype`); ``announce(message)`` is told the choice and its reason
     (default: printed once per process on stderr)."""
     device = resolve_device(device)
-    external = spec not in (None, "", *EMBEDDED_NAMES, "tiny")
+    external = spec not in (None, "", *EMBEDDED_NAMES, *TINY_NAMES)
     choice = choose(dtype, device, external)
     (announce or _announce_once)(f"dtype: {choice.reason}")
     if spec in (None, "", *EMBEDDED_NAMES):
@@ -68,10 +78,11 @@ def load_model(spec: str | None, device: str = "auto", dtype: str = "auto", anno
         except embedded.EmbeddedModelMissing as exc:
             raise ModelLoadError(f"{exc}; or pass another model") from None
         return pipe, f"embedded ({embedded.MODEL_ID})"
-    if spec == "tiny":  # random weights, for tests: exercises the whole path in a second
-        from explain.testing import tiny_sd_pipeline
+    if spec in TINY_NAMES:  # random weights, for tests: exercises the whole path in a second
+        from explain import testing
 
-        return tiny_sd_pipeline().to(device, choice.dtype), "tiny (random weights, test only)"
+        build = {"tiny": testing.tiny_sd_pipeline, "tiny-sd3": testing.tiny_sd3_pipeline, "tiny-flux": testing.tiny_flux_pipeline}[spec]
+        return build().to(device, choice.dtype), f"{spec} (random weights, test only)"
 
     path = Path(spec).expanduser()
     if path.exists():
@@ -108,8 +119,27 @@ def pipeline_class():
     return AutoPipelineForText2Image
 
 
+def folder_kwargs(folder: Path) -> dict:
+    """``from_pretrained`` arguments a local folder needs: ``None`` for each optional component its
+    ``model_index.json`` lists as null or whose sub-folder is missing (SD3 saved without T5)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{folder} has an unreadable model_index.json ({exc})") from None
+    if not isinstance(index, dict):
+        raise ModelLoadError(f"{folder}/model_index.json is not a diffusers model index")
+    kwargs = {}
+    for name in OPTIONAL_COMPONENTS.get(str(index.get("_class_name")), ()):
+        entry = index.get(name)
+        if entry is None or not isinstance(entry, (list, tuple)) or None in entry or not (folder / name).is_dir():
+            kwargs[name] = None
+    return kwargs
+
+
 def from_pretrained(source: str, device: str, dtype, local: bool):
     kwargs = {"local_files_only": True} if local else {}
+    if local:
+        kwargs.update(folder_kwargs(Path(source)))
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*safety_checker.*")
@@ -122,6 +152,12 @@ def from_pretrained(source: str, device: str, dtype, local: bool):
             f"could not load {source!r} from the Hugging Face hub ({reason}); check the id and the network, "
             "or download the model elsewhere and pass its local folder"
         ) from None
+    from explain.adapters.diffusers.families import UnsupportedPipelineError, family_of
+
+    try:
+        family_of(pipe)
+    except UnsupportedPipelineError as exc:
+        raise ModelLoadError(f"{source}: {exc}") from None
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # it would blank images and costs time; explanations need the real output
     pipe.to(device, resolve_dtype(dtype, device, external=True) if isinstance(dtype, str) else dtype)

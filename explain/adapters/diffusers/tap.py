@@ -9,19 +9,25 @@ exception), leaving the pipeline exactly as it was:
 
 * **Text attention.** The model's family installs capture processors (UNets: each ``attn2``
   layer gets one that computes the softmax explicitly, `explain.attention.attention_probs`, and
-  reuses the probabilities for the layer's output); they hand the conditional rows (and, under classifier-free guidance, the
+  reuses the probabilities for the layer's output; SD3 / Flux: each joint attention keeps its
+  stock kernel call and the image-query × text-key slice is computed on the side, see
+  `families.joint`); they hand the conditional rows (and, under classifier-free guidance, the
   unconditional ones, as ``attention_negative``) to a per-step accumulator: mean over heads and
-  layers at latent resolution, only the context positions through the last end token.
-  Self-attention (``attn1``) keeps its fast path. Layers whose processor is not one of diffusers'
-  plain ones (IP-Adapter, say) are left alone, with a warning.
+  layers at latent resolution, only the context positions through the last end token (of each
+  text encoder's part: SD3's context is CLIP then T5). Self-attention (``attn1``) keeps its
+  fast path. Layers whose processor is not one of diffusers' plain ones (IP-Adapter, say) are
+  left alone, with a warning.
 * **Which rows are which.** diffusers batches classifier-free guidance as ``[uncond, cond]``. The
-  tap learns the number of images from ``encode_prompt``'s output and compares it with the UNet's
-  batch: twice as many rows means guidance, as many means none (guidance 1).
+  tap learns the number of images from ``encode_prompt``'s output and compares it with the
+  denoiser's batch: twice as many rows means guidance, as many means none (guidance 1). Flux's
+  true CFG encodes the negative prompt in a second ``encode_prompt`` call and runs the branches
+  as two calls; the family tells them apart by the context tensor each call gets.
 * **x0 per step.** ``scheduler.step`` is wrapped: the sample entering it is ``x_t`` (in the
   scheduler's own latent space: x0 + σ·ε for Euler/Heun-type schedulers, √ᾱ·x0 + √(1-ᾱ)·ε for
-  DDIM/DDPM/DPM-Solver/PNDM, see ``meta["latent_space"]``), and x0 is computed from the guided
-  model output with `explain.noise` at the scheduler's own noise level, the same for every
-  scheduler and for ε-, v- and sample-prediction. Schedulers that call the model more than
+  DDIM/DDPM/DPM-Solver/PNDM, (1-σ)·x0 + σ·ε for flow matching, see ``meta["latent_space"]``),
+  and x0 is computed from the guided model output with `explain.noise` at the scheduler's own
+  noise level, the same for every scheduler and for ε-, v-, sample- and flow-prediction
+  (x0 = x_t - σ·v). Packed latents (Flux) are stored unpacked, ``[B, C, h, w]``. Schedulers that call the model more than
   once per step record only the call whose input is the latent entering the step: Heun's (and
   KDPM2's) first-order call, and for PNDM every call but the first step's correction; the extra
   calls' attention is dropped too, so there is exactly one record per step.
@@ -48,7 +54,8 @@ import torch
 
 from explain.adapters.diffusers.decode import decode_latents, to_uint8
 from explain.adapters.diffusers.families import family_of
-from explain.adapters.diffusers.schedules import diffusers_timesteps, latent_space_of
+from explain.adapters.diffusers.families.joint import JointOptions
+from explain.adapters.diffusers.schedules import diffusers_timesteps, latent_space_of, prediction_type_of
 from explain.attention import (
     CAPTURE_METHODS,
     COND,
@@ -56,9 +63,9 @@ from explain.attention import (
     StepAccumulator,
     branch_rows,
 )
-from explain.noise import x0_from_model_output
-from explain.tokens import PromptTokens, pad_token_list, tokenize_prompt
-from explain.trace import Trace
+from explain.noise import x0_from_flow_output, x0_from_model_output
+from explain.tokens import PromptTokens, concat_prompt_tokens, tokenize_prompt
+from explain.trace import Trace, shareable_model_name
 
 _ACTIVE: "weakref.WeakSet" = weakref.WeakSet()  # pipelines being traced (one tap at a time)
 
@@ -72,17 +79,25 @@ class _Run:
 
     prompts: list[str] | None = None
     negative_prompts: list[str] | None = None
-    prompt_tokens: list[PromptTokens] = field(default_factory=list)
-    negative_tokens: list[PromptTokens] = field(default_factory=list)
+    # per batch item, one PromptTokens per text segment (`families.TextSegment`)
+    prompt_parts: list[list[PromptTokens]] = field(default_factory=list)
+    negative_parts: list[list[PromptTokens]] = field(default_factory=list)
+    segments: list = field(default_factory=list)
     batch: int | None = None
     guided: bool | None = None
     context_length: int | None = None
-    attention: StepAccumulator | None = None  # every row of the model batch
-    cond_or_uncond: list[int] | None = None
-    # Per step: (accumulator, its step index, the model batch's cond_or_uncond), split into
-    # conditional / negative rows when the trace is built (the batch may change mid-run, e.g.
-    # when a callback switches guidance off).
-    attention_steps: list[tuple[StepAccumulator, int, list[int]]] = field(default_factory=list)
+    positive_embeds: torch.Tensor | None = None  # the contexts encode_prompt returned (for branch identification)
+    negative_embeds: torch.Tensor | None = None
+    call_arguments: dict = field(default_factory=dict)  # the pipeline call's own arguments a family asked for
+    # (kind, cond_or_uncond) -> accumulator of one branch layout; kind "attention" (word maps) or "concepts"
+    accumulators: dict = field(default_factory=dict)
+    current: tuple[int, ...] | None = None  # cond_or_uncond of the denoiser call running now (None: not recorded)
+    calls_this_step: int = 0
+    kept: list[int] | None = None  # per segment, the context positions the accumulators keep
+    # Per step: [(kind, cond_or_uncond, accumulator, its step index)], split into conditional /
+    # negative rows when the trace is built (the batch may change mid-run, e.g. when a callback
+    # switches guidance off).
+    attention_steps: list[list[tuple]] = field(default_factory=list)
     latent_size: tuple[int, int] | None = None
     # Per step, kept as the pipeline's own (device) tensors until the trace is built, so that
     # recording needs no device-to-host sync: x_t, the guided model output, the timestep, and
@@ -114,12 +129,23 @@ class DiffusersTap:
         store_dtype: torch.dtype = torch.float32,
         full_context: bool = False,
         method: str = "auto",
+        maps: str = "attention",
+        concepts: list[str] | None = None,
+        joint_rows: str = "renormalized",
     ):
         if method not in ("auto", *CAPTURE_METHODS):
             raise ValueError(f"method must be 'auto' or one of {CAPTURE_METHODS}, got {method!r}")
         self.family = family_of(pipe)
         if keep_layers not in (False, True, "resolution"):
             raise ValueError(f"keep_layers must be False, True (every layer) or 'resolution', got {keep_layers!r}")
+        if isinstance(concepts, str):
+            raise TypeError(f"concepts must be a list of words, e.g. concepts=[{concepts!r}]")
+        self.options = JointOptions(maps=maps, joint_rows=joint_rows, concepts=list(concepts or []))
+        if not self.family.joint and (maps != "attention" or self.options.concepts or joint_rows != "renormalized"):
+            raise ValueError(
+                f"maps='output', concepts and joint_rows are for joint-attention models (SD3, Flux); "
+                f"{self.family.description} has cross-attention, whose maps are the attention probabilities"
+            )
         self.pipe = pipe
         self.keep_layers = keep_layers
         self.previews = previews
@@ -152,7 +178,10 @@ class DiffusersTap:
             raise RuntimeError("this pipeline is already being traced; nest no trace() blocks on one pipeline")
         try:
             method = "explicit" if self.method == "auto" else self.method
-            self._undo.extend(self.family.install_capture(self.pipe, self._record_attention, method))
+            if self.family.joint:
+                self._undo.extend(self.family.install_capture(self.pipe, self._record_attention, method, self.options))
+            else:
+                self._undo.extend(self.family.install_capture(self.pipe, self._record_attention, method))
             self._patch(self.pipe, "encode_prompt", self._wrap_encode_prompt(self.pipe.encode_prompt))
             self._patch(self.pipe.scheduler, "step", self._wrap_step(self.pipe.scheduler))
             if getattr(self.pipe, "vae", None) is not None:
@@ -204,51 +233,138 @@ class DiffusersTap:
 
         return encode_prompt
 
+    def _pipeline_call_arguments(self) -> dict:
+        """The pipeline call's own arguments that the family asked for (``pipeline_arguments``),
+        read from the ``__call__`` frame that runs ``encode_prompt``: Flux keeps
+        ``true_cfg_scale`` nowhere else."""
+        names = self.family.pipeline_arguments
+        if not names:
+            return {}
+        frame = inspect.currentframe()
+        try:
+            while frame is not None:
+                if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is self.pipe:
+                    return {n: frame.f_locals[n] for n in names if n in frame.f_locals}
+                frame = frame.f_back
+        finally:
+            del frame
+        return {}
+
+    def _segment_texts(self, segment, arguments: dict, negative: bool):
+        for name in segment.negative_arguments if negative else segment.prompt_arguments:
+            if arguments.get(name) is not None:
+                return arguments[name]
+        return None
+
+    def _tokenize(self, run: _Run, arguments: dict, negative: bool, per_prompt: int, items: int, warn: bool, what: str | None = None):
+        """Per batch item, one PromptTokens per segment (None where the texts are unknown)."""
+        what = what or ("negative prompt" if negative else "prompt")
+        per_segment = []
+        for seg in run.segments:
+            text = self._segment_texts(seg, arguments, negative)
+            if text is None and negative:
+                text = ""  # diffusers' default negative prompt
+            texts = [text] if isinstance(text, str) else list(text) if text is not None else None
+            if texts is not None and len(texts) == 1 and items > 1:
+                texts = texts * items
+            if texts is None or len(texts) != items:
+                return None
+            if seg.tokenizer is None:
+                per_segment.append([PromptTokens(prompt=t, tokens=[], words=[]) for t in texts])
+            else:
+                per_segment.append([tokenize_prompt(seg.tokenizer, t, max_length=seg.length, warn=warn, what=what) for t in texts])
+        return [[parts[i] for parts in per_segment] for i in range(items) for _ in range(per_prompt)]
+
     def _start_run(self, arguments: dict, outputs) -> None:
-        if self._run is not None and self._run.x_t:
+        run = self._run
+        if (
+            self.family.separate_negative_encoding and run is not None and run.model_calls == 0
+            and run.positive_embeds is not None and run.negative_embeds is None
+        ):
+            self._add_negative(run, arguments, outputs)
+            return
+        if run is not None and run.x_t:
             self._finish_run()
-        embeds = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
-        negative_embeds = outputs[1] if isinstance(outputs, (tuple, list)) and len(outputs) > 1 else None
+        encoding = self.family.read_encoding(self.pipe, arguments, outputs)
+        embeds = encoding.embeds
         run = _Run()
         run.guidance_scale = getattr(self.pipe, "_guidance_scale", None)
         run.guidance_rescale = getattr(self.pipe, "_guidance_rescale", None)
+        run.call_arguments = self._pipeline_call_arguments()
         run.batch = int(embeds.shape[0])
         run.context_length = int(embeds.shape[1])
+        run.positive_embeds, run.negative_embeds = embeds, encoding.negative_embeds
+        run.segments = self.family.text_segments(self.pipe, run.context_length)
         per_prompt = int(arguments.get("num_images_per_prompt") or 1)
-        guided = arguments.get("do_classifier_free_guidance")
-        run.guided = bool(guided) if guided is not None else negative_embeds is not None
+        run.guided = bool(encoding.guided)
 
-        tokenizer = getattr(self.pipe, "tokenizer", None) or getattr(self.pipe, "tokenizer_2", None)
         prompt = arguments.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else None
         if prompts is not None and len(prompts) * per_prompt != run.batch:
             prompts = None  # embeddings were given alongside; their count wins
-        if prompts is not None and tokenizer is not None:
-            tokens = [tokenize_prompt(tokenizer, p, max_length=run.context_length, warn=True) for p in prompts]
-            run.prompts = [p for p in prompts for _ in range(per_prompt)]
-            run.prompt_tokens = [t for t in tokens for _ in range(per_prompt)]
-        if run.guided and self.negative:
-            neg = arguments.get("negative_prompt")
+        if prompts is not None:
+            parts = self._tokenize(run, arguments, False, per_prompt, len(prompts), warn=True)
+            if parts is not None:
+                run.prompts = [p for p in prompts for _ in range(per_prompt)]
+                run.prompt_parts = parts
+        if run.guided and self.negative and arguments.get("negative_prompt_embeds") is None:
             n_prompts = run.batch // per_prompt
-            if neg is None or isinstance(neg, str):
-                negs = [neg or ""] * n_prompts
-            else:
-                negs = list(neg)
-            if len(negs) == n_prompts and tokenizer is not None and arguments.get("negative_prompt_embeds") is None:
-                tokens = [tokenize_prompt(tokenizer, p, max_length=run.context_length, what="negative prompt") for p in negs]
+            parts = self._tokenize(run, arguments, True, per_prompt, n_prompts, warn=True)
+            if parts is not None:
+                neg = arguments.get("negative_prompt")
+                negs = [neg or ""] * n_prompts if neg is None or isinstance(neg, str) else list(neg)
                 run.negative_prompts = [p for p in negs for _ in range(per_prompt)]
-                run.negative_tokens = [t for t in tokens for _ in range(per_prompt)]
+                run.negative_parts = parts
         self._run = run
 
-    def _new_accumulator(self, run: _Run) -> StepAccumulator:
-        lengths = [len(t.tokens) for t in run.prompt_tokens + run.negative_tokens]
-        unnamed = not run.prompt_tokens or (run.guided and self.negative and not run.negative_tokens)
-        keep = run.context_length if unnamed or self.full_context else max(lengths)
+    def _add_negative(self, run: _Run, arguments: dict, outputs) -> None:
+        """A second ``encode_prompt`` before any denoiser call (Flux's true CFG): the negative prompt."""
+        encoding = self.family.read_encoding(self.pipe, arguments, outputs)
+        run.negative_embeds = encoding.embeds
+        run.guided = True
+        if not self.negative or arguments.get("prompt_embeds") is not None:
+            return
+        per_prompt = int(arguments.get("num_images_per_prompt") or 1)
+        prompt = arguments.get("prompt")
+        negs = [prompt or ""] if prompt is None or isinstance(prompt, str) else list(prompt)
+        if len(negs) == 1 and run.batch // per_prompt > 1:
+            negs = negs * (run.batch // per_prompt)
+        if len(negs) * per_prompt != run.batch:
+            return
+        parts = self._tokenize(run, {**arguments, "prompt": negs}, False, per_prompt, len(negs), warn=True, what="negative prompt")
+        if parts is not None:
+            run.negative_prompts = [p for p in negs for _ in range(per_prompt)]
+            run.negative_parts = parts
+
+    def _kept_positions(self, run: _Run) -> list[int]:
+        """Per segment, how many of its positions the accumulators keep: through the last end
+        token of every prompt and negative prompt, all of them when the texts are unknown (or
+        ``full_context``), none of a segment no tokenizer names."""
+        unnamed = not run.prompt_parts or (run.guided and self.negative and not run.negative_parts)
+        kept = []
+        for k, seg in enumerate(run.segments):
+            if self.full_context or unnamed:
+                kept.append(seg.length)
+            elif seg.tokenizer is None:
+                kept.append(0)
+            else:
+                kept.append(min(seg.length, max(len(parts[k].tokens) for parts in run.prompt_parts + run.negative_parts)))
+        return kept
+
+    def _new_accumulator(self, run: _Run, kind: str) -> StepAccumulator:
+        if run.kept is None:
+            run.kept = self._kept_positions(run)
+        if kind == "concepts":
+            tokens = None
+        elif len(run.segments) == 1 and run.segments[0].start == 0:
+            tokens = run.kept[0]
+        else:
+            tokens = [seg.start + i for seg, n in zip(run.segments, run.kept) for i in range(n)]
         return StepAccumulator(
             latent_size=run.latent_size,
-            tokens=min(keep, run.context_length),
-            keep_layers=self.keep_layers is True,
-            keep_resolutions=self.keep_layers == "resolution",
+            tokens=tokens,
+            keep_layers=self.keep_layers is True and kind == "attention",
+            keep_resolutions=self.keep_layers == "resolution" and kind == "attention",
             store_dtype=self.store_dtype,
         )
 
@@ -258,33 +374,34 @@ class DiffusersTap:
             return None
         if self._run is None:
             self._run = _Run(batch=None, context_length=int(context.shape[1]))
+            self._run.segments = self.family.text_segments(self.pipe, self._run.context_length)
         run = self._run
         rows = int(sample.shape[0])
         if run.batch is None:
             guided = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and rows % 2 == 0
             run.batch = rows // 2 if guided else rows
             run.guided = guided
-        if rows == 2 * run.batch:
-            run.cond_or_uncond = [UNCOND, COND]  # diffusers' classifier-free guidance order
-        elif rows == run.batch:
-            run.cond_or_uncond = [COND]
-        else:
-            raise RuntimeError(
-                f"the UNet got a batch of {rows} latents for {run.batch} images; the tap understands "
-                "[uncond, cond] (guidance) or [cond] (no guidance) batches only (edit pipelines such as "
-                "InstructPix2Pix are not supported)"
-            )
-        size = (int(sample.shape[-2]), int(sample.shape[-1]))
-        if run.attention is None or run.latent_size != size:
-            run.latent_size = size
-            run.attention = self._new_accumulator(run)
         run.model_calls += 1
+        branches = self.family.call_branches(self.pipe, run, rows, context, kwargs)
+        run.calls_this_step += 1
+        run.current = tuple(branches) if branches else None
+        if run.current is None:
+            return None
+        size = self.family.latent_size(self.pipe, sample, kwargs)
+        if run.latent_size != size:
+            run.latent_size = size
+            run.accumulators = {}
         return None
 
-    def _record_attention(self, name: str, probs: torch.Tensor, grid) -> None:
+    def _record_attention(self, name: str, probs: torch.Tensor, grid, kind: str = "attention") -> None:
         run = self._run
-        if run is not None and run.attention is not None:
-            run.attention.add(name, probs, grid)
+        if run is None or run.current is None or run.latent_size is None:
+            return
+        key = (kind, run.current)
+        accumulator = run.accumulators.get(key)
+        if accumulator is None:
+            accumulator = run.accumulators[key] = self._new_accumulator(run, kind)
+        accumulator.add(name, probs, grid)
 
     def _wrap_step(self, scheduler):
         original = scheduler.step
@@ -302,20 +419,28 @@ class DiffusersTap:
 
     def _after_step(self, scheduler, arguments: dict, out, starts_step: bool) -> None:
         run = self._run
-        if run is None or run.attention is None:
+        if run is None or run.latent_size is None:
             return
+        run.calls_this_step = 0
         prev = out[0] if isinstance(out, tuple) else out.prev_sample
         run.final_latent = prev.detach()
         if not starts_step:
-            run.attention.discard_step()
+            for accumulator in run.accumulators.values():
+                accumulator.discard_step()
             return
+        records = [(kind, branches, acc, acc.end_step()) for (kind, branches), acc in run.accumulators.items() if acc.pending]
+        if not any(kind == "attention" for kind, *_ in records):
+            raise RuntimeError(
+                "no text attention was recorded during this step; is another attention processor "
+                "replacing the tap's, or does the model have no cross-attention?"
+            )
         model_output, timestep, sample = arguments["model_output"], arguments["timestep"], arguments["sample"]
         # The pipeline rebinds, never mutates, these tensors, so references suffice (no copies).
         run.x_t.append(sample)
         run.model_outputs.append(model_output)
         run.timesteps.append(timestep)
         run.sigmas.append(_table_sigma(scheduler))
-        run.attention_steps.append((run.attention, run.attention.end_step(), list(run.cond_or_uncond)))
+        run.attention_steps.append(records)
 
     def _wrap_decode(self, original):
         def decode(*args, **kwargs):
@@ -334,58 +459,100 @@ class DiffusersTap:
             return
         self.traces.append(self._build(run))
 
+    def _branch_maps(self, run: _Run, kind: str, branch: int):
+        """Per step, the ``branch`` rows of the first record of ``kind`` that has them (None where none)."""
+        maps, layers = [], {}
+        for records in run.attention_steps:
+            found = None
+            for k, branches, accumulator, index in records:
+                if k == kind and branch in branches:
+                    found = (branches, accumulator, index)
+                    break
+            if found is None:
+                maps.append(None)
+                continue
+            branches, accumulator, index = found
+            record, layer_maps = accumulator.step_maps(index)  # rows as in the model batch
+            rows = branch_rows(branches, record.shape[0], branch)
+            maps.append(record[rows])
+            for name, m in layer_maps.items():
+                layers.setdefault(name, []).append(m[rows])
+        return maps, layers
+
+    def _axis(self, run: _Run, parts: list[list[PromptTokens]]) -> tuple[list[int], list[int]]:
+        """Per segment, how many positions a branch's maps keep (through its own prompts' end
+        tokens), and their indices in the accumulators' kept axis."""
+        kept = run.kept if run.kept is not None else self._kept_positions(run)
+        lengths, index, offset = [], [], 0
+        for k, (seg, n) in enumerate(zip(run.segments, kept)):
+            if self.full_context or not parts:
+                length = n
+            elif seg.tokenizer is None:
+                length = 0
+            else:
+                length = min(n, max(len(p[k].tokens) for p in parts))
+            lengths.append(length)
+            index += list(range(offset, offset + length))
+            offset += n
+        return lengths, index
+
     def _build(self, run: _Run) -> Trace:
         steps = len(run.x_t)
         scheduler = self.pipe.scheduler
         timesteps = [float(t) for t in run.timesteps]
-        sigmas = [float(sg) if sg is not None else _sigma_from_alphas(scheduler, t) for sg, t in zip(run.sigmas, timesteps)]
         space = latent_space_of(scheduler)
-        prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        if space == "flow":
+            sigmas = [float(sg) for sg in run.sigmas]
+        else:
+            sigmas = [float(sg) if sg is not None else _sigma_from_alphas(scheduler, t) for sg, t in zip(run.sigmas, timesteps)]
+        prediction_type = prediction_type_of(scheduler)
+        unpack = lambda x: self.family.unpack(x, run.latent_size)  # noqa: E731
+        x_t = [unpack(sample) for sample in run.x_t]
         x0 = []
-        for sample, output, sigma in zip(run.x_t, run.model_outputs, sigmas):
+        for sample, output, sigma in zip(x_t, run.model_outputs, sigmas):
+            output = unpack(output).float()
+            if space == "flow":
+                x0.append(x0_from_flow_output(sample.float(), output, sigma, prediction_type))
+                continue
             x_vp = sample.float() / math.sqrt(1.0 + sigma * sigma) if space == "sigma" else sample.float()
-            x0.append(x0_from_model_output(x_vp, output.float(), 1.0 / (1.0 + sigma * sigma), prediction_type))
+            x0.append(x0_from_model_output(x_vp, output, 1.0 / (1.0 + sigma * sigma), prediction_type))
         if len(run.attention_steps) != steps:
             raise RuntimeError(f"attention was recorded for {len(run.attention_steps)} of {steps} steps")
-        cond_maps, negative_maps, layer_maps = [], [], {}
-        for accumulator, index, cond_or_uncond in run.attention_steps:
-            record, layers = accumulator.step_maps(index)  # rows as in the model batch
-            rows = record.shape[0]
-            cond = branch_rows(cond_or_uncond, rows, COND)
-            uncond = branch_rows(cond_or_uncond, rows, UNCOND)
-            cond_maps.append(record[cond])
-            negative_maps.append(record[uncond] if self.negative and UNCOND in cond_or_uncond else None)
-            for name, maps in layers.items():
-                layer_maps.setdefault(name, []).append(maps[cond])
-        t_len = max((len(t.tokens) for t in run.prompt_tokens), default=run.context_length)
-        if self.full_context or not run.prompt_tokens:
-            t_len = run.context_length
-        attention = _stack_cpu(cond_maps, t_len, self.store_dtype)
-        tokens, words, prompts = self._token_lists(run.prompt_tokens, run.prompts, run.batch, t_len)
+        cond_maps, layer_maps = self._branch_maps(run, "attention", COND)
+        if any(m is None for m in cond_maps):
+            raise RuntimeError("a step has no conditional attention; the tap saw no conditional branch there")
+        negative_maps, _ = self._branch_maps(run, "attention", UNCOND) if self.negative else ([None], {})
+        cond_lengths, cond_index = self._axis(run, run.prompt_parts)
+        attention = _stack_cpu(cond_maps, cond_index, self.store_dtype)
+        tokens, words, prompts = self._token_lists(run, run.prompt_parts, run.prompts, cond_lengths)
         trace = Trace(
             prompts=prompts,
             tokens=tokens,
             words=words,
             timesteps=torch.tensor(timesteps, dtype=torch.float64),
             sigmas=torch.tensor(sigmas, dtype=torch.float64),
-            x_t=torch.stack(run.x_t).float().cpu(),
+            x_t=torch.stack(x_t).float().cpu(),
             x0=torch.stack(x0).cpu(),
             attention=attention,
             attention_layers={
-                name: _stack_cpu(maps, t_len, self.store_dtype) for name, maps in layer_maps.items() if len(maps) == steps
+                name: _stack_cpu(maps, cond_index, self.store_dtype) for name, maps in layer_maps.items() if len(maps) == steps
             },
-            final_latent=run.final_latent.float().cpu() if run.final_latent is not None else None,
+            final_latent=unpack(run.final_latent).float().cpu() if run.final_latent is not None else None,
             images=run.images.cpu() if run.images is not None else None,
-            meta=self._meta(run, steps),
+            meta=self._meta(run, steps, cond_lengths, cond_index),
         )
         if negative_maps and all(m is not None for m in negative_maps):
-            n_len = max((len(t.tokens) for t in run.negative_tokens), default=run.context_length)
-            if self.full_context or not run.negative_tokens:
-                n_len = run.context_length
-            trace.attention_negative = _stack_cpu(negative_maps, n_len, self.store_dtype)
+            neg_lengths, neg_index = self._axis(run, run.negative_parts)
+            trace.attention_negative = _stack_cpu(negative_maps, neg_index, self.store_dtype)
             trace.negative_tokens, trace.negative_words, trace.negative_prompts = self._token_lists(
-                run.negative_tokens, run.negative_prompts, run.batch, n_len
+                run, run.negative_parts, run.negative_prompts, neg_lengths
             )
+        if self.options.concepts:
+            concept_maps, _ = self._branch_maps(run, "concepts", COND)
+            if any(m is None for m in concept_maps):
+                raise RuntimeError("concept maps are missing for some steps; the model ran no block the concept stream can go through")
+            trace.concepts = list(self.options.concepts)
+            trace.concept_maps = torch.stack(concept_maps).to(device="cpu", dtype=self.store_dtype)
         if self.previews and getattr(self.pipe, "vae", None) is not None:
             self._decoding = True
             try:
@@ -395,17 +562,18 @@ class DiffusersTap:
                 self._decoding = False
         return trace.validate()
 
-    @staticmethod
-    def _token_lists(prompt_tokens: list[PromptTokens], prompts: list[str] | None, batch: int, length: int):
-        if prompt_tokens:
-            tokens = [pad_token_list(t.tokens, length) for t in prompt_tokens]
-            words = [[w for w in t.words if max(w.token_indices) < length] for t in prompt_tokens]
-            return tokens, words, list(prompts)
+    def _token_lists(self, run: _Run, parts: list[list[PromptTokens]], prompts: list[str] | None, lengths: list[int]):
+        length = sum(lengths)
+        if parts:
+            pads = [seg.pad for seg in run.segments]
+            joined = [concat_prompt_tokens(p, lengths, pads) for p in parts]
+            return [j.tokens for j in joined], [j.words for j in joined], list(prompts)
         # Embeddings were passed without text: positions have no names.
+        batch = run.batch
         tokens = [[f"<position {i}>" for i in range(length)] for _ in range(batch)]
         return tokens, [[] for _ in range(batch)], ["" for _ in range(batch)]
 
-    def _meta(self, run: _Run, steps: int) -> dict[str, Any]:
+    def _meta(self, run: _Run, steps: int, lengths: list[int], index: list[int]) -> dict[str, Any]:
         pipe = self.pipe
         scheduler = pipe.scheduler
         h, w = run.latent_size
@@ -417,7 +585,7 @@ class DiffusersTap:
             "model": _model_name(pipe),
             "pipeline": type(pipe).__name__,
             "scheduler": type(scheduler).__name__,
-            "prediction_type": scheduler.config.get("prediction_type", "epsilon"),
+            "prediction_type": prediction_type_of(scheduler),
             "latent_space": latent_space_of(scheduler),
             "height": h * factor,
             "width": w * factor,
@@ -437,9 +605,20 @@ class DiffusersTap:
             meta["seed"] = int(self.seed)
         if run.negative_prompts:
             meta["negative_prompt"] = run.negative_prompts[0]
-        dropped = sorted({word for t in run.prompt_tokens for word in t.dropped_words})
+        dropped = sorted({word for parts in run.prompt_parts for t in parts for word in t.dropped_words})
         if dropped:
             meta["truncated_words"] = dropped
+        if self.family.joint:
+            meta["maps"] = self.options.maps
+            if self.options.maps == "attention":
+                meta["joint_rows"] = self.options.joint_rows
+            if self.options.concepts:
+                meta["concept_maps"] = self.options.maps
+            meta["text_layout"] = [[seg.name, n] for seg, n in zip(run.segments, lengths)]
+            kept = run.kept if run.kept is not None else self._kept_positions(run)
+            positions = [seg.start + i for seg, n in zip(run.segments, kept) for i in range(n)]
+            meta["text_positions"] = [positions[i] for i in index]
+        meta.update(self.family.run_meta(pipe, run))
         return meta
 
     @torch.no_grad()
@@ -469,9 +648,13 @@ def _call_starts_step(scheduler) -> bool:
     return True
 
 
-def _stack_cpu(maps: list[torch.Tensor], tokens: int, dtype: torch.dtype) -> torch.Tensor:
-    """Per-step ``[B, T, h, w]`` maps → ``[S, B, tokens, h, w]`` on the CPU (one transfer)."""
-    return torch.stack([m[:, :tokens] for m in maps]).to(device="cpu", dtype=dtype)
+def _stack_cpu(maps: list[torch.Tensor], index: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Per-step ``[B, T, h, w]`` maps → ``[S, B, len(index), h, w]`` on the CPU (one transfer),
+    keeping the token positions ``index`` (a prefix costs no copy)."""
+    if index == list(range(len(index))):
+        return torch.stack([m[:, : len(index)] for m in maps]).to(device="cpu", dtype=dtype)
+    picked = torch.tensor(index, dtype=torch.long, device=maps[0].device)
+    return torch.stack([m.index_select(1, picked) for m in maps]).to(device="cpu", dtype=dtype)
 
 
 def _table_sigma(scheduler):
@@ -497,12 +680,13 @@ def _sigma_from_alphas(scheduler, timestep: float) -> float:
 
 
 def _model_name(pipe) -> str:
+    """The pipeline's hub id or, for a local folder, the folder's name (a trace is shared; a path is not)."""
     for source in (getattr(pipe, "name_or_path", None), getattr(getattr(pipe, "config", None), "_name_or_path", None)):
         if source:
-            return str(source)
+            return shareable_model_name(str(source))
     model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     model_name = getattr(getattr(model, "config", None), "_name_or_path", None)
-    return str(model_name) if model_name else type(pipe).__name__
+    return shareable_model_name(str(model_name)) if model_name else type(pipe).__name__
 
 
 # ---------------------------------------------------------------------------- public API
@@ -517,6 +701,9 @@ def trace(
     store_dtype: torch.dtype = torch.float32,
     full_context: bool = False,
     method: str = "auto",
+    maps: str = "attention",
+    concepts: list[str] | None = None,
+    joint_rows: str = "renormalized",
 ):
     """Trace every call of ``pipe`` inside the block; ``tr.trace`` is the last call's `Trace`.
 
@@ -529,8 +716,16 @@ def trace(
     token. ``store_dtype`` is the attention maps' dtype in the trace. ``method`` picks how
     probabilities are computed (`explain.attention.attention_with_probs`): "explicit" softmax,
     "sdpa" (fused kernel with an identity appended to the values), or "auto" (explicit, which
-    dispatches the fewest operations)."""
-    tap = DiffusersTap(pipe, keep_layers, previews, negative, preview_size, seed, store_dtype, full_context, method)
+    dispatches the fewest operations).
+
+    Joint-attention models (SD3, Flux; see `families.joint`): ``maps="attention"`` records the
+    image-query × text-key slice of the joint softmax, rows renormalised over the text
+    (``joint_rows="renormalized"``: each pixel's distribution over text positions, like a UNet's
+    cross-attention) or as the raw share of the joint attention (``"raw"``); ``maps="output"``
+    records ConceptAttention's output-space maps instead. ``concepts=["circle", ...]`` runs a
+    concept stream that leaves the image unchanged and stores per-concept maps (of the kind
+    ``maps`` names) as ``trace.concepts`` / ``trace.concept_maps``; the concepts need not be in the prompt."""
+    tap = DiffusersTap(pipe, keep_layers, previews, negative, preview_size, seed, store_dtype, full_context, method, maps, concepts, joint_rows)
     tap.install()
     try:
         yield tap
@@ -558,24 +753,34 @@ def generate(
     lam: int = 60,
     previews: bool = True,
     keep_layers: bool | str = False,
+    maps: str = "attention",
+    concepts: list[str] | None = None,
     **pipe_kwargs,
 ):
     """Generate with ``pipe`` under a tap; returns ``(trace, images)`` (PIL images, or whatever
     ``output_type`` asks for). ``schedule`` is "uniform", "early" or "latter" (the paper's
-    exponential time steps with shift ``lam``; needs a scheduler that takes custom timesteps)."""
+    exponential time steps with shift ``lam``; needs a scheduler that takes custom timesteps, or
+    for flow matching custom sigmas, see `explain.adapters.diffusers.schedules`).
+
+    ``guidance`` is the classifier-free guidance scale; for Flux it is the true-CFG scale (an
+    empty negative prompt is used when none is given), or the embedded guidance of a
+    guidance-distilled model. SD3 and Flux get a T5 ``max_sequence_length`` that fits the prompt
+    (0 for SD3 without T5) unless ``pipe_kwargs`` sets one. ``maps`` and ``concepts``: see `trace`."""
+    from explain.adapters.diffusers.families import family_of
     from explain.schedules import normalize_schedule
 
     schedule = normalize_schedule(schedule)
     step_kwargs = diffusers_timesteps(pipe.scheduler, int(steps), schedule, int(lam))
+    call_kwargs = family_of(pipe).call_kwargs(pipe, prompt, negative_prompt, float(guidance), pipe_kwargs)
     generator = torch.Generator("cpu").manual_seed(int(seed))  # the same noise on every device
-    with trace(pipe, keep_layers=keep_layers, previews=previews, seed=seed) as tap:
+    tap_kwargs = {"maps": maps, "concepts": concepts} if (maps != "attention" or concepts) else {}
+    with trace(pipe, keep_layers=keep_layers, previews=previews, seed=seed, **tap_kwargs) as tap:
         out = pipe(
             prompt,
-            negative_prompt=negative_prompt,
-            guidance_scale=float(guidance),
             height=height,
             width=width,
             generator=generator,
+            **call_kwargs,
             **step_kwargs,
             **pipe_kwargs,
         )

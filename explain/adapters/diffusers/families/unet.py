@@ -102,7 +102,7 @@ class UNetFamily(Family):
         context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         return sample, context
 
-    def install_capture(self, pipe, record, method: str = "explicit"):
+    def install_capture(self, pipe, record, method: str = "explicit", options=None):
         undo, skipped = [], []
         for name, module in pipe.unet.named_modules():
             if not name.endswith("attn2") or not getattr(module, "is_cross_attention", False):
@@ -126,7 +126,7 @@ class UNetFamily(Family):
             )
         return undo
 
-    def probe_functions(self, pipe, model, prompt, negative_prompt, guided, image_size, latent_space) -> ProbeFunctions:
+    def probe_functions(self, pipe, model, prompt, negative_prompt, guided, image_size, latent_space, settings=None) -> ProbeFunctions:
         return unet_probe_functions(pipe, model, prompt, negative_prompt, guided, image_size, latent_space)
 
 

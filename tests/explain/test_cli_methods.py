@@ -1,0 +1,47 @@
+"""The CLI's report with DF-RISE and DF-CAM (--rise / --cam), and the prompt's warnings in it."""
+
+import json
+
+from explain.cli import build_parser, main
+from explain.methods import defaults
+
+
+def test_rise_and_cam_options_take_their_defaults_from_the_library():
+    args = build_parser().parse_args(["report", "a red circle", "--rise", "--cam", "3"])
+    assert args.rise == "middle" and args.cam == "3"
+    assert args.masks == defaults.RISE.n_masks and args.cam_layers == defaults.CAM.layers and args.rise_preset == "default"
+    assert build_parser().parse_args(["report", "a red circle"]).rise is None
+
+
+def test_report_with_rise_and_cam_has_their_sections_games_and_verdicts(tmp_path, capsys):
+    out = tmp_path / "rep"
+    code = main(["report", "a red circle above a blue square", "--model", "tiny", "--steps", "3", "--out", str(out),
+                 "--rise", "--cam", "2", "--masks", "16", "--device", "cpu", "--dtype", "float32"])
+    assert code == 0, capsys.readouterr().err
+    page = (out / "index.html").read_text()
+    assert "DF-RISE at step 1" in page and "DF-CAM at step 2" in page  # --rise alone: the middle step
+    assert page.count("beats random: ") == 2 and page.count("passes the sanity checks: ") >= 2
+    methods = json.loads((out / "methods.json").read_text())
+    assert [(m["method"], m["step"]) for m in methods] == [("DF-RISE", 1), ("DF-CAM", 2)]
+    assert methods[0]["settings"]["n_masks"] == 16 and methods[0]["settings"]["similarity"] == defaults.RISE.similarity
+    assert {g["mode"] for g in methods[0]["games"]} == {"insertion", "deletion"}
+    err = capsys.readouterr().err
+    assert "DF-RISE at step 1: 16 masks" in err and "beats random" in err
+
+
+def test_a_method_step_outside_the_run_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from explain import cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    assert main(["report", "a red circle", "--steps", "4", "--rise", "9", "--out", str(tmp_path / "x")]) == 2
+    assert "--rise 9 is outside the run: choose a step between 0 and 3" in capsys.readouterr().err
+    assert main(["report", "a red circle", "--cam", "late", "--out", str(tmp_path / "x")]) == 2
+    assert "--cam takes a step number" in capsys.readouterr().err
+
+
+def test_the_cli_report_shows_the_prompts_warnings(tmp_path, capsys):
+    prompt = "a red circle above a blue square " * 12 + "green triangle"
+    assert main(["report", prompt, "--model", "tiny", "--steps", "2", "--out", str(tmp_path / "r"), "--quiet", "--device", "cpu", "--dtype", "float32"]) == 0
+    page = (tmp_path / "r" / "index.html").read_text()
+    notes = page[page.index('id="notes"') : page.index("</div>", page.index('id="notes"'))]
+    assert "cut off" in notes and "green triangle" in notes
