@@ -8,7 +8,8 @@ Held-out prompts as in validity_common (embedded model, 20 steps, guidance 5, st
 as the checker finds them in the generated image). Per prompt and map:
 
 * **pointing**: the map's maximum lies on an object (chance = the objects' share of the image);
-* **mask-seed stability**: Spearman ρ between the map at mask seeds 0 and 1 (``--masks`` each);
+* **mask-seed stability**: Spearman ρ between the map at mask seeds 0 and 1 (each variant at its own
+  default mask count when that is at most ``--own-masks-up-to``, else at ``--masks``);
 * **games** (latent space, stride ``--stride``; distances to the untouched prediction: a faithful
   map has a LOW insertion and a HIGH deletion AUC):
   - ``context`` (the default, `explain.methods.defaults.GAME`): positions removed by re-noising
@@ -46,7 +47,8 @@ GAMES = {
     "context": dict(removal=defaults.GAME.removal, noise_scale=defaults.GAME.noise_scale, noise_draws=defaults.GAME.noise_draws, score=defaults.GAME.score),
     "paper": dict(removal="paper", score="all"),
 }
-VARIANTS = ("paper", "x0-negmse-centered", "epsilon-negmse-centered", "grid4-structure-centered")
+VARIANTS = tuple(defaults.VARIANTS)
+MODEL_ID = "diffusion-explain/shapes-64"
 
 
 def rise(den, trace, name, n, seed=0):
@@ -56,8 +58,10 @@ def rise(den, trace, name, n, seed=0):
 
 
 def masks_for(name: str, args) -> int:
-    """The default variant at its own default mask count, the others at ``--masks``."""
-    return defaults.RISE.n_masks if defaults.VARIANTS[name].same_method(defaults.RISE) else args.masks
+    """A variant at its own default mask count when that is at most ``--own-masks-up-to``
+    (the few-mask variants, candidates for the default), else at ``--masks``."""
+    own = defaults.VARIANTS[name].n_masks
+    return own if own <= args.own_masks_up_to else args.masks
 
 
 def run(args, log) -> dict:
@@ -71,7 +75,7 @@ def run(args, log) -> dict:
         rden = from_pipeline(pipe, tr, unet=rand_unet)
         x = tr.x_t[vc.STEP, 0].float()
         maps, stability = {}, {}
-        for name in VARIANTS:
+        for name in args.variants:
             n = masks_for(name, args)
             maps[name] = rise(den, tr, name, n)
             stability[name] = sanity._rho(maps[name], rise(den, tr, name, n, seed=1))
@@ -82,7 +86,8 @@ def run(args, log) -> dict:
         maps["word_heatmap"] = att[sorted({i for sp in spans for i in sp})].mean(0) if spans else att[1:-1].mean(0)
         base = baselines.baseline_maps(x, seed=100 + k)
         everything = {**maps, **{f"{n}@random-unet": m for n, m in rand_maps.items()}, **base}
-        row = {"caption": s.scene.caption, "chance": float(s.union.mean()), "stability": stability, "point": {}, "auc": {}}
+        row = {"caption": s.scene.caption, "chance": float(s.union.mean()), "stability": stability, "point": {}, "auc": {},
+               "masks": {name: masks_for(name, args) for name in args.variants}}
         for name, m in everything.items():
             row["point"][name] = vc.point(m, s.union)
             row["auc"][name] = {}
@@ -99,17 +104,23 @@ def wins(row, name, game, other) -> tuple[bool, bool]:
     return a[0] < b[0], a[1] > b[1]
 
 
-def report(data, log) -> None:
+def report(data, log) -> dict:
+    """Print the tables; returns per map ``{"beats_all_share", "beats_random_share", "seed_rho_at_masks", "masks_at"}``
+    in the default game."""
     rows, args = data["rows"], data["args"]
+    figures: dict[str, dict] = {}
     n = len(rows)
     log("")
-    log(f"Faithfulness | embedded shapes-64 | {n} held-out prompts, step 14 of 20 | DF-RISE: the default at {defaults.RISE.n_masks} masks, the others at {args['masks']} | games stride {args['stride']}")
+    log(f"Faithfulness | embedded shapes-64 | {n} held-out prompts, step 14 of 20 | DF-RISE masks: {rows[0].get('masks', args['masks'])} | games stride {args['stride']}")
     log(f"pointing chance (objects' share of the image): {100 * vc.mean([r['chance'] for r in rows]):.1f} %")
     log("")
     log("Mask-seed stability (Spearman ρ, mask seed 0 vs 1, same mask count as above), mean [min] over prompts:")
-    for name in VARIANTS:
+    variants = list(rows[0]["stability"])
+    for name in variants:
         v = [r["stability"][name] for r in rows]
-        log(f"  {name:28s} {vc.fmt(vc.mean(v), 3)} [{vc.fmt(min(x for x in v if x is not None), 2)}]; >= 0.9 on {vc.share([x is not None and x >= 0.9 for x in v])}")
+        n_at = rows[0].get("masks", {}).get(name, args["masks"])
+        figures.setdefault(name, {}).update(seed_rho_at_masks=vc.mean(v), masks_at=n_at)
+        log(f"  {name:32s} {n_at:4d} masks {vc.fmt(vc.mean(v), 3)} [{vc.fmt(min(x for x in v if x is not None), 2)}]; >= 0.9 on {vc.share([x is not None and x >= 0.9 for x in v])}")
     names = list(rows[0]["auc"])
     base_names = list(baselines.BASELINES)
     for game in GAMES:
@@ -133,6 +144,9 @@ def report(data, log) -> None:
                 all_ok = [ok and a and d for ok, (a, d) in zip(all_ok, w)]
             del others
             beats = sum(all_ok) if name not in base_names else None
+            if game == "context" and beats is not None:
+                w = [wins(r, name, game, "random") for r in rows]
+                figures.setdefault(name, {}).update(beats_all_share=beats / n, beats_random_share=sum(a and d for a, d in w) / n)
             log(
                 f"  {name:36s} {ins:7.4f} {dele:7.4f} {pa_i:8.3f}/{pa_d:.3f} {vc.share([r['point'][name] for r in rows]):>16s}  "
                 + "  ".join(cols)
@@ -140,15 +154,47 @@ def report(data, log) -> None:
             )
     log("")
     log("(win columns: prompts where the map beats that baseline in both games' directions 'both/n', and in insertion 'i' / deletion 'd' alone)")
+    return figures
+
+
+def add_to_verdicts(figures: dict, log) -> None:
+    """Add the measured faithfulness and stability to the cached sanity verdicts (written by
+    bench_sanity) and name, in each DF-RISE verdict's note, every evidence bar it misses."""
+    from dataclasses import replace
+
+    known = sanity.load_verdicts().get(MODEL_ID)
+    if not known:
+        raise SystemExit("no sanity verdicts for the embedded model yet: run bench_sanity.py --write-verdicts first")
+    out = []
+    for method, v in known.items():
+        key = "df_rise:" + v.numbers["variant"] if method == "df_rise" else method.split(":", 1)[1] if method.startswith("df_rise:") else method
+        f = figures.get(key)
+        if f is None:
+            out.append(v)
+            continue
+        numbers = {**v.numbers, **{k: val for k, val in f.items() if val is not None}}
+        fails = sanity.evidence_failures(numbers, v.passes, from_masks=method.startswith("df_rise"))
+        numbers["evidence"] = not fails
+        numbers["evidence_fails"] = fails
+        head = v.note.split(" | ")[0]
+        note = f"{head} | " + ("meets every evidence bar" if not fails else "not evidence: " + "; ".join(fails))
+        out.append(replace(v, numbers=numbers, note=note))
+        log(f"  verdict {method}: {note}")
+    aliases = json.loads(sanity.VERDICTS_FILE.read_text())["models"][MODEL_ID].get("aliases", [])
+    sanity.write_verdicts(out, MODEL_ID, aliases=aliases)
+    log(f"faithfulness and stability added to {sanity.VERDICTS_FILE}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=30)
-    p.add_argument("--masks", type=int, default=32, help="masks of the non-default variants (the default runs at its own count)")
+    p.add_argument("--masks", type=int, default=32, help="masks of the variants whose default count is above --own-masks-up-to")
+    p.add_argument("--own-masks-up-to", type=int, default=64, help="variants whose default mask count is at most this run at it")
     p.add_argument("--stride", type=int, default=32)
     p.add_argument("--rand-variants", nargs="*", default=["grid4-structure-centered"])
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--from-json", default=None)
+    p.add_argument("--write-verdicts", action="store_true", help="add the figures to explain/methods/verdicts.json")
     args = p.parse_args(argv)
     vc.one_thread()
     log = vc.Tee("faithfulness")
@@ -157,7 +203,9 @@ def main(argv=None) -> int:
     else:
         data = run(args, log)
         (vc.RESULTS / "faithfulness.json").write_text(json.dumps(data))
-    report(data, log)
+    figures = report(data, log)
+    if args.write_verdicts:
+        add_to_verdicts(figures, log)
     log.close()
     return 0
 

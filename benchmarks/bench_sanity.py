@@ -110,7 +110,7 @@ def run(args, log) -> dict:
         masks = [(span, m) for span, m in zip(spans, s.object_masks) if m is not None]
         row: dict = {"caption": s.scene.caption, "chance": float(s.union.mean())}
         cascade_models = []
-        if k < args.cascade:
+        if k < args.cascade and args.maps != ["df_rise"]:
             if groups is None:
                 x = tr.x_t[step, :1].repeat(2, 1, 1, 1)
                 ctx = torch.randn(2, 8, pipe.unet.config.cross_attention_dim)
@@ -122,8 +122,8 @@ def run(args, log) -> dict:
         # word heatmaps (cross-attention of each object's words)
         att = tr.attention[step, 0].float()
         trained_words = word_maps(att, [sp for sp, _ in masks])
-        rand_words = word_maps(attention_at(rand_pipe, tr, step, s.scene.caption), [sp for sp, _ in masks])
-        row["word_heatmap"] = {
+        rand_words = word_maps(attention_at(rand_pipe, tr, step, s.scene.caption), [sp for sp, _ in masks]) if "word_heatmap" in args.maps else []
+        row["word_heatmap"] = None if "word_heatmap" not in args.maps else {
             "rand": per_word_rho(trained_words, rand_words),
             "null": {},
             "point": [vc.point(m, mask) for m, (_, mask) in zip(trained_words, masks)],
@@ -141,6 +141,10 @@ def run(args, log) -> dict:
             )  # fmt: skip
             row[f"df_rise:{name}"] = {"rand": check.randomization_rho, "null": check.null_rho, "cascade": check.cascade, "seed": check.seed_rho, "point": [vc.point(m, s.union)]}
 
+        if args.maps == ["df_rise"]:
+            rows.append(row)
+            log(f"  {k + 1}/{len(samples)} {s.scene.caption!r}: " + ", ".join(f"{m}: ρ_rand {vc.fmt(v['rand'], 2)} ρ_null {vc.fmt(max([x for x in v['null'].values() if x is not None], default=None), 2)} ρ_seed {vc.fmt(v.get('seed'), 2)}" for m, v in row.items() if isinstance(v, dict)))
+            continue
         # per-token DF-RISE at its own step
         tstep = args.token_step
         tnulls = sanity.null_denoisers(den, tr, tstep)
@@ -185,6 +189,8 @@ def summary(data: dict, log) -> list:
     rows = data["rows"]
     args = data["args"]
     methods = [m for m in rows[0] if isinstance(rows[0][m], dict)]
+    # the DF-RISE variants together, after the word heatmaps (merged runs append theirs at the end)
+    methods = sorted(methods, key=lambda m: (0 if m == "word_heatmap" else 1 if m.startswith("df_rise:") else 2))
     measured = (
         f"embedded shapes-64, {len(rows)} held-out prompts, 20 steps, guidance 5, step 14"
     )
@@ -236,6 +242,16 @@ def verdicts_for_front_ends(verdicts: list) -> list:
     return [replace(v, note=paper_note) if v.method == "df_rise:paper" and not v.passes else v for v in out]
 
 
+def merged(base: dict, extra: dict) -> dict:
+    """``base``'s rows with ``extra``'s DF-RISE variants added (the same prompts, in order)."""
+    if [r["caption"] for r in base["rows"]] != [r["caption"] for r in extra["rows"]]:
+        raise SystemExit("--merge: the two runs explained different prompts")
+    for row, more in zip(base["rows"], extra["rows"]):
+        row.update({k: v for k, v in more.items() if k.startswith("df_rise:")})
+    base["args"]["variants"] = list(dict.fromkeys(base["args"]["variants"] + extra["args"]["variants"]))
+    return base
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=30)
@@ -245,16 +261,22 @@ def main(argv=None) -> int:
     p.add_argument("--cascade", type=int, default=1, help="prompts with the cascading randomisation")
     p.add_argument("--variants", nargs="*", default=["paper", "x0-negmse-centered", "epsilon-negmse-centered", "grid4-structure-centered"])
     p.add_argument("--cascade-variant", default="grid4-structure-centered")
+    p.add_argument("--maps", nargs="*", default=["all"], choices=["all", "df_rise"], help="'df_rise': only the DF-RISE variants")
+    p.add_argument("--merge", default=None, help="a sanity.json whose rows (same prompts) this run's maps are added to")
     p.add_argument("--from-json", default=None)
+    p.add_argument("--name", default="sanity", help="results file names: benchmarks/results/<name>.txt / .json")
     p.add_argument("--write-verdicts", action="store_true")
     args = p.parse_args(argv)
+    args.maps = ["df_rise"] if args.maps == ["df_rise"] else ["word_heatmap", "df_rise"]
     vc.one_thread()
-    log = vc.Tee("sanity")
+    log = vc.Tee(args.name)
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
     else:
         data = run(args, log)
-        (vc.RESULTS / "sanity.json").write_text(json.dumps(data, indent=1))
+        if args.merge:
+            data = merged(json.loads(Path(args.merge).read_text()), data)
+        (vc.RESULTS / f"{args.name}.json").write_text(json.dumps(data, indent=1))
     verdicts = verdicts_for_front_ends(summary(data, log))
     if args.write_verdicts:
         sanity.write_verdicts(verdicts, MODEL_ID, aliases=["shapes-64"])

@@ -123,6 +123,9 @@ VARIANTS: dict[str, RiseSettings] = {
     "grid4-structure-centered": RiseSettings(n_masks=64, masks="grid", cells=4, similarity="structure", centered=True),
     "epsilon-negmse-centered": RiseSettings(quantity="epsilon", similarity="neg_mse", centered=True),
     "kept-cells4-noise4": RiseSettings(masks="cells", cells=4, similarity="neg_mse", centered=True, perturbation="noise", noise_scale=4.0, score="kept"),
+    # smooth masks (stable at few masks) scoring the network's own output, or removing in-distribution
+    "grid4-epsilon-negmse-centered": RiseSettings(n_masks=64, masks="grid", cells=4, quantity="epsilon", similarity="neg_mse", centered=True),
+    "grid4-noise4-structure-centered": RiseSettings(n_masks=64, masks="grid", cells=4, similarity="structure", centered=True, perturbation="noise", noise_scale=4.0),
 }
 RISE = replace(VARIANTS["grid4-structure-centered"], n_masks=64)
 TOKEN_RISE = TokenRiseSettings()

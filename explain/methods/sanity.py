@@ -122,6 +122,35 @@ def verdict_passes(randomization_rho: float | None, null_rho: float | None, seed
     return null_rho is None or not math.isfinite(null_rho) or null_rho < NULL_LIMIT
 
 
+# ---------------------------------------------------------------------------- evidence
+# The bars a map from random masks must meet to be shown as evidence about the model (issue 12):
+# pass the sanity checks, beat random and every model-free baseline (and the same method on the
+# randomised model) in insertion AND deletion on >= 90 % of held-out prompts, and agree with
+# itself under another mask seed (ρ >= 0.9) at the mask count it runs with.
+EVIDENCE_WIN_SHARE = 0.9
+EVIDENCE_SEED_RHO = 0.9
+
+
+def evidence_failures(numbers: dict, passes: bool, from_masks: bool = True) -> list[str]:
+    """What keeps a method's maps from counting as evidence, from a verdict's ``passes`` and
+    ``numbers`` (``beats_all_share``: share of prompts where the map beats every baseline in both
+    games; ``seed_rho_at_masks``: mask-seed ρ at the method's own mask count). Empty: nothing;
+    a bar that was not measured is listed as such."""
+    fails = [] if passes else ["fails the sanity checks"]
+    share = numbers.get("beats_all_share")
+    if share is None:
+        fails.append("faithfulness not measured")
+    elif not share >= EVIDENCE_WIN_SHARE:
+        fails.append(f"beats every baseline in insertion and deletion on {100 * share:.0f} % of prompts (bar {100 * EVIDENCE_WIN_SHARE:.0f} %)")
+    if from_masks:
+        rho = numbers.get("seed_rho_at_masks")
+        if rho is None:
+            fails.append("mask-seed stability not measured")
+        elif not rho >= EVIDENCE_SEED_RHO:
+            fails.append(f"mask-seed ρ {rho:.2f} at {numbers.get('masks_at', '?')} masks (bar {EVIDENCE_SEED_RHO})")
+    return fails
+
+
 # ---------------------------------------------------------------------------- cached verdicts
 def _model_keys(model: str) -> set[str]:
     text = str(model).strip().rstrip("/\\")

@@ -252,3 +252,37 @@ def test_a_verdict_on_demand_from_one_prompt():
     # a map that is mostly mask noise at this count does not agree with itself under another seed
     noisy = verdict_on_demand("x", lambda d: explain(d), den, moved, trace, 0, reseeded=lambda d: explain(d, 1))
     assert noisy.numbers["seed_rho"] < 0.5 and not noisy.passes
+
+
+def test_evidence_needs_every_bar_and_names_what_is_missing():
+    from explain.methods.sanity import evidence_failures
+
+    good = {"beats_all_share": 0.93, "seed_rho_at_masks": 0.95, "masks_at": 64}
+    assert evidence_failures(good, True) == []
+    assert evidence_failures(good, False) == ["fails the sanity checks"]
+    weak = evidence_failures({**good, "beats_all_share": 0.5, "seed_rho_at_masks": 0.7}, True)
+    assert len(weak) == 2 and "50 %" in weak[0] and "0.70 at 64 masks" in weak[1]
+    assert evidence_failures({}, True) == ["faithfulness not measured", "mask-seed stability not measured"]
+    assert evidence_failures({"beats_all_share": 0.95}, True, from_masks=False) == []
+
+
+def test_the_shipped_verdicts_were_measured_for_every_map_the_front_ends_show():
+    """explain/methods/verdicts.json is written by benchmarks/bench_sanity.py and
+    bench_faithfulness.py (never by hand): every method id the front ends look up has a verdict
+    for the embedded model, with the numbers it was decided by, and the default DF-RISE's says
+    which variant it is and whether it meets every evidence bar."""
+    from explain.methods import sanity
+
+    known = sanity.load_verdicts().get("diffusion-explain/shapes-64")
+    if not known:
+        pytest.skip("no verdicts shipped yet (run benchmarks/bench_sanity.py --write-verdicts)")
+    for method in ("word_heatmap", "df_rise", "df_rise:paper", "df_rise_tokens", "df_cam", "recovery"):
+        v = known[method]
+        assert v.numbers["prompts"] >= 30 and v.measured_on, method
+        assert v.passes == sanity.verdict_passes(v.randomization_rho, v.null_rho, v.numbers.get("seed_rho")), method
+    default = known["df_rise"]
+    assert defaults.VARIANTS[default.numbers["variant"]].same_method(defaults.RISE)
+    assert not known["df_rise:paper"].passes  # the published estimator is the identity path's map
+    if "evidence" in default.numbers:
+        assert default.numbers["evidence"] == (sanity.evidence_failures(default.numbers, default.passes) == [])
+    assert sanity.known_verdict("df_rise", "shapes-64") == default  # found by the folder name too
