@@ -238,8 +238,21 @@ def verdicts_for_front_ends(verdicts: list) -> list:
         if name and name in defaults.VARIANTS and defaults.VARIANTS[name].same_method(defaults.RISE):
             out.append(sanity.MethodVerdict("df_rise", v.passes, {**v.numbers, "variant": name}, v.measured_on, f"the default DF-RISE ({name})", v.model))
     assert default == "df_rise"
-    paper_note = "the published algorithm: its map follows the input (identity path) and survives model randomisation"
-    return [replace(v, note=paper_note) if v.method == "df_rise:paper" and not v.passes else v for v in out]
+    return [replace(v, note=failure_note(v)) if not v.passes else v for v in out]
+
+
+def failure_note(v) -> str:
+    """Why a verdict fails, in words, from its own numbers."""
+    why = []
+    if v.randomization_rho is not None and v.randomization_rho >= sanity.RANDOMIZATION_LIMIT:
+        why.append("the map survives model randomisation")
+    if v.null_rho is not None and v.null_rho >= sanity.NULL_LIMIT:
+        why.append("a null model (a network that ignores its input) reproduces it: it follows the input (identity path)")
+    seed = v.numbers.get("seed_rho")
+    if seed is not None and seed < sanity.SEED_LIMIT:
+        why.append(f"it is mostly mask noise at {v.numbers.get('masks', '?')} masks")
+    head = "the published algorithm" if v.method == "df_rise:paper" else v.note
+    return f"{head}: " + "; ".join(why) if why else head
 
 
 def merged(base: dict, extra: dict) -> dict:
@@ -272,10 +285,13 @@ def main(argv=None) -> int:
     log = vc.Tee(args.name)
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
+        if args.merge:
+            data = merged(data, json.loads(Path(args.merge).read_text()))
     else:
         data = run(args, log)
         if args.merge:
             data = merged(json.loads(Path(args.merge).read_text()), data)
+    if args.merge or not args.from_json:
         (vc.RESULTS / f"{args.name}.json").write_text(json.dumps(data, indent=1))
     verdicts = verdicts_for_front_ends(summary(data, log))
     if args.write_verdicts:
