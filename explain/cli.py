@@ -381,8 +381,14 @@ def word_palette(model_name: str) -> dict | None:
 
 
 # ---------------------------------------------------------------------------- parser
+def _program_name() -> str:
+    """How the user called us, for usage lines: the console script or ``python -m explain``."""
+    called = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return "diffusion-explain" if called.startswith("diffusion-explain") else "python -m explain"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(prog="python -m explain", description="Explain how a text-to-image diffusion model denoises.")
+    parser = OneLineErrorParser(prog=_program_name(), description="Explain how a text-to-image diffusion model denoises.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{report,open}")
 
     rep = sub.add_parser("report", help="generate, trace and explain one prompt into an HTML report")

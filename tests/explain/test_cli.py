@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -362,3 +363,14 @@ def test_the_same_seed_twice_gives_the_same_trace_file(tmp_path):
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     assert (tmp_path / "a" / "trace.safetensors").read_bytes() == (tmp_path / "b" / "trace.safetensors").read_bytes()
+
+
+def test_usage_names_the_command_the_user_typed(monkeypatch, capsys):
+    """The console script's help says `diffusion-explain`, `python -m explain`'s says that."""
+    from explain import cli
+
+    for argv0, expected in (("/venv/bin/diffusion-explain", "usage: diffusion-explain"), ("/repo/explain/__main__.py", "usage: python -m explain")):
+        monkeypatch.setattr(sys, "argv", [argv0, "--help"])
+        with pytest.raises(SystemExit):
+            cli.main(["--help"])
+        assert capsys.readouterr().out.startswith(expected)
