@@ -92,6 +92,8 @@ def run(args, log) -> dict:
             row["point"][name] = vc.point(m, s.union)
             row["auc"][name] = {}
             for game, kw in GAMES.items():
+                if game not in args.games:
+                    continue
                 g = fa.insertion_deletion(den, tr, vc.STEP, m, stride=args.stride, seed=0, **kw)
                 row["auc"][name][game] = [g["insertion"].latent_auc, g["deletion"].latent_auc, g["insertion"].latent_curve.tolist(), g["deletion"].latent_curve.tolist()]
         rows.append(row)
@@ -123,7 +125,7 @@ def report(data, log) -> dict:
         log(f"  {name:32s} {n_at:4d} masks {vc.fmt(vc.mean(v), 3)} [{vc.fmt(min(x for x in v if x is not None), 2)}]; >= 0.9 on {vc.share([x is not None and x >= 0.9 for x in v])}")
     names = list(rows[0]["auc"])
     base_names = list(baselines.BASELINES)
-    for game in GAMES:
+    for game in [g for g in GAMES if g in rows[0]["auc"][names[0]]]:
         log("")
         log(f"Game '{game}' ({GAMES[game]}): mean AUC insertion (lower = better) / deletion (higher = better), paper aggregate, pointing, win rates")
         log(f"  {'map':36s} {'ins':>7s} {'del':>7s} {'paperAUC ins/del':>17s} {'pointing':>16s}  " + "  ".join(f"{'vs ' + b:>16s}" for b in base_names + ["rand-UNet"]) + f"  {'beats all':>16s}")
@@ -193,6 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--stride", type=int, default=32)
     p.add_argument("--rand-variants", nargs="*", default=["grid4-structure-centered"])
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--games", nargs="*", default=list(GAMES), choices=list(GAMES))
     p.add_argument("--from-json", default=None)
     p.add_argument("--write-verdicts", action="store_true", help="add the figures to explain/methods/verdicts.json")
     args = p.parse_args(argv)

@@ -26,7 +26,9 @@ Bar: >= 80 % (attention-share peaks: 13 % in the reviewer's measurement).
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -104,8 +106,11 @@ def run(args, log) -> dict:
     pipe = vc.load()
     decode = vae_decoder(pipe.vae)
     samples = vc.samples(pipe, args.n, log=log)
-    rows = []
+    rows = rows_from_log(args.resume_log) if args.resume_log else []
+    done = {r["caption"] for r in rows}
     for k, s in enumerate(samples):
+        if s.scene.caption in done:
+            continue
         tr = s.trace
         den = from_pipeline(pipe, tr)
         attrs = attributes(tr, s.scene)
@@ -140,15 +145,32 @@ def run(args, log) -> dict:
     return {"rows": rows, "args": vars(args)}
 
 
+def rows_from_log(path) -> list[dict]:
+    """The per-prompt lines an interrupted run printed (``k/n 'caption': truth {...} | causal
+    {...} | attention peak {...}``) as rows: their latent and emergence columns were not printed,
+    so those rows count only in the checker-based and attention-peak comparisons."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        m = re.match(r"\s*\d+/\d+ (['\"])(.*)\1: truth (\{.*?\}) \| causal (\{.*?\}) \| attention peak (\{.*\})\s*$", line)
+        if m:
+            rows.append({"caption": m.group(2), "truth": ast.literal_eval(m.group(3)), "causal": ast.literal_eval(m.group(4)), "peak": ast.literal_eval(m.group(5)), "from_log": True})
+    return rows
+
+
 def report(data, log) -> None:
     rows = data["rows"]
     log("")
     how = "prompt re-encoded without the words" if data["args"].get("removal", "reencode") == "reencode" else "token positions masked"
     log(f"Concept timing | embedded shapes-64 | {len(rows)} held-out prompts, 20 steps, words removed ({how}) from step s on, s every {data['args']['every']} steps")
+    resumed = sum(1 for r in rows if r.get("from_log"))
+    if resumed:
+        log(f"  ({resumed} prompts' rows from an interrupted run's log: they have no latent / emergence columns)")
     log(f"  {'decision step from':44s} {'agreement':>10s} {'strict':>8s} {'pairs':>6s}   (bar >= 80 %)")
     for key, label in (("causal", "causal removal, checker on the result"), ("latent", "causal removal, latent change (no checker)"), ("peak", "attention-share peak (baseline)"), ("emergence", "attention-share emergence (baseline)")):
         h = s = n = 0
         for r in rows:
+            if key not in r:  # a row recovered from an interrupted run's log
+                continue
             a, b, c = pair_agreement(r["truth"], r[key])
             h, s, n = h + a, s + b, n + c
         log(f"  {label:44s} {100 * h / max(n, 1):9.1f} % {100 * s / max(n, 1):7.1f} % {n:6d}")
@@ -170,6 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=3, help="test removal from every k-th step")
     p.add_argument("--removal", default="reencode", choices=["reencode", "mask"],
                    help="remove a word by re-encoding the prompt without it (default) or by masking its token positions")
+    p.add_argument("--resume-log", default=None, help="a log of an interrupted run: its prompts' rows are taken from it, not re-run")
     p.add_argument("--from-json", default=None)
     args = p.parse_args(argv)
     vc.one_thread()
