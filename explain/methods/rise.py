@@ -57,10 +57,13 @@ SCORES = ("map", "mean", "kept")
 PERTURBATIONS = ("zero", "blur", "noise")
 
 PAPER_WARNING = (
-    "DF-RISE as published (x0 compared by SSIM structure, masked pixels zeroed, uncentered) does not pass "
-    "the sanity checks: a network that ignores its input gives a map ∝ x_t² through the identity path "
-    "x0 = (x_t - √(1-ᾱ) ε̂)/√ᾱ, and at a few hundred masks the map is mostly mask noise. Use it to reproduce "
-    "the paper; for evidence about the model use the default (explain.methods.defaults.RISE)."
+    "DF-RISE as published (x0 compared by SSIM structure, masked pixels zeroed, uncentered) fails the sanity "
+    "checks: on the embedded model (30 held-out prompts, step 14, 32 masks; benchmarks/bench_sanity.py) its map "
+    "has Spearman ρ 0.85 with a randomised model's map; ρ 0.62 with the map of a null model returning a fixed ε "
+    "(x0 then follows the input through the identity path x0 = (x_t - √(1-ᾱ) ε̂)/√ᾱ) and 0.88 with that of one "
+    "returning a fixed x0 (whose map is only how often each pixel was kept: the uncentered estimator's mask "
+    "noise); ρ 0.16 with itself under another mask seed. Use it to reproduce the paper, not as evidence about "
+    "the model (README: 'What each map is evidence of')."
 )
 
 
@@ -195,10 +198,11 @@ def perturb(x: torch.Tensor, masks: torch.Tensor, perturbation: str = "zero", *,
 
 def step_noise_std(denoiser: GuidedDenoiser, level: NoiseLevel) -> float:
     """The standard deviation of the noise in a latent at ``level``, in the denoiser's own latent
-    space: √(1-ᾱ) for variance-preserving latents, σ for k-diffusion's x0 + σ ε."""
+    space: √(1-ᾱ) for variance-preserving latents, σ for k-diffusion's x0 + σ ε and for rectified
+    flow's (1-σ) x0 + σ ε (SD3, Flux)."""
     if denoiser.latent_space == "vp":
         return math.sqrt(max(1.0 - level.alpha_bar, 0.0))
-    if denoiser.latent_space == "sigma":
+    if denoiser.latent_space in ("sigma", "flow"):
         return float(level.sigma)
     raise ValueError(f"no noise level is known for latent space {denoiser.latent_space!r}; use perturbation='zero' or 'blur'")
 
