@@ -336,15 +336,12 @@ def _copy_trace(tr: Trace) -> Trace:
 
 
 # ---------------------------------------------------------------------------- DF-RISE
-def rise_settings(preset, n_masks, similarity, quantity, masks, p, centered, mask_seed) -> defaults.RiseSettings:
-    """The node's DF-RISE settings: ``"default"`` is `defaults.RISE` with the node's widgets
-    over it; ``"paper"`` is `defaults.PAPER_RISE` exactly, with only the mask count and seed."""
-    if preset not in defaults.PRESETS:
-        raise ValueError(f"unknown DF-RISE preset {preset!r}; choose one of {', '.join(defaults.PRESETS)}")
-    if preset == "paper":
-        return dataclasses.replace(defaults.PAPER_RISE, n_masks=int(n_masks), seed=int(mask_seed))
+def rise_settings(n_masks, similarity, quantity, masks, p, centered, mask_seed) -> defaults.RiseSettings:
+    """The node's DF-RISE settings: `defaults.RISE` with the node's widgets over it (the paper's
+    algorithm: 500 masks, structure, x0, bernoulli, p 0.5, not centered; the json's ``method``
+    then says ``df_rise:paper``)."""
     return dataclasses.replace(
-        defaults.PRESETS[preset], n_masks=int(n_masks), similarity=similarity, quantity=quantity, masks=masks, p=float(p),
+        defaults.RISE, n_masks=int(n_masks), similarity=similarity, quantity=quantity, masks=masks, p=float(p),
         centered=bool(centered), seed=int(mask_seed),
     )  # fmt: skip
 
@@ -379,7 +376,7 @@ class ExplainRise(ExplanationNode):
                 ),  # fmt: skip
                 io.Combo.Input("quantity", options=["x0", "epsilon"], default=d.quantity, tooltip="Which prediction is compared: x0 or the noise."),
                 io.Combo.Input(
-                    "masks", options=list(rise.MASK_KINDS), default=d.masks,
+                    "masks", options=["bernoulli", "grid"], default=d.masks,  # saved workflows know these two
                     tooltip="'bernoulli': each latent pixel kept with probability p; 'grid': RISE's upsampled coarse grids.",
                 ),  # fmt: skip
                 io.Float.Input("p", default=d.p, min=0.01, max=0.99, step=0.01, tooltip="Share of the latent each mask keeps."),
@@ -390,12 +387,6 @@ class ExplainRise(ExplanationNode):
                 item_input(),
                 io.Boolean.Input("games", default=True, tooltip="Play the insertion/deletion games for the AUCs."),
                 image_input(),
-                io.Combo.Input(
-                    "preset", options=list(defaults.PRESETS), default="default", optional=True,
-                    tooltip="'default': the settings above (they start at the library's defaults, explain.methods.defaults). "
-                    "'paper': the published algorithm exactly, with only n_masks and mask_seed taken from above; it fails "
-                    "the sanity checks (see the json's 'sanity').",
-                ),  # fmt: skip
             ],
             outputs=[
                 io.Image.Output("overlay", display_name="overlay", tooltip="The saliency map over the image."),
@@ -413,7 +404,7 @@ class ExplainRise(ExplanationNode):
         )
 
     @classmethod
-    def execute(cls, trace, latent, model, positive, negative, step, n_masks, similarity, quantity, masks, p, centered, mask_seed, cfg, item, games, image=None, preset="default"):
+    def execute(cls, trace, latent, model, positive, negative, step, n_masks, similarity, quantity, masks, p, centered, mask_seed, cfg, item, games, image=None):
         from explain.methods import faithfulness, rise
 
         from .comfy_denoiser import guidance_of, memory_budget, run_with_denoiser
@@ -424,7 +415,7 @@ class ExplainRise(ExplanationNode):
         step = tr.check_step(int(step))
         scale = guidance_of(tr, cfg)
 
-        settings = rise_settings(preset, n_masks, similarity, quantity, masks, p, centered, mask_seed)
+        settings = rise_settings(n_masks, similarity, quantity, masks, p, centered, mask_seed)
 
         def work(denoiser):
             result = rise.df_rise(denoiser, tr, step, item, **settings.kwargs(), memory_budget=memory_budget(denoiser.device))
@@ -442,7 +433,7 @@ class ExplainRise(ExplanationNode):
         info = {
             "step": step, "timestep": float(tr.timesteps[step]), "sigma": float(tr.sigmas[step]), "n_masks": result.n_masks,
             "similarity": result.similarity, "quantity": result.quantity, "masks": result.mask_kind, "p": result.p,
-            "centered": result.centered, "cfg": scale, "item": item, "preset": preset, "method": result.method,
+            "centered": result.centered, "cfg": scale, "item": item, "method": result.method,
             "sanity": sanity_line(result.method, tr),
             "insertion_auc": aucs.get("insertion"), "deletion_auc": aucs.get("deletion"),
             "auc_direction": "distance curves: lower insertion AUC and higher deletion AUC mean a more faithful map",

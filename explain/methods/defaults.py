@@ -52,6 +52,10 @@ class RiseSettings:
     def same_method(self, other: "RiseSettings") -> bool:
         """Equal in everything but the mask count and seed (which change the noise, not the method)."""
         skip = {"n_masks", "seed"}
+        if self.masks == other.masks == "bernoulli":
+            skip.add("cells")  # Bernoulli masks have no cells
+        if self.perturbation == other.perturbation != "noise":
+            skip.add("noise_scale")  # only the noise perturbation scales anything
         return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(self) if f.name not in skip)
 
 
