@@ -169,7 +169,7 @@ def add_to_verdicts(figures: dict, log) -> None:
         raise SystemExit("no sanity verdicts for the embedded model yet: run bench_sanity.py --write-verdicts first")
     out = []
     for method, v in known.items():
-        key = "df_rise:" + v.numbers["variant"] if method == "df_rise" else method.split(":", 1)[1] if method.startswith("df_rise:") else method
+        key = v.numbers["variant"] if method == "df_rise" else method.split(":", 1)[1] if method.startswith("df_rise:") else method
         f = figures.get(key)
         if f is None:
             out.append(v)

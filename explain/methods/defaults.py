@@ -118,8 +118,7 @@ class TimingSettings:
 # The paper's DF-RISE: SSIM structure of x0, Bernoulli masks, zeroed pixels, uncentered, 500 masks.
 PAPER_RISE = RiseSettings(n_masks=500, similarity="structure", centered=False)
 
-# Every variant the sanity benchmark measures, by name. Provisional: the measured choice of
-# default (issue 12) replaces RISE below.
+# Every variant the sanity benchmark measures, by name.
 VARIANTS: dict[str, RiseSettings] = {
     "paper": PAPER_RISE,
     "x0-structure-centered": RiseSettings(similarity="structure", centered=True),
@@ -131,6 +130,11 @@ VARIANTS: dict[str, RiseSettings] = {
     "grid4-epsilon-negmse-centered": RiseSettings(n_masks=64, masks="grid", cells=4, quantity="epsilon", similarity="neg_mse", centered=True),
     "grid4-noise4-structure-centered": RiseSettings(n_masks=64, masks="grid", cells=4, similarity="structure", centered=True, perturbation="noise", noise_scale=4.0),
 }
+# The default, chosen by measurement (benchmarks/results/sanity.txt, faithfulness.txt; 30 held-out
+# prompts of the embedded model, step 14): NO variant meets every bar. This one misses the fewest:
+# mask-seed ρ 0.92 at 64 masks (bar 0.9: met), but ρ 0.34 with the randomised model's map (bar < 0.3:
+# fails the sanity checks) and it beats every baseline in both games on 10 % of prompts (bar 90 %).
+# It is shown with that verdict (verdicts.json) and is not evidence about the model.
 RISE = replace(VARIANTS["grid4-structure-centered"], n_masks=64)
 TOKEN_RISE = TokenRiseSettings()
 CAM = CamSettings()
