@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--share", action="store_true", help="also serve a public gradio.live link (a public app: see --models)")
     parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0 for a LAN, which makes a public app)")
     parser.add_argument("--port", type=int, default=None, help="port (default 7860 or the next free one)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="the default model: 'embedded', a diffusers folder or a hub id")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="the default model: 'embedded' (shapes UNet), 'embedded-dit' (shapes MMDiT), a diffusers folder or a hub id")
     parser.add_argument("--models", default=None, metavar="LIST",
                         help="comma-separated models visitors may choose, e.g. embedded,embedded-dit (default on a public app: --model only)")
     parser.add_argument("--allow-any-model", action="store_true",

@@ -5,6 +5,7 @@ median of each and prints their ratio, all measured in this one run, plus the tr
 
     python benchmarks/bench_tap_overhead.py                   # CPU, embedded shapes model (< 1 min idle)
     python benchmarks/bench_tap_overhead.py --device cuda     # random-weight SD1.5 UNet, 512², 50 steps, fp16
+    python benchmarks/bench_tap_overhead.py --model embedded-dit   # CPU: the shipped shapes MMDiT (64 px, no T5)
     python benchmarks/bench_tap_overhead.py --model sd3       # CPU: small random MMDiT (4 blocks, 4×64), 256 px
     python benchmarks/bench_tap_overhead.py --model flux      # CPU: small random Flux (2 + 4 blocks, 4×64), 256 px
     python benchmarks/bench_tap_overhead.py --model sd3 --device cuda    # SD3-medium-shaped MMDiT, 1024², 28 steps, bf16
@@ -207,12 +208,12 @@ def cpu_pipeline():
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu (embedded model) or cuda (SD1.5-shaped UNet)")
-    ap.add_argument("--model", choices=("auto", "embedded", "tiny", "sd15", "sd3", "flux"), default="auto")
+    ap.add_argument("--model", choices=("auto", "embedded", "embedded-dit", "tiny", "sd15", "sd3", "flux"), default="auto")
     ap.add_argument("--steps", type=int, default=None, help="default 20 on CPU, 50 on CUDA (28 for sd3/flux)")
     ap.add_argument("--size", type=int, default=None, help="image side; default 512 for sd15, 1024 for sd3/flux on CUDA (256 on CPU)")
     ap.add_argument("--full", action="store_true", help="sd3/flux: the published transformer shapes on the CPU too")
     ap.add_argument("--t5-length", type=int, default=None, help="sd3/flux: T5 max_sequence_length (default 512 on CUDA, 32 on CPU)")
-    ap.add_argument("--maps", default="attention", choices=("attention", "output"), help="sd3/flux: what the tap records")
+    ap.add_argument("--maps", default="attention", choices=("attention", "output"), help="sd3/flux/embedded-dit: what the tap records")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each kind (after one warm-up each)")
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -244,6 +245,12 @@ def main(argv=None) -> int:
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         pipe, name = sd15_pipeline(device, dtype, args.width_div)
         size = args.size or 512
+    elif model == "embedded-dit":
+        from explain import embedded
+
+        pipe, name = embedded.load_pipeline("dit", device=device), "embedded shapes-dit-64 MMDiT"
+        size = args.size
+        call_extra["max_sequence_length"] = 0  # no T5: only the CLIP tokens take part (embedded.call_kwargs)
     elif model == "embedded":
         pipe, name = cpu_pipeline()
         pipe = pipe.to(device)
@@ -274,7 +281,8 @@ def main(argv=None) -> int:
     latents = {}
 
     clock = time.perf_counter if cuda else time.process_time  # CPU: process time, immune to the machine's other load
-    tap_kwargs = {"maps": args.maps} if model in ("sd3", "flux") else {"method": args.method}
+    joint = model in ("sd3", "flux", "embedded-dit")
+    tap_kwargs = {"maps": args.maps} if joint else {"method": args.method}
 
     def plain():
         sync()
@@ -318,13 +326,13 @@ def main(argv=None) -> int:
     print(f"run: {steps} steps, {last.meta['height']}x{last.meta['width']} px, latent {tuple(last.x_t.shape[-2:])}, "
           f"guidance {args.guidance}, {last.meta['scheduler']}, keep_layers={args.keep_layers}, method={args.method}")
     what = "wall" if cuda else "process CPU"
-    target = 5 if model in ("sd3", "flux") else 3
+    target = 5 if joint else 3
     print(f"plain  : median {p:.3f} s {what} time  ({', '.join(f'{x:.3f}' for x in plain_times)})")
     print(f"traced : median {q:.3f} s {what} time  ({', '.join(f'{x:.3f}' for x in traced_times)})")
     print(f"overhead: ratio {q / p:.3f} ({(q / p - 1) * 100:+.1f} %), target <= +{target} %; "
           f"ratio of the fastest runs {min(traced_times) / min(plain_times):.3f} (other load only ever adds time)")
     print(f"traced with previews: {preview_s:.3f} s ({preview_s - q:+.3f} s for {steps} x0 + {steps} x_t decodes)")
-    kind = "stock kernel kept: expect 0" if model in ("sd3", "flux") else "explicit softmax vs SDPA"
+    kind = "stock kernel kept: expect 0" if joint else "explicit softmax vs SDPA"
     print(f"traced vs plain final latent: max abs difference {diff:.2e} of the latent's range ({kind})")
     print(f"trace: attention {tuple(att.shape)}; in memory {_trace_mb(last):.2f} MB without previews; "
           f"file with previews {file_mb:.2f} MB (attention fp16)")

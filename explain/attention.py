@@ -312,7 +312,16 @@ class StepAccumulator:
     positions (a sequence, e.g. SD3's CLIP part and T5 part) as each layer is added.
     Per step only a small ``[B, N_l, T]`` sum per resolution is kept, on the device it was
     computed on; `step_maps` / `records` / `layer_records` resize and move it to
-    ``store_device`` as ``store_dtype`` after the run, so a GPU run never syncs per layer or step."""
+    ``store_device`` as ``store_dtype`` after the run, so a GPU run never syncs per layer or step.
+
+    Per-layer and per-resolution maps can cost far more than the mean (one ``[B, T, h_l, w_l]``
+    per layer and step), so they can be cut further: ``layer_rows`` keeps only those rows of
+    the added batch (e.g. the conditional branch), ``layer_tokens`` only those positions of the
+    cut token axis, ``layer_dtype`` stores them in another dtype (default ``store_dtype``), and
+    ``layer_device`` moves each step's maps there when the step ends, so the model's device holds
+    one step's maps at most (from a GPU this waits for the step once: pinned memory would spare
+    the wait but stays pinned in torch's host cache, up to twice the maps' size). Without
+    ``layer_device`` they stay where they were computed until they are read."""
 
     def __init__(
         self,
@@ -322,6 +331,10 @@ class StepAccumulator:
         keep_resolutions: bool = False,
         store_dtype: torch.dtype = torch.float32,
         store_device: str | torch.device = "cpu",
+        layer_rows: slice | Sequence[int] | None = None,
+        layer_tokens: Sequence[int] | None = None,
+        layer_dtype: torch.dtype | None = None,
+        layer_device: str | torch.device | None = None,
     ):
         self.latent_size = tuple(latent_size) if latent_size is not None else None
         self.tokens = tokens if tokens is None or isinstance(tokens, int) else [int(i) for i in tokens]
@@ -330,13 +343,18 @@ class StepAccumulator:
         self.keep_resolutions = keep_resolutions
         self.store_dtype = store_dtype
         self.store_device = torch.device(store_device)
+        self.layer_rows = layer_rows
+        self.layer_tokens = None if layer_tokens is None else [int(i) for i in layer_tokens]
+        self._layer_picked: dict[torch.device, torch.Tensor] = {}
+        self.layer_dtype = store_dtype if layer_dtype is None else layer_dtype
+        self.layer_device = None if layer_device is None else torch.device(layer_device)
         self._sums: dict[tuple[int, int, int], torch.Tensor] = {}  # (h, w, heads) -> this step's summed probabilities
         self._counts: dict[tuple[int, int, int], int] = {}
         self._shape: tuple[int, int] | None = None  # (rows, tokens) of this step
         self._count = 0
         self._layer_maps: dict[str, list[tuple[torch.Tensor, tuple[int, int]]]] = {}  # name -> this step's maps
-        self._steps: list[torch.Tensor] = []
-        self._layer_steps: dict[str, list[torch.Tensor]] = {}
+        # per step: (sums by resolution, layer count, per-layer maps: finished dict, or raw entries to finish when read)
+        self._steps: list[tuple] = []
 
     @property
     def num_steps(self) -> int:
@@ -346,6 +364,11 @@ class StepAccumulator:
     def pending(self) -> int:
         """Layers added since the last `end_step`."""
         return self._count
+
+    @property
+    def moves_layers(self) -> bool:
+        """Whether each step's per-layer maps are finished and moved when the step ends."""
+        return self.layer_device is not None and (self.keep_layers or self.keep_resolutions)
 
     def add(
         self,
@@ -397,7 +420,8 @@ class StepAccumulator:
             self._counts[key] += 1
         self._count += 1
         if self.keep_layers:
-            self._layer_maps.setdefault(name, []).append((self._head_mean(probs), key[:2]))
+            rows = probs if self.layer_rows is None else select_rows(probs, self.layer_rows)
+            self._layer_maps.setdefault(name, []).append((self._head_mean(rows), key[:2]))
 
     def _cut(self, probs: torch.Tensor) -> torch.Tensor:
         """The kept context positions (a view for a prefix cut, so adding stays one operation)."""
@@ -420,7 +444,8 @@ class StepAccumulator:
     def end_step(self) -> int:
         """Close the step and return its index. Only reduces each resolution's sum over heads
         (and cuts the context); resizing to the latent grid waits for `step_maps` / `records`,
-        after the run, so a step costs a couple of operations per resolution."""
+        after the run, so a step costs a couple of operations per resolution. Per-layer maps
+        are finished and moved now when ``layer_device`` is set."""
         if self._count == 0:
             raise RuntimeError(
                 "no cross-attention was recorded during this step; is another attention processor "
@@ -435,31 +460,84 @@ class StepAccumulator:
             else:
                 entry[0] = entry[0] + layer_sum
                 entry[1] += self._counts[(h, w, heads)]
-        layers = {name: entries for name, entries in self._layer_maps.items()}
+        layers = dict(self._layer_maps)
+        if self.moves_layers:
+            layers = self._layer_step_maps(by_size, layers, self.layer_device)
         self._steps.append((by_size, self._count, layers))
         self.discard_step()
         return len(self._steps) - 1
 
-    def step_maps(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Step ``index``'s mean map ``[B, T, h, w]`` at latent resolution, and its per-layer /
-        per-resolution maps at their own resolutions (as ``store_dtype`` on ``store_device``)."""
+    def _layer_step_maps(self, by_size: dict, entries: dict, device: torch.device) -> dict[str, torch.Tensor]:
+        """One step's per-resolution and per-layer maps ``[B_l, T_l, h_l, w_l]`` as ``layer_dtype`` on ``device``."""
+        layers: dict[str, torch.Tensor] = {}
+        if self.keep_resolutions:
+            for size, (layer_sum, n) in by_size.items():
+                rows = layer_sum if self.layer_rows is None else select_rows(layer_sum, self.layer_rows)
+                layers[f"{size[0]}x{size[1]}"] = self._finish_layer(to_maps(self._layer_cut(rows) / n, size), device)
+        for name, maps in entries.items():
+            size = maps[0][1]
+            mean = torch.stack([e[0] for e in maps]).mean(0) if len(maps) > 1 else maps[0][0]
+            layers[name] = self._finish_layer(to_maps(self._layer_cut(mean), size), device)
+        return layers
+
+    def _layer_cut(self, maps: torch.Tensor) -> torch.Tensor:
+        """``[B, N, T]`` → the ``layer_tokens`` positions of T."""
+        if self.layer_tokens is None:
+            return maps
+        if self.layer_tokens == list(range(len(self.layer_tokens))):
+            return maps[..., : len(self.layer_tokens)]
+        index = self._layer_picked.get(maps.device)
+        if index is None:
+            index = self._layer_picked[maps.device] = torch.tensor(self.layer_tokens, dtype=torch.long, device=maps.device)
+        return maps.index_select(-1, index)
+
+    def _finish_layer(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        t = t.detach().to(self.layer_dtype)  # cast where it is: less to move
+        return t.contiguous() if t.device == device else t.to(device)
+
+    def step_map(self, index: int) -> torch.Tensor:
+        """Step ``index``'s mean map ``[B, T, h, w]`` at latent resolution (``store_dtype`` on ``store_device``)."""
         if self.latent_size is None:
             raise ValueError("the accumulator does not know the latent size; pass latent_size=")
-        by_size, count, layer_entries = self._steps[index]
+        by_size, count, _ = self._steps[index]
         total = None
         for size, (layer_sum, _) in by_size.items():
             resized = resize_maps(to_maps(layer_sum, size), self.latent_size)
             total = resized if total is None else total + resized
-        record = self._finish(total / count)
-        layers: dict[str, torch.Tensor] = {}
-        if self.keep_resolutions:
-            for size, (layer_sum, n) in by_size.items():
-                layers[f"{size[0]}x{size[1]}"] = self._finish(to_maps(layer_sum / n, size))
-        for name, entries in layer_entries.items():
-            size = entries[0][1]
-            mean = torch.stack([e[0] for e in entries]).mean(0) if len(entries) > 1 else entries[0][0]
-            layers[name] = self._finish(to_maps(mean, size))
-        return record, layers
+        return self._finish(total / count)
+
+    def step_maps(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Step ``index``'s mean map ``[B, T, h, w]`` at latent resolution, and its per-layer /
+        per-resolution maps at their own resolutions (as ``layer_dtype``, on ``layer_device``
+        or else ``store_device``)."""
+        return self.step_map(index), self.layer_maps(index)
+
+    def layer_maps(self, index: int) -> dict[str, torch.Tensor]:
+        """Step ``index``'s per-layer / per-resolution maps (see `step_maps`)."""
+        by_size, _, layers = self._steps[index]
+        if self.moves_layers:
+            return dict(layers)
+        return self._layer_step_maps(by_size, layers, self.store_device)
+
+    def take_layer_maps(self, index: int) -> dict[str, torch.Tensor]:
+        """`layer_maps` of step ``index``, which the accumulator then no longer holds (frees them
+        once the caller drops them)."""
+        maps = self.layer_maps(index)
+        by_size, count, _ = self._steps[index]
+        self._steps[index] = (by_size, count, {})
+        return maps
+
+    def held_layer_bytes(self) -> int:
+        """Bytes of the finished steps' per-layer maps this accumulator still holds."""
+        total = 0
+        for _, _, layers in self._steps:
+            for value in layers.values():
+                total += value.nbytes if isinstance(value, torch.Tensor) else sum(e[0].nbytes for e in value)
+        return total
+
+    def pending_layer_bytes(self) -> int:
+        """Bytes of the running step's per-layer maps (held until the step ends)."""
+        return sum(e[0].nbytes for entries in self._layer_maps.values() for e in entries)
 
     def discard_step(self) -> None:
         self._sums = {}
@@ -475,11 +553,11 @@ class StepAccumulator:
         """``[S, B, T, h, w]`` on ``store_device``, or None before the first step."""
         if not self._steps:
             return None
-        return torch.stack([self.step_maps(i)[0] for i in range(len(self._steps))])
+        return torch.stack([self.step_map(i) for i in range(len(self._steps))])
 
     def layer_records(self) -> dict[str, torch.Tensor]:
         """name → ``[S, B, T, h_l, w_l]`` for layers (or resolutions) seen in every step."""
-        per_step = [self.step_maps(i)[1] for i in range(len(self._steps))]
+        per_step = [self.layer_maps(i) for i in range(len(self._steps))]
         names = set(per_step[0]) if per_step else set()
         for layers in per_step[1:]:
             names &= set(layers)

@@ -1,6 +1,7 @@
 """Command line: ``python -m explain report "a red circle above a blue square"``.
 
-``report PROMPT``  generates with a model (the embedded shapes model by default), traces the
+``report PROMPT``  generates with a model (the embedded shapes model by default; ``--model
+                   embedded-dit`` the shipped MMDiT), traces the
                    run, explains it and writes an HTML report with its PNGs and the trace;
 ``open TRACE``     makes the same report from a saved ``.safetensors`` trace, without a model.
 
@@ -389,12 +390,12 @@ def _program_name() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog=_program_name(), description="Explain how a text-to-image diffusion model denoises.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{report,open}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{report,open,sweep}")
 
     rep = sub.add_parser("report", help="generate, trace and explain one prompt into an HTML report")
     rep.add_argument("prompt", help="the text prompt")
     rep.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT}); an existing report there is replaced only with --overwrite")
-    rep.add_argument("--model", default=None, help="diffusers model folder or hub id (default: the embedded shapes model)")
+    rep.add_argument("--model", default=None, help="embedded (the shapes UNet model, default), embedded-dit (the shapes MMDiT, SD3-style), a diffusers model folder or a hub id")
     rep.add_argument("--negative", default=None, help="negative prompt")
     rep.add_argument("--steps", type=_whole_number(1, MAX_STEPS), default=20, help=f"denoising steps, 1 to {MAX_STEPS} (default 20)")
     rep.add_argument("--seed", type=_whole_number(0, MAX_SEED), default=0, help="random seed, 0 to 2**64 - 1 (default 0)")
@@ -422,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     opn.add_argument("--overwrite", action="store_true", help="replace the report already in the output folder")
     opn.add_argument("--quiet", action="store_true", help="print only the report's path")
     opn.set_defaults(func=cmd_open)
+
+    from explain.sweep.cli import register as register_sweep
+
+    register_sweep(sub)
     return parser
 
 

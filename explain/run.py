@@ -31,6 +31,7 @@ class GenerationRequest:
     lam: int = 60
     previews: bool = True
     keep_layers: bool | str = False
+    memory_budget_mb: float | None = None  # refuse, before any step, a run whose maps would not fit (explain.memory)
 
 
 @dataclass
@@ -105,6 +106,7 @@ def generate_and_trace(pipe, model_name: str, request: GenerationRequest, on_ste
                 lam=request.lam,
                 previews=request.previews,
                 keep_layers=request.keep_layers,
+                memory_budget_mb=request.memory_budget_mb,
                 **extra,
             )
         finally:

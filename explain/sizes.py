@@ -51,12 +51,13 @@ def folder_geometry(folder: str | Path) -> Geometry | None:
 def spec_geometry(spec: str | None) -> Geometry | None:
     """The geometry of a model spec as `explain.adapters.diffusers.loading.load_model` takes
     it, when a folder holds it (the embedded model, a local folder); None for hub ids."""
-    from explain.adapters.diffusers.loading import EMBEDDED_NAMES
+    from explain.adapters.diffusers.loading import EMBEDDED_MODELS, embedded_key
 
-    if spec in (None, "", *EMBEDDED_NAMES):
+    key = embedded_key(spec)
+    if key is not None:
         from explain import embedded
 
-        return folder_geometry(embedded.MODEL_DIR)
+        return folder_geometry(embedded.model_dir_for(EMBEDDED_MODELS[key][0]))
     path = Path(spec).expanduser()
     try:
         return folder_geometry(path) if path.is_dir() else None

@@ -29,6 +29,8 @@ DISPLAY_SIDE = 256  # small images are enlarged by whole pixels to at least this
 FUNCTION_WORDS = ("a", "an", "the", "of", "and", ",", "on", "in", "at", "to", "is")
 CURVE_KINDS = ("normalized", "share", "mass")
 DEFAULT_MODEL = "embedded"
+# the model box's hint: the shipped models by name (explain.adapters.diffusers.loading.EMBEDDED_MODELS) first
+MODEL_BOX_INFO = "'embedded' (the shapes UNet model), 'embedded-dit' (the shapes MMDiT, SD3-style), a local diffusers folder or a hub id"
 
 
 class InputError(ValueError):

@@ -294,7 +294,7 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
                         model = gr.Textbox(
                             label="model",
                             value=default_model,
-                            info="'embedded' (the shapes model), a local diffusers folder or a hub id",
+                            info=inputs.MODEL_BOX_INFO,
                             interactive=allow_model_choice,
                             elem_id="model",
                         )

@@ -150,18 +150,18 @@ class Log:
             self.file.flush()
 
 
-def fast_token_ids(captions: list[str], tokenizer) -> torch.Tensor:
-    """Token ids for grammar captions: every word is one token, so a dictionary lookup suffices
-    (checked against the real tokenizer on a sample)."""
+def fast_token_ids(captions: list[str], tokenizer, length: int = 77) -> torch.Tensor:
+    """Token ids for grammar captions, padded to ``length``: every word is one token, so a
+    dictionary lookup suffices (checked against the real tokenizer on a sample)."""
     vocab = tokenizer.get_vocab()
     word_id = {w: vocab[w + "</w>"] for w in world.vocabulary()}
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    ids = torch.full((len(captions), 77), eos, dtype=torch.long)
+    ids = torch.full((len(captions), length), eos, dtype=torch.long)
     for i, c in enumerate(captions):
         toks = [bos] + [word_id[w] for w in c.replace(",", " ,").split()] + [eos]
         ids[i, : len(toks)] = torch.tensor(toks)
     sample = captions[:: max(1, len(captions) // 50)]
-    ref = tokenizer(sample, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ref = tokenizer(sample, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
     assert torch.equal(ref, ids[:: max(1, len(captions) // 50)][: len(sample)]), "fast tokenization disagrees"
     return ids
 

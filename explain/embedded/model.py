@@ -106,28 +106,75 @@ def build_components(tokenizer_dir: str | Path, seed: int = 0) -> dict:
     )
 
 
-def is_available(model_dir: str | Path = MODEL_DIR) -> bool:
-    return (Path(model_dir) / "model_index.json").is_file() and (Path(model_dir) / "unet").is_dir()
+MODEL_NAMES = ("unet", "dit")
 
 
-def training_info(model_dir: str | Path = MODEL_DIR) -> dict:
-    """What ``scripts/train_embedded.py`` wrote next to the weights (config, generator version)."""
-    path = Path(model_dir) / "training.json"
+def model_dir_for(model: str | Path | None = None) -> Path:
+    """The folder of an embedded model: ``None`` or ``"unet"`` is the shipped UNet model
+    (``shapes-64``), ``"dit"`` the shipped MMDiT (``shapes-dit-64``); anything else is a path."""
+    if model is None or model == "unet":
+        return MODEL_DIR
+    if model == "dit":
+        from explain.embedded.dit import DIT_MODEL_DIR
+
+        return DIT_MODEL_DIR
+    return Path(model)
+
+
+def _pipeline_class(model_dir: Path) -> str | None:
+    index = model_dir / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        return json.loads(index.read_text()).get("_class_name")
+    except json.JSONDecodeError:
+        return None
+
+
+def is_available(model_dir: str | Path | None = MODEL_DIR) -> bool:
+    model_dir = model_dir_for(model_dir)
+    denoiser = "transformer" if _pipeline_class(model_dir) == "StableDiffusion3Pipeline" else "unet"
+    return (model_dir / "model_index.json").is_file() and (model_dir / denoiser).is_dir()
+
+
+def training_info(model_dir: str | Path | None = MODEL_DIR) -> dict:
+    """What the training script wrote next to the weights (config, generator version)."""
+    path = model_dir_for(model_dir) / "training.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def load_pipeline(model_dir: str | Path | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """The embedded ``StableDiffusionPipeline``, loaded offline from the package folder."""
-    from diffusers import StableDiffusionPipeline
-
-    model_dir = Path(model_dir) if model_dir is not None else MODEL_DIR
+    """An embedded pipeline, loaded offline: ``None``/``"unet"`` the shipped
+    ``StableDiffusionPipeline`` (the default), ``"dit"`` the shipped ``StableDiffusion3Pipeline``,
+    or a folder, loaded by the class its ``model_index.json`` names. Call an SD3 one with
+    `call_kwargs` (``max_sequence_length=0``)."""
+    name = model_dir if model_dir in MODEL_NAMES else None
+    if isinstance(model_dir, str) and name is None and not _looks_like_path(model_dir):
+        raise ValueError(
+            f"{model_dir!r} is not an embedded model; use one of {', '.join(repr(n) for n in MODEL_NAMES)} "
+            "(None is 'unet'), or a model folder"
+        )
+    model_dir = model_dir_for(model_dir)
+    kind = _pipeline_class(model_dir)
     if not is_available(model_dir):
+        script = "train_embedded_dit.py" if name == "dit" or kind == "StableDiffusion3Pipeline" else "train_embedded.py"
         raise EmbeddedModelMissing(
             f"the embedded model's weights are not in {model_dir}; "
-            "train them with `python scripts/train_embedded.py` or reinstall diffusion-explain"
+            f"train them with `python scripts/{script}` or reinstall diffusion-explain"
+        )
+    if kind not in ("StableDiffusionPipeline", "StableDiffusion3Pipeline"):
+        raise ValueError(
+            f"{model_dir} holds a {kind}; the embedded loader reads a StableDiffusionPipeline (UNet) or a "
+            "StableDiffusion3Pipeline (DiT) folder"
         )
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or torch.float32
+    if kind == "StableDiffusion3Pipeline":
+        from explain.embedded.dit import load_dit_pipeline
+
+        return load_dit_pipeline(model_dir, device=device, dtype=dtype)
+    from diffusers import StableDiffusionPipeline
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*safety_checker.*")
         # dtype is applied with .to() below: the keyword for it changed name across diffusers versions
@@ -143,6 +190,12 @@ def load_pipeline(model_dir: str | Path | None = None, device: str | torch.devic
         if module.dtype != dtype:  # transformers keeps the fp16 the weights are stored in
             module.to(dtype)
     return pipe.to(device)
+
+
+def _looks_like_path(text: str) -> bool:
+    import os
+
+    return Path(text).expanduser().exists() or any(sep in text for sep in ("/", "\\", os.sep)) or text.startswith((".", "~"))
 
 
 def check_prompt(prompt: str, tokenizer=None) -> list[str]:

@@ -247,3 +247,30 @@ def test_accumulator_keeps_listed_positions():
     assert torch.allclose(acc.records(), full.records()[:, :, [0, 1, 5, 6]])
     with pytest.raises(ValueError, match="kept positions reach"):
         StepAccumulator(latent_size=(4, 4), tokens=[0, 20]).add("x", probs, (4, 4))
+
+
+def test_accumulator_keeps_the_asked_rows_and_positions_of_each_layer_and_moves_them_per_step():
+    acc = StepAccumulator(latent_size=(4, 4), tokens=5, keep_layers=True, keep_resolutions=True,
+                          layer_rows=slice(1, 2), layer_tokens=[0, 2], layer_dtype=torch.float16, layer_device="cpu")
+    probs = torch.rand(2, 3, 16, 7)  # [B, heads, N, T]: rows 0 (uncond) and 1 (cond)
+    acc.add("x", probs, (4, 4))
+    assert acc.pending_layer_bytes() == 1 * 16 * 5 * 4  # one row, float32, until the step ends
+    acc.end_step()
+    assert acc.pending_layer_bytes() == 0
+    layers = acc.layer_maps(0)
+    expected = probs[1:2, :, :, [0, 2]].mean(1).transpose(1, 2).reshape(1, 2, 4, 4)
+    assert layers["x"].dtype == torch.float16 and layers["x"].shape == (1, 2, 4, 4)
+    assert torch.allclose(layers["x"].float(), expected, atol=1e-3) and torch.allclose(layers["4x4"].float(), expected, atol=1e-3)
+    assert acc.held_layer_bytes() == 2 * 1 * 2 * 16 * 2
+    assert acc.step_map(0).shape == (2, 5, 4, 4)  # the mean keeps every row and kept position
+    taken = acc.take_layer_maps(0)
+    assert set(taken) == {"x", "4x4"} and acc.held_layer_bytes() == 0 and acc.layer_maps(0) == {}
+
+
+def test_accumulator_without_a_layer_device_finishes_layers_when_read_as_before():
+    acc = StepAccumulator(latent_size=(4, 4), keep_resolutions=True)  # ComfyUI's use
+    acc.add("x", torch.rand(2, 3, 16, 7), (4, 4))
+    acc.end_step()
+    assert not acc.moves_layers and acc.held_layer_bytes() == 0  # nothing finished yet: only the sums
+    maps = acc.layer_records()
+    assert maps["4x4"].shape == (1, 2, 7, 4, 4) and maps["4x4"].dtype == torch.float32

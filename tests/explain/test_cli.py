@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from explain import embedded
 from explain.cli import main
 from explain.trace import Trace
 
@@ -363,6 +364,45 @@ def test_the_same_seed_twice_gives_the_same_trace_file(tmp_path):
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     assert (tmp_path / "a" / "trace.safetensors").read_bytes() == (tmp_path / "b" / "trace.safetensors").read_bytes()
+
+
+dit_shipped = pytest.mark.skipif(
+    not embedded.is_available("dit"),
+    reason="the embedded DiT's weights are not shipped in explain/models/shapes-dit-64",
+)
+
+
+@dit_shipped
+def test_report_with_the_embedded_dit_by_name(tmp_path, capsys):
+    out = tmp_path / "rep"
+    code = main(["report", "a large red circle above a small blue square", "--model", "embedded-dit", "--steps", "4",
+                 "--device", "cpu", "--dtype", "float32", "--out", str(out)])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "loading the model (embedded-dit)" in err and "guidance 5.0" in err and "report written to" in err
+    trace = Trace.load(out / "trace.safetensors")
+    assert trace.meta["family"] == "sd3" and trace.meta["model"] == "embedded-dit (diffusion-explain/shapes-dit-64)"
+    assert trace.meta["max_sequence_length"] == 0  # no T5 stand-in tokens in the joint attention
+    assert [w.text for w in trace.words[0]] == "a large red circle above a small blue square".split()
+    assert trace.num_steps == 4 and tuple(trace.images.shape[1:3]) == (64, 64)
+    assert torch.isfinite(trace.attention).all() and float(trace.attention.std()) > 0
+    page = (out / "index.html").read_text()
+    assert "embedded-dit (diffusion-explain/shapes-dit-64)" in page
+    assert (out / "heatmaps.png").stat().st_size > 500
+
+
+@pytest.mark.parametrize("name, hint", [("embeded-dit", "did you mean embedded-dit?"), ("dit", "did you mean embedded-dit?"),
+                                        ("unet", "did you mean embedded?"), ("sdxl", None)])
+def test_a_misspelt_model_name_gets_the_list_of_names(tmp_path, capsys, name, hint):
+    assert main(["report", "a red circle", "--model", name, "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"no model folder at {name}" in err
+    assert "embedded (the shapes UNet model, default), embedded-dit (the shapes MMDiT model, SD3-style)" in err
+    if hint:
+        assert hint in err
+    else:
+        assert "did you mean" not in err  # no guess when nothing is close
+    assert not (tmp_path / "out").exists()
 
 
 def test_usage_names_the_command_the_user_typed(monkeypatch, capsys):

@@ -18,6 +18,7 @@ import torch
 gr = pytest.importorskip("gradio", reason="the app needs gradio: pip install -r requirements-dev.txt")
 
 import explain_app as app  # noqa: E402
+from explain import embedded  # noqa: E402
 from explain import render as ui_render  # noqa: E402
 from explain_app import ui  # noqa: E402
 from explain.trace import Trace  # noqa: E402
@@ -374,6 +375,23 @@ def test_sizes_offered_are_the_models_own_and_others_say_they_were_not_trained(m
     note = "the model was trained at 32×32 px, not 64×64: expect repeated, tiled objects"
     assert any(note in n for n in session.notes) and any(note in n for n in session.trace.meta["notes"])
     assert not any("trained at" in n for n in app.generate("a red circle", steps=2, model="tiny", models=models).notes)
+
+
+@pytest.mark.skipif(not embedded.is_available("dit"), reason="the embedded DiT's weights are not shipped")
+def test_the_app_offers_the_embedded_dit_and_generates_with_it():
+    def refuse(spec):
+        raise AssertionError("the size menu must not load a model")
+
+    local = ui.build_app(default_model="embedded", models=app.ModelCache(loader=refuse, policy=app.session.LOCAL_POLICY))
+    (box,) = [b for b in local.blocks.values() if getattr(b, "elem_id", None) == "model"]
+    assert "'embedded-dit' (the shapes MMDiT" in box.info
+    assert app.model_size_choices("embedded-dit", app.ModelCache(loader=refuse))[0][0] == "64 px (the model's size)"
+    models = app.ModelCache(policy=app.session.LOCAL_POLICY)
+    session = app.generate("a large red circle above a small blue square", steps=3, model="embedded-dit", models=models)
+    assert session.trace.meta["family"] == "sd3" and session.trace.meta["model"].startswith("embedded-dit")
+    assert session.model == "embedded-dit" and session.trace.images.shape[1:3] == (64, 64)
+    with pytest.raises(app.InputError, match=r"did you mean embedded-dit\?.*embedded-dit \(the shapes MMDiT model"):
+        app.generate("a red circle", steps=2, model="embeded-dit", models=models)
 
 
 def test_an_opened_trace_shows_the_warnings_recorded_with_it(tmp_path):

@@ -1,7 +1,8 @@
 """Loading a diffusers text-to-image pipeline by name, folder or hub id, with clear errors.
 
-``"embedded"`` is the shapes model shipped in the package (`explain.embedded`); a local
-diffusers folder loads offline; ``org/name`` goes to the Hugging Face hub (which needs the
+``"embedded"`` (the default) and ``"embedded-dit"`` are the shapes models shipped in the
+package (`explain.embedded`: a UNet ``StableDiffusionPipeline`` and an SD3-style MMDiT
+``StableDiffusion3Pipeline``, `EMBEDDED_MODELS`); a local diffusers folder loads offline; ``org/name`` goes to the Hugging Face hub (which needs the
 network). ``"tiny"``, ``"tiny-sd3"`` and ``"tiny-flux"`` are random-weight pipelines for tests.
 
 A folder's ``model_index.json`` decides the pipeline class. An SD3 folder saved without T5 lists
@@ -20,7 +21,12 @@ import warnings
 from pathlib import Path
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-EMBEDDED_NAMES = ("embedded",)
+# --model name -> (explain.embedded.load_pipeline's name, what it is); the first is the default
+EMBEDDED_MODELS = {
+    "embedded": ("unet", "the shapes UNet model, default"),
+    "embedded-dit": ("dit", "the shapes MMDiT model, SD3-style"),
+}
+EMBEDDED_NAMES = tuple(EMBEDDED_MODELS)
 TINY_NAMES = ("tiny", "tiny-sd3", "tiny-flux")
 # Components a pipeline runs without when its folder has none: SD3's T5 (it pads zeros instead).
 OPTIONAL_COMPONENTS = {"StableDiffusion3Pipeline": ("text_encoder_3", "tokenizer_3")}
@@ -59,6 +65,31 @@ def is_embedded(model_name: str) -> bool:
     return model_name.startswith("embedded")
 
 
+def embedded_key(spec: str | None) -> str | None:
+    """The `EMBEDDED_MODELS` name ``spec`` asks for (``None``/empty: the default), else None."""
+    if spec in (None, ""):
+        return EMBEDDED_NAMES[0]
+    return spec if spec in EMBEDDED_MODELS else None
+
+
+def describe_names() -> str:
+    """The model names `load_model` knows, for error messages and help texts."""
+    shipped = ", ".join(f"{name} ({what})" for name, (_, what) in EMBEDDED_MODELS.items())
+    return f"{shipped}; for tests: {', '.join(TINY_NAMES)} (random weights)"
+
+
+def _unknown_name(spec: str) -> str:
+    import difflib
+
+    library = {which: name for name, (which, _) in EMBEDDED_MODELS.items()}  # embedded.load_pipeline's names
+    close = [library[spec.lower()]] if spec.lower() in library else difflib.get_close_matches(spec.lower(), [*EMBEDDED_NAMES, *TINY_NAMES], n=1, cutoff=0.75)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return (
+        f"no model folder at {spec}{hint}; pass an existing diffusers folder, a hub id like org/name, "
+        f"or a shipped model: {describe_names()}"
+    )
+
+
 def load_model(spec: str | None, device: str = "auto", dtype: str = "auto", announce=None):
     """A diffusers text-to-image pipeline and a short, shareable name for it (never a local path).
 
@@ -69,15 +100,17 @@ def load_model(spec: str | None, device: str = "auto", dtype: str = "auto", anno
     external = spec not in (None, "", *EMBEDDED_NAMES, *TINY_NAMES)
     choice = choose(dtype, device, external)
     (announce or _announce_once)(f"dtype: {choice.reason}")
-    if spec in (None, "", *EMBEDDED_NAMES):
+    key = embedded_key(spec)
+    if key is not None:
         from explain import embedded
 
+        which = EMBEDDED_MODELS[key][0]
         quiet_loading()
         try:
-            pipe = embedded.load_pipeline(device=device, dtype=choice.dtype)
+            pipe = embedded.load_pipeline(which, device=device, dtype=choice.dtype)
         except embedded.EmbeddedModelMissing as exc:
             raise ModelLoadError(f"{exc}; or pass another model") from None
-        return pipe, f"embedded ({embedded.MODEL_ID})"
+        return pipe, f"{key} ({embedded.DIT_MODEL_ID if which == 'dit' else embedded.MODEL_ID})"
     if spec in TINY_NAMES:  # random weights, for tests: exercises the whole path in a second
         from explain import testing
 
@@ -94,7 +127,7 @@ def load_model(spec: str | None, device: str = "auto", dtype: str = "auto", anno
         return from_pretrained(str(path), device, choice.dtype, local=True), path.name
     looks_like_path = spec.startswith((".", "/", "~")) or "\\" in spec or not _HUB_ID.match(spec)
     if looks_like_path:
-        raise ModelLoadError(f"no model folder at {spec}; pass an existing diffusers folder, a hub id like org/name, or the embedded model")
+        raise ModelLoadError(_unknown_name(spec))
     quiet_loading()
     return from_pretrained(spec, device, choice.dtype, local=False), spec
 

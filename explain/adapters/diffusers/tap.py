@@ -38,13 +38,19 @@ exception), leaving the pipeline exactly as it was:
   step are decoded after generation (optional, they cost one VAE decode per step and image).
 
 Tensors are kept on the model's device during the run (no per-layer or per-step host syncs) and
-moved to the CPU once, when the trace is built.
+moved to the CPU once, when the trace is built. Per-layer maps (``keep_layers``) are the
+exception, being far larger: only the conditional rows are kept, each step's maps move to the
+CPU as ``layer_dtype`` (float16 by default) when the step ends (one wait for the device per step),
+and their size is estimated (`explain.memory`) and printed at the model's first call, where a
+run over ``memory_budget_mb`` is refused before any step. Rows the trace will not store are
+dropped as layers report them (the negative branch when ``negative=False``).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import sys
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,7 +68,9 @@ from explain.attention import (
     UNCOND,
     StepAccumulator,
     branch_rows,
+    select_rows,
 )
+from explain.memory import MapShapes, check_budget, estimate_memory
 from explain.noise import x0_from_flow_output, x0_from_model_output
 from explain.tokens import PromptTokens, concat_prompt_tokens, tokenize_prompt
 from explain.trace import Trace, shareable_model_name
@@ -109,6 +117,7 @@ class _Run:
     final_latent: torch.Tensor | None = None
     images: torch.Tensor | None = None
     model_calls: int = 0
+    memory_checked: bool = False  # the memory estimate and budget were checked at the first model call
     # read when the call starts: a later call in the same block, or a callback that switches
     # guidance off mid-run, changes the pipeline's attributes
     guidance_scale: float | None = None
@@ -132,12 +141,18 @@ class DiffusersTap:
         maps: str = "attention",
         concepts: list[str] | None = None,
         joint_rows: str = "renormalized",
+        layer_dtype: torch.dtype = torch.float16,
+        memory_budget_mb: float | None = None,
     ):
         if method not in ("auto", *CAPTURE_METHODS):
             raise ValueError(f"method must be 'auto' or one of {CAPTURE_METHODS}, got {method!r}")
         self.family = family_of(pipe)
         if keep_layers not in (False, True, "resolution"):
             raise ValueError(f"keep_layers must be False, True (every layer) or 'resolution', got {keep_layers!r}")
+        if not (isinstance(layer_dtype, torch.dtype) and layer_dtype.is_floating_point):
+            raise TypeError(f"layer_dtype must be a floating-point torch dtype such as torch.float16, got {layer_dtype!r}")
+        if memory_budget_mb is not None and (isinstance(memory_budget_mb, bool) or not (isinstance(memory_budget_mb, (int, float)) and memory_budget_mb > 0)):
+            raise ValueError(f"memory_budget_mb must be a positive number of megabytes (or None for no budget), got {memory_budget_mb!r}")
         if isinstance(concepts, str):
             raise TypeError(f"concepts must be a list of words, e.g. concepts=[{concepts!r}]")
         self.options = JointOptions(maps=maps, joint_rows=joint_rows, concepts=list(concepts or []))
@@ -155,6 +170,9 @@ class DiffusersTap:
         self.store_dtype = store_dtype
         self.full_context = full_context
         self.method = method
+        self.layer_dtype = layer_dtype
+        self.memory_budget_mb = memory_budget_mb
+        self.memory_estimate = None  # explain.memory.MemoryEstimate of the last run, when one was made
         self.traces: list[Trace] = []
         self._run: _Run | None = None
         self._undo: list = []
@@ -171,6 +189,19 @@ class DiffusersTap:
                 "(and let it run at least one denoising step)"
             )
         return self.traces[-1]
+
+    def held_layer_maps(self) -> list[torch.Tensor]:
+        """The per-layer maps of the running call's finished steps, as the tap holds them now
+        (read from a step-end callback: on the CPU, in ``layer_dtype``, conditional rows only)."""
+        run = self._run
+        if run is None:
+            return []
+        held = []
+        for accumulator in run.accumulators.values():
+            if accumulator.moves_layers:
+                for index in range(accumulator.num_steps):
+                    held += list(accumulator.layer_maps(index).values())
+        return held
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -351,7 +382,12 @@ class DiffusersTap:
                 kept.append(min(seg.length, max(len(parts[k].tokens) for parts in run.prompt_parts + run.negative_parts)))
         return kept
 
-    def _new_accumulator(self, run: _Run, kind: str) -> StepAccumulator:
+    def _kept_branches(self, branches: tuple[int, ...], kind: str) -> tuple[int, ...]:
+        """The branches of a denoiser call whose rows the trace stores: the conditional one, and
+        the negative one for word maps when ``negative`` asks for them."""
+        return tuple(b for b in branches if b == COND or (kind == "attention" and self.negative))
+
+    def _new_accumulator(self, run: _Run, kind: str, branches: tuple[int, ...]) -> StepAccumulator:
         if run.kept is None:
             run.kept = self._kept_positions(run)
         if kind == "concepts":
@@ -360,13 +396,58 @@ class DiffusersTap:
             tokens = run.kept[0]
         else:
             tokens = [seg.start + i for seg, n in zip(run.segments, run.kept) for i in range(n)]
+        layers = self.keep_layers if kind == "attention" and COND in branches else False
+        layer_rows = layer_tokens = None
+        if layers:
+            # Per-layer maps: the conditional rows over the conditional prompt's own positions,
+            # exactly what the trace stores (the mean keeps both branches' union of positions).
+            rows = len(branches) * run.batch
+            layer_rows = branch_rows(branches, rows, COND)
+            layer_rows = None if layer_rows == slice(0, rows) else layer_rows
+            _, cond_index = self._axis(run, run.prompt_parts)
+            layer_tokens = None if cond_index == list(range(sum(run.kept))) else cond_index
         return StepAccumulator(
             latent_size=run.latent_size,
             tokens=tokens,
-            keep_layers=self.keep_layers is True and kind == "attention",
-            keep_resolutions=self.keep_layers == "resolution" and kind == "attention",
+            keep_layers=layers is True,
+            keep_resolutions=layers == "resolution",
             store_dtype=self.store_dtype,
+            layer_rows=layer_rows,
+            layer_tokens=layer_tokens,
+            layer_dtype=self.layer_dtype,
+            layer_device="cpu",
         )
+
+    def memory_shapes(self, run: _Run) -> MapShapes:
+        """What decides the size of this run's maps, known at its first model call (`explain.memory`)."""
+        if run.kept is None:
+            run.kept = self._kept_positions(run)
+        _, cond_index = self._axis(run, run.prompt_parts)
+        negative = len(self._axis(run, run.negative_parts)[1]) if self.negative and run.guided else 0
+        return MapShapes(
+            latent_size=tuple(run.latent_size),
+            layer_grids=self.family.layer_grids(self.pipe, run.latent_size, self.options),
+            steps=_planned_steps(self.pipe.scheduler),
+            images=int(run.batch),
+            tokens=len(cond_index),
+            negative_tokens=negative,
+            kept_tokens=sum(run.kept),
+            keep_layers=self.keep_layers,
+            store_dtype=self.store_dtype,
+            layer_dtype=self.layer_dtype,
+            notes={"full_context": bool(self.full_context), "t5": self.family.name in ("sd3", "flux")},
+        )
+
+    def _check_memory(self, run: _Run) -> None:
+        """Estimate the run's maps, print the estimate when per-layer maps are kept, and refuse a
+        run over the budget; called once per run, at the first model call, before any step."""
+        run.memory_checked = True
+        if not self.keep_layers and self.memory_budget_mb is None:
+            return
+        estimate = self.memory_estimate = estimate_memory(self.memory_shapes(run))
+        if self.keep_layers:
+            print(estimate.describe(), file=sys.stderr, flush=True)
+        check_budget(estimate, self.memory_budget_mb)
 
     def _before_model(self, module, args, kwargs):
         sample, context = self.family.model_inputs(args, kwargs)
@@ -391,16 +472,23 @@ class DiffusersTap:
         if run.latent_size != size:
             run.latent_size = size
             run.accumulators = {}
+        if not run.memory_checked:
+            self._check_memory(run)
         return None
 
     def _record_attention(self, name: str, probs: torch.Tensor, grid, kind: str = "attention") -> None:
         run = self._run
         if run is None or run.current is None or run.latent_size is None:
             return
-        key = (kind, run.current)
+        branches = self._kept_branches(run.current, kind)
+        if not branches:
+            return
+        if branches != run.current:  # drop the rows the trace will not store before anything is summed
+            probs = select_rows(probs, branch_rows(run.current, probs.shape[0], COND))
+        key = (kind, branches)
         accumulator = run.accumulators.get(key)
         if accumulator is None:
-            accumulator = run.accumulators[key] = self._new_accumulator(run, kind)
+            accumulator = run.accumulators[key] = self._new_accumulator(run, kind, branches)
         accumulator.add(name, probs, grid)
 
     def _wrap_step(self, scheduler):
@@ -459,25 +547,38 @@ class DiffusersTap:
             return
         self.traces.append(self._build(run))
 
-    def _branch_maps(self, run: _Run, kind: str, branch: int):
+    @staticmethod
+    def _record_of(records: list[tuple], kind: str, branch: int):
+        """(branches, accumulator, step index) of the first record of ``kind`` with ``branch``'s rows, or None."""
+        for k, branches, accumulator, index in records:
+            if k == kind and branch in branches:
+                return branches, accumulator, index
+        return None
+
+    def _branch_maps(self, run: _Run, kind: str, branch: int) -> list[torch.Tensor | None]:
         """Per step, the ``branch`` rows of the first record of ``kind`` that has them (None where none)."""
-        maps, layers = [], {}
+        maps = []
         for records in run.attention_steps:
-            found = None
-            for k, branches, accumulator, index in records:
-                if k == kind and branch in branches:
-                    found = (branches, accumulator, index)
-                    break
+            found = self._record_of(records, kind, branch)
             if found is None:
                 maps.append(None)
                 continue
             branches, accumulator, index = found
-            record, layer_maps = accumulator.step_maps(index)  # rows as in the model batch
-            rows = branch_rows(branches, record.shape[0], branch)
-            maps.append(record[rows])
-            for name, m in layer_maps.items():
-                layers.setdefault(name, []).append(m[rows])
-        return maps, layers
+            record = accumulator.step_map(index)  # rows of the kept branches, in the model batch's order
+            maps.append(record[branch_rows(branches, record.shape[0], branch)])
+        return maps
+
+    def _take_layer_maps(self, run: _Run) -> dict[str, list[torch.Tensor]]:
+        """name → per step, the conditional per-layer maps (already cut, on the CPU), which the
+        accumulators then no longer hold."""
+        layers: dict[str, list[torch.Tensor]] = {}
+        for records in run.attention_steps:
+            found = self._record_of(records, "attention", COND)
+            if found is not None:
+                _, accumulator, index = found
+                for name, m in accumulator.take_layer_maps(index).items():
+                    layers.setdefault(name, []).append(m)
+        return layers
 
     def _axis(self, run: _Run, parts: list[list[PromptTokens]]) -> tuple[list[int], list[int]]:
         """Per segment, how many positions a branch's maps keep (through its own prompts' end
@@ -518,12 +619,20 @@ class DiffusersTap:
             x0.append(x0_from_model_output(x_vp, output, 1.0 / (1.0 + sigma * sigma), prediction_type))
         if len(run.attention_steps) != steps:
             raise RuntimeError(f"attention was recorded for {len(run.attention_steps)} of {steps} steps")
-        cond_maps, layer_maps = self._branch_maps(run, "attention", COND)
+        cond_maps = self._branch_maps(run, "attention", COND)
         if any(m is None for m in cond_maps):
             raise RuntimeError("a step has no conditional attention; the tap saw no conditional branch there")
-        negative_maps, _ = self._branch_maps(run, "attention", UNCOND) if self.negative else ([None], {})
+        negative_maps = self._branch_maps(run, "attention", UNCOND) if self.negative else [None]
         cond_lengths, cond_index = self._axis(run, run.prompt_parts)
         attention = _stack_cpu(cond_maps, cond_index, self.store_dtype)
+        # One layer at a time, so the per-step pieces of a layer are freed once it is stacked.
+        layer_steps = self._take_layer_maps(run) if self.keep_layers else {}
+        attention_layers = {}
+        for name in list(layer_steps):
+            maps = layer_steps.pop(name)
+            if len(maps) == steps:
+                attention_layers[name] = torch.stack(maps)
+            del maps
         tokens, words, prompts = self._token_lists(run, run.prompt_parts, run.prompts, cond_lengths)
         trace = Trace(
             prompts=prompts,
@@ -534,9 +643,7 @@ class DiffusersTap:
             x_t=torch.stack(x_t).float().cpu(),
             x0=torch.stack(x0).cpu(),
             attention=attention,
-            attention_layers={
-                name: _stack_cpu(maps, cond_index, self.store_dtype) for name, maps in layer_maps.items() if len(maps) == steps
-            },
+            attention_layers=attention_layers,
             final_latent=unpack(run.final_latent).float().cpu() if run.final_latent is not None else None,
             images=run.images.cpu() if run.images is not None else None,
             meta=self._meta(run, steps, cond_lengths, cond_index),
@@ -548,7 +655,7 @@ class DiffusersTap:
                 run, run.negative_parts, run.negative_prompts, neg_lengths
             )
         if self.options.concepts:
-            concept_maps, _ = self._branch_maps(run, "concepts", COND)
+            concept_maps = self._branch_maps(run, "concepts", COND)
             if any(m is None for m in concept_maps):
                 raise RuntimeError("concept maps are missing for some steps; the model ran no block the concept stream can go through")
             trace.concepts = list(self.options.concepts)
@@ -648,6 +755,15 @@ def _call_starts_step(scheduler) -> bool:
     return True
 
 
+def _planned_steps(scheduler) -> int:
+    """How many denoising steps the scheduler was set up for (one trace record each)."""
+    steps = getattr(scheduler, "num_inference_steps", None)
+    if steps:
+        return int(steps)
+    timesteps = getattr(scheduler, "timesteps", None)
+    return int(len(timesteps) // max(int(getattr(scheduler, "order", 1)), 1)) if timesteps is not None else 0
+
+
 def _stack_cpu(maps: list[torch.Tensor], index: list[int], dtype: torch.dtype) -> torch.Tensor:
     """Per-step ``[B, T, h, w]`` maps → ``[S, B, len(index), h, w]`` on the CPU (one transfer),
     keeping the token positions ``index`` (a prefix costs no copy)."""
@@ -704,13 +820,20 @@ def trace(
     maps: str = "attention",
     concepts: list[str] | None = None,
     joint_rows: str = "renormalized",
+    layer_dtype: torch.dtype = torch.float16,
+    memory_budget_mb: float | None = None,
 ):
     """Trace every call of ``pipe`` inside the block; ``tr.trace`` is the last call's `Trace`.
 
     ``keep_layers``: also keep each cross-attention layer's own maps (True, keyed by module
     path) or each resolution's (``"resolution"``, keyed like ``"16x16"``) in
-    ``trace.attention_layers``. ``previews``: decode x0 and x_t of every step (longer side at
-    most ``preview_size``) after generation. ``negative``: record the unconditional branch's maps
+    ``trace.attention_layers``, conditional rows only, as ``layer_dtype`` (float16 by default:
+    `Trace.save` writes attention maps as float16 anyway), each step moved to the CPU when it
+    ends; their estimated size is printed at the model's first call. ``memory_budget_mb``:
+    refuse, at the model's first call and before any step, a run whose attention maps (mean
+    and per-layer, see `explain.memory`) would take more megabytes; the error says what would
+    fit. ``previews``: decode x0 and x_t of every step (longer side at most ``preview_size``)
+    after generation. ``negative``: record the unconditional branch's maps
     as ``attention_negative``. ``seed`` is only written to ``meta``. ``full_context`` keeps every
     context position (padding included, 77 for CLIP) instead of cutting after the last end
     token. ``store_dtype`` is the attention maps' dtype in the trace. ``method`` picks how
@@ -725,7 +848,8 @@ def trace(
     records ConceptAttention's output-space maps instead. ``concepts=["circle", ...]`` runs a
     concept stream that leaves the image unchanged and stores per-concept maps (of the kind
     ``maps`` names) as ``trace.concepts`` / ``trace.concept_maps``; the concepts need not be in the prompt."""
-    tap = DiffusersTap(pipe, keep_layers, previews, negative, preview_size, seed, store_dtype, full_context, method, maps, concepts, joint_rows)
+    tap = DiffusersTap(pipe, keep_layers, previews, negative, preview_size, seed, store_dtype, full_context, method, maps, concepts, joint_rows,
+                       layer_dtype, memory_budget_mb)
     tap.install()
     try:
         yield tap
@@ -755,6 +879,7 @@ def generate(
     keep_layers: bool | str = False,
     maps: str = "attention",
     concepts: list[str] | None = None,
+    memory_budget_mb: float | None = None,
     **pipe_kwargs,
 ):
     """Generate with ``pipe`` under a tap; returns ``(trace, images)`` (PIL images, or whatever
@@ -765,7 +890,8 @@ def generate(
     ``guidance`` is the classifier-free guidance scale; for Flux it is the true-CFG scale (an
     empty negative prompt is used when none is given), or the embedded guidance of a
     guidance-distilled model. SD3 and Flux get a T5 ``max_sequence_length`` that fits the prompt
-    (0 for SD3 without T5) unless ``pipe_kwargs`` sets one. ``maps`` and ``concepts``: see `trace`."""
+    (0 for SD3 without T5) unless ``pipe_kwargs`` sets one. ``maps``, ``concepts`` and
+    ``memory_budget_mb``: see `trace`."""
     from explain.adapters.diffusers.families import family_of
     from explain.schedules import normalize_schedule
 
@@ -774,7 +900,7 @@ def generate(
     call_kwargs = family_of(pipe).call_kwargs(pipe, prompt, negative_prompt, float(guidance), pipe_kwargs)
     generator = torch.Generator("cpu").manual_seed(int(seed))  # the same noise on every device
     tap_kwargs = {"maps": maps, "concepts": concepts} if (maps != "attention" or concepts) else {}
-    with trace(pipe, keep_layers=keep_layers, previews=previews, seed=seed, **tap_kwargs) as tap:
+    with trace(pipe, keep_layers=keep_layers, previews=previews, seed=seed, memory_budget_mb=memory_budget_mb, **tap_kwargs) as tap:
         out = pipe(
             prompt,
             height=height,

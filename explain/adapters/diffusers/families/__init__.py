@@ -14,6 +14,7 @@ from a UNet's conventions it overrides the hooks below whose defaults are the UN
   pipeline call the tap reads because the pipeline keeps them nowhere, Flux's ``true_cfg_scale``);
 * branches: `call_branches` (which rows of one denoiser call are conditional / unconditional;
   None = a call the tap does not record);
+* `layer_grids` (each captured layer's map grid, for the memory estimate before the run);
 * `run_meta` (family-specific facts for ``trace.meta``: guidance kinds, T5 length) and
   `call_kwargs` (how `generate`'s prompt, negative prompt and guidance become pipeline arguments).
 
@@ -97,6 +98,12 @@ class Family:
         """Route the denoiser's text attention to ``record(layer_name, probs [B, heads, N, T], grid)``
         (joint families: ``record(name, maps [B, N, T], grid, kind)``); returns the functions that
         undo it, in installation order. ``options``: a joint family's `families.joint.JointOptions`."""
+        raise NotImplementedError
+
+    def layer_grids(self, pipe, latent_size: tuple[int, int], options=None) -> dict[str, tuple[int, int]]:
+        """Per text-attention layer the tap captures (while installed), the grid of its maps for an
+        unpacked latent of ``latent_size``: what the per-layer maps will hold, known before the
+        first step (`explain.memory`)."""
         raise NotImplementedError
 
     def probe_functions(self, pipe, model: torch.nn.Module, prompt: str, negative_prompt: str | None,

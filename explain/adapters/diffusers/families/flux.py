@@ -247,6 +247,19 @@ class FluxFamily(Family):
         undo.append(transformer.register_forward_pre_hook(start, with_kwargs=True).remove)
         return undo
 
+    def layer_grids(self, pipe, latent_size, options=None):
+        """Every captured block's maps are on the packed grid (h/2, w/2); output-space maps come
+        from the double-stream blocks only (single-stream blocks have no separate text output)."""
+        grid = (int(latent_size[0]) // 2, int(latent_size[1]) // 2)
+        output = options is not None and options.maps == "output"
+        transformer = pipe.transformer
+        blocks = [(f"transformer_blocks.{i}", b, True) for i, b in enumerate(transformer.transformer_blocks)]
+        blocks += [(f"single_transformer_blocks.{i}", b, False) for i, b in enumerate(transformer.single_transformer_blocks)]
+        return {
+            f"{prefix}.attn": grid for prefix, block, double in blocks
+            if isinstance(block.attn.processor, FluxCaptureProcessor) and (double or not output)
+        }
+
     def encode_concepts(self, pipe, concepts: list[str], text_length: int) -> torch.Tensor:
         """Each concept through T5 as the prompt is (same ``max_sequence_length``), one token each:
         the mean over its word's positions."""

@@ -166,6 +166,18 @@ class SD3Family(Family):
         undo.append(transformer.register_forward_pre_hook(start, with_kwargs=True).remove)
         return undo
 
+    def layer_grids(self, pipe, latent_size, options=None):
+        """Every captured block's maps are on the patch grid; output-space maps skip the last,
+        ``context_pre_only`` block (no text output to take dot products with)."""
+        p = int(pipe.transformer.config.patch_size)
+        grid = (int(latent_size[0]) // p, int(latent_size[1]) // p)
+        output = options is not None and options.maps == "output"
+        return {
+            f"transformer_blocks.{i}.attn": grid
+            for i, block in enumerate(pipe.transformer.transformer_blocks)
+            if isinstance(block.attn.processor, SD3CaptureProcessor) and not (output and block.attn.context_pre_only)
+        }
+
     def encode_concepts(self, pipe, concepts: list[str], text_length: int) -> torch.Tensor:
         """Each concept through the pipeline's own text path (CLIP + T5 as for the prompt), one
         token each: the mean over its word's CLIP and T5 positions."""

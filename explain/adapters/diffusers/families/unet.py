@@ -126,6 +126,32 @@ class UNetFamily(Family):
             )
         return undo
 
+    def layer_grids(self, pipe, latent_size, options=None):
+        # Each down block but those without a down-sampler halves the grid, rounding up (stride-2
+        # convolutions with padding 1); the mid block runs at the last one's grid and up block j
+        # at down block (n-1-j)'s, since every up-sampler restores its skip connection's size.
+        unet = pipe.unet
+        h, w = int(latent_size[0]), int(latent_size[1])
+        down = []
+        for block in unet.down_blocks:
+            down.append((h, w))
+            if getattr(block, "downsamplers", None):
+                h, w = -(-h // 2), -(-w // 2)
+        grids = {}
+        for name, module in unet.named_modules():
+            if not isinstance(getattr(module, "processor", None), CaptureCrossAttnProcessor):
+                continue
+            parts = name.split(".")
+            if parts[0] == "down_blocks":
+                grids[name] = down[int(parts[1])]
+            elif parts[0] == "up_blocks":
+                grids[name] = down[len(down) - 1 - int(parts[1])]
+            elif parts[0] == "mid_block":
+                grids[name] = (h, w)
+            else:  # a layer outside the usual blocks: at most the latent's grid
+                grids[name] = (int(latent_size[0]), int(latent_size[1]))
+        return grids
+
     def probe_functions(self, pipe, model, prompt, negative_prompt, guided, image_size, latent_space, settings=None) -> ProbeFunctions:
         return unet_probe_functions(pipe, model, prompt, negative_prompt, guided, image_size, latent_space)
 

@@ -62,7 +62,7 @@ def test_tapped_images_equal_untapped_ones_bit_for_bit(pipe, options):
 @pytest.mark.parametrize("joint_rows", ["renormalized", "raw"])
 def test_maps_equal_an_explicit_softmax_of_the_rotated_queries_and_keys(pipe, joint_rows):
     renormalize = joint_rows == "renormalized"
-    with trace(pipe, previews=False, joint_rows=joint_rows, keep_layers=True) as tr, \
+    with trace(pipe, previews=False, joint_rows=joint_rows, keep_layers=True, layer_dtype=torch.float32) as tr, \
             JointReference(pipe, "flux", renormalize=renormalize) as ref, \
             JointReference(pipe, "flux", renormalize=renormalize, rotate_keys=False) as unrotated:
         _run(pipe, negative_prompt="green", true_cfg_scale=4.0)

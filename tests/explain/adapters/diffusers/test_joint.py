@@ -95,7 +95,7 @@ def test_concept_maps_of_words_not_in_the_prompt_leave_the_image_alone_and_match
 
 def test_output_space_maps_of_the_prompt_use_only_blocks_with_both_projections():
     pipe = tiny_sd3_pipeline(num_layers=2)  # block 1 is context_pre_only: no text output projection
-    with trace(pipe, previews=False, maps="output", keep_layers=True) as tr:
+    with trace(pipe, previews=False, maps="output", keep_layers=True, layer_dtype=torch.float32) as tr:
         _run(pipe, guidance_scale=1.0)
     t = tr.trace
     assert t.meta["maps"] == "output" and "joint_rows" not in t.meta

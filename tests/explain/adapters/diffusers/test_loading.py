@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from explain import embedded
 from explain.adapters.diffusers import ModelLoadError, load_model
 from explain.adapters.diffusers.loading import folder_kwargs
 from explain.testing import tiny_flux_pipeline, tiny_sd3_pipeline
@@ -71,3 +72,28 @@ def test_an_unsupported_family_is_refused_with_the_supported_ones(tmp_path, monk
     (tmp_path / "other" / "model_index.json").write_text("[1, 2]")
     with pytest.raises(ModelLoadError, match="not a diffusers model index"):
         folder_kwargs(tmp_path / "other")
+
+
+@pytest.mark.skipif(not embedded.is_available("dit"), reason="the embedded DiT's weights are not shipped")
+def test_the_shipped_models_by_name_and_their_geometry():
+    from explain import sizes
+    from explain.adapters.diffusers.loading import EMBEDDED_NAMES, is_embedded
+
+    assert EMBEDDED_NAMES == ("embedded", "embedded-dit")
+    pipe, name = load_model("embedded-dit", device="cpu", dtype="float32", announce=lambda m: None)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.text_encoder_3 is None
+    assert name == "embedded-dit (diffusion-explain/shapes-dit-64)" and is_embedded(name)
+    assert pipe.transformer.dtype == torch.float32
+    # the sizes are read from the folder before loading: 64 px from 16×16 latents, VAE factor 4
+    assert sizes.spec_geometry("embedded-dit") == sizes.Geometry(4, 64) == sizes.spec_geometry("embedded")
+    with pytest.raises(sizes.SizeError, match="trained at 64 px"):
+        sizes.check_side("--height", 512, sizes.spec_geometry("embedded-dit"), model="embedded-dit")
+
+
+def test_an_unknown_name_is_answered_with_the_names():
+    with pytest.raises(ModelLoadError) as exc:
+        load_model("embedded_dit", device="cpu", dtype="float32", announce=lambda m: None)
+    message = str(exc.value)
+    assert "did you mean embedded-dit?" in message
+    assert "embedded (the shapes UNet model, default), embedded-dit (the shapes MMDiT model, SD3-style)" in message
+    assert "tiny, tiny-sd3, tiny-flux" in message

@@ -52,7 +52,7 @@ def test_sd35_style_qk_norm_is_traced_and_left_identical():
 
 @pytest.mark.parametrize("joint_rows", ["renormalized", "raw"])
 def test_maps_equal_an_explicit_softmax_over_the_joint_keys(pipe, joint_rows):
-    with trace(pipe, previews=False, joint_rows=joint_rows, keep_layers=True) as tr, JointReference(pipe, "sd3", renormalize=joint_rows == "renormalized") as ref:
+    with trace(pipe, previews=False, joint_rows=joint_rows, keep_layers=True, layer_dtype=torch.float32) as tr, JointReference(pipe, "sd3", renormalize=joint_rows == "renormalized") as ref:
         _run(pipe, negative_prompt="green")
     t = tr.trace
     positions = t.meta["text_positions"]
