@@ -1,277 +1,215 @@
 #!/usr/bin/env python
-"""Faithfulness and sanity of DF-RISE and DF-CAM on the shapes world, with the embedded model.
+"""Faithfulness of every DF-RISE variant, DF-CAM and the word maps, beside the baselines a
+sceptical reader would try (issue 12).
 
-    python benchmarks/bench_faithfulness.py                      # 12 scenes, both protocols
-    python benchmarks/bench_faithfulness.py --n 40 --protocol noised --timestep 300
-    python benchmarks/bench_faithfulness.py --model tiny --n 2   # plumbing check (random weights: numbers meaningless)
+    nice python benchmarks/bench_faithfulness.py --n 30
 
-Protocols (as ``bench_pointing.py``):
+Held-out prompts as in validity_common (embedded model, 20 steps, guidance 5, step 14; objects
+as the checker finds them in the generated image). Per prompt and map:
 
-* ``noised``: each scene's ground-truth image is VAE-encoded (posterior mean), noised to
-  ``--timestep`` with the model's alpha_bar, and explained at that one step with its caption; the
-  masks are the renderer's exact object masks.
-* ``generated``: the model generates the caption's image (20 steps, default guidance) and it is
-  explained at step ``--step`` (default 14, the paper's 15th of 20); the masks are what the
-  attribute checker finds in the generated image (scenes where it finds nothing are skipped).
-
-Reported per protocol:
-
-* **pointing** (whole-image maps): the map's maximum lies on an object (any object's mask).
-  Chance level = the objects' share of the image, printed alongside.
-* **per-object pointing** (per-token DF-RISE, noised protocol): the map of an object's words
-  (size, colour, shape) peaks inside *that* object's mask.
-* **insertion / deletion** (latent space, and image space through the VAE): per prompt, whether
-  the map's insertion AUC is below the random-map baseline's (mean of 2 random maps), i.e. the
-  curve falls faster (target >= 90 % of prompts), and whether its deletion AUC is above; plus the
-  paper's aggregated AUC (mean curve -> min-max -> trapezoid) per map kind. Scores are distances
-  to the untouched prediction: low insertion AUC and high deletion AUC are good.
-* **sanity** (Adebayo et al. 2018): Spearman rank correlation between each map from the trained
-  UNet and from a re-initialised copy (low = the map depends on the model).
+* **pointing**: the map's maximum lies on an object (chance = the objects' share of the image);
+* **mask-seed stability**: Spearman ρ between the map at mask seeds 0 and 1 (each variant at its own
+  default mask count when that is at most ``--own-masks-up-to``, else at ``--masks``);
+* **games** (latent space, stride ``--stride``; distances to the untouched prediction: a faithful
+  map has a LOW insertion and a HIGH deletion AUC):
+  - ``context`` (the default, `explain.methods.defaults.GAME`): positions removed by re-noising
+    them (``noise_scale`` × the step's noise level added, 2 shared draws), the x0 prediction
+    scored only where the latent is untouched, so the identity path scores every order alike;
+  - ``paper``: the paper's game (insertion from the blurred latent, deletion to zeros, x0 scored
+    everywhere), which the identity path wins;
+* **baselines**: random, centred Gaussian, |x_t|, |x_t - blur(x_t)| (`explain.methods.baselines`)
+  and the same method on the randomised UNet (for the DF-RISE variants with ``--rand-variants``).
+  "beats all" = beats every baseline in insertion AND deletion on that prompt.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import json
 import sys
-import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from explain.adapters.diffusers import from_pipeline, vae_decoder  # noqa: E402
-from explain.embedded import world  # noqa: E402
+import validity_common as vc  # noqa: E402
+
+from explain.adapters.diffusers import from_pipeline  # noqa: E402
+from explain.methods import baselines, defaults, sanity  # noqa: E402
 from explain.methods import faithfulness as fa  # noqa: E402
-from explain.methods import heatmaps  # noqa: E402
 from explain.methods.cam import df_cam  # noqa: E402
-from explain.methods.rise import df_rise, df_rise_tokens  # noqa: E402
+from explain.methods.rise import df_rise  # noqa: E402
 
-RANDOM_SEEDS = (101, 102)
-KINDS = {"rise": "DF-RISE", "cam": "DF-CAM (sum)", "cam_proj": "DF-CAM (guided projection)"}
-
-
-class Tally:
-    def __init__(self):
-        self.rows: list[dict] = []
-        self.curves: dict[str, dict[str, list]] = {}
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-
-    def share(self, key: str) -> str:
-        values = [r[key] for r in self.rows if key in r and r[key] is not None]
-        if not values:
-            return "  n/a"
-        return f"{100 * sum(values) / len(values):5.1f} % ({sum(values)}/{len(values)})"
-
-    def mean(self, key: str) -> float:
-        values = [r[key] for r in self.rows if key in r and r[key] is not None and not np.isnan(r[key])]
-        return float(np.mean(values)) if values else float("nan")
+GAMES = {
+    "context": dict(removal=defaults.GAME.removal, noise_scale=defaults.GAME.noise_scale, noise_draws=defaults.GAME.noise_draws, score=defaults.GAME.score),
+    "paper": dict(removal="paper", score="all"),
+}
+VARIANTS = tuple(defaults.VARIANTS)
+MODEL_ID = "diffusion-explain/shapes-64"
 
 
-def upsample(m: torch.Tensor, size: int) -> torch.Tensor:
-    m = m.float()
-    if m.shape[-1] == size:
-        return m
-    return F.interpolate(m[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+def rise(den, trace, name, n, seed=0):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return df_rise(den, trace, vc.STEP, **{**defaults.VARIANTS[name].kwargs(), "n_masks": n, "seed": seed}).saliency
 
 
-def point(m: torch.Tensor, mask: np.ndarray) -> bool | None:
-    if float(m.max() - m.min()) <= 1e-12:
-        return False
-    return heatmaps.pointing_hit(upsample(m, mask.shape[-1]), torch.from_numpy(mask))
+def masks_for(name: str, args) -> int:
+    """A variant at its own default mask count when that is at most ``--own-masks-up-to``
+    (the few-mask variants, candidates for the default), else at ``--masks``."""
+    own = defaults.VARIANTS[name].n_masks
+    return own if own <= args.own_masks_up_to else args.masks
 
 
-def score_maps(denoiser, trace, step, maps: dict[str, torch.Tensor], decode, union: np.ndarray, tally: Tally, extra: dict) -> None:
-    row = dict(extra)
-    row["chance"] = float(union.mean())
-    games = {}
-    for kind, m in maps.items():
-        row[f"{kind}_point"] = point(m, union)
-        games[kind] = fa.insertion_deletion(denoiser, trace, step, m, decode=decode, seed=0)
-    randoms = [
-        fa.insertion_deletion(denoiser, trace, step, fa.random_saliency(trace.latent_size, s), decode=decode, seed=s) for s in RANDOM_SEEDS
-    ]
-    for space in ("latent", "image"):
-        def auc_of(game):
-            return game.latent_auc if space == "latent" else game.image_auc
-
-        rnd = {mode: statistics.mean(auc_of(r[mode]) for r in randoms) for mode in fa.MODES}
-        for kind, g in games.items():
-            if auc_of(g["insertion"]) is None:
-                continue
-            row[f"{kind}_ins_{space}"] = auc_of(g["insertion"]) < rnd["insertion"]
-            row[f"{kind}_del_{space}"] = auc_of(g["deletion"]) > rnd["deletion"]
-            for mode in fa.MODES:
-                curve = g[mode].latent_curve if space == "latent" else g[mode].image_curve
-                tally.curves.setdefault(f"{kind}/{mode}/{space}", []).append(curve)
-        for mode in fa.MODES:
-            curve = torch.stack([(r[mode].latent_curve if space == "latent" else r[mode].image_curve) for r in randoms]).mean(0)
-            tally.curves.setdefault(f"random/{mode}/{space}", []).append(curve)
-    tally.add(row)
-
-
-def explain_maps(denoiser, trace, step, args) -> dict[str, torch.Tensor]:
-    rise = df_rise(
-        denoiser, trace, step, n_masks=args.masks, similarity=args.similarity, quantity=args.quantity, centered=args.centered, masks=args.mask_kind
-    )
-    cam = df_cam(denoiser, trace, step, layers="paper")
-    cam_proj = df_cam(denoiser, trace, step, layers="paper", target="guided_projection")
-    return {"rise": rise.display(), "cam": cam.latent, "cam_proj": cam_proj.latent}
-
-
-def encode(pipe, image: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(image[None]).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(pipe.device, pipe.vae.dtype)
-    with torch.no_grad():
-        return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+def run(args, log) -> dict:
+    pipe = vc.load()
+    rand_unet = fa.randomized_copy(pipe.unet, seed=7)
+    samples = vc.samples(pipe, args.n, log=log)
+    rows = []
+    for k, s in enumerate(samples):
+        tr = s.trace
+        den = from_pipeline(pipe, tr)
+        rden = from_pipeline(pipe, tr, unet=rand_unet)
+        x = tr.x_t[vc.STEP, 0].float()
+        maps, stability = {}, {}
+        for name in args.variants:
+            n = masks_for(name, args)
+            maps[name] = rise(den, tr, name, n)
+            stability[name] = sanity._rho(maps[name], rise(den, tr, name, n, seed=1))
+        rand_maps = {name: rise(rden, tr, name, masks_for(name, args)) for name in args.rand_variants}
+        maps["df_cam"] = df_cam(den, tr, vc.STEP, **defaults.CAM.kwargs()).latent
+        spans = vc.object_word_tokens(tr, s.scene)
+        att = tr.attention[vc.STEP, 0].float()
+        maps["word_heatmap"] = att[sorted({i for sp in spans for i in sp})].mean(0) if spans else att[1:-1].mean(0)
+        base = baselines.baseline_maps(x, seed=100 + k)
+        everything = {**maps, **{f"{n}@random-unet": m for n, m in rand_maps.items()}, **base}
+        row = {"caption": s.scene.caption, "chance": float(s.union.mean()), "stability": stability, "point": {}, "auc": {},
+               "masks": {name: masks_for(name, args) for name in args.variants}}
+        for name, m in everything.items():
+            row["point"][name] = vc.point(m, s.union)
+            row["auc"][name] = {}
+            for game, kw in GAMES.items():
+                if game not in args.games:
+                    continue
+                g = fa.insertion_deletion(den, tr, vc.STEP, m, stride=args.stride, seed=0, **kw)
+                row["auc"][name][game] = [g["insertion"].latent_auc, g["deletion"].latent_auc, g["insertion"].latent_curve.tolist(), g["deletion"].latent_curve.tolist()]
+        rows.append(row)
+        log(f"  {k + 1}/{len(samples)} {s.scene.caption!r}: stability " + ", ".join(f"{n} {vc.fmt(v, 2)}" for n, v in stability.items()))
+    return {"rows": rows, "args": vars(args)}
 
 
-def object_tokens(trace, scene) -> list[list[int]]:
-    words = [w.text.lower() for w in trace.words[0]]
-    caption = [w.lower() for w in world.caption_words(scene.caption)]
-    spans = world.object_word_indices(scene)
-    if words != caption:
-        return []
-    return [sorted({i for k in span for i in trace.words[0][k].token_indices}) for span in spans]
+def wins(row, name, game, other) -> tuple[bool, bool]:
+    a, b = row["auc"][name][game], row["auc"][other][game]
+    return a[0] < b[0], a[1] > b[1]
 
 
-def run_noised(pipe, scenes, args, tally: Tally, token_tally: Tally, sanity: list) -> None:
-    from explain.adapters.diffusers import trace as tap
-
-    size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    decode = vae_decoder(pipe.vae)
-    a = float(pipe.scheduler.alphas_cumprod[args.timestep])
-    for i, scene in enumerate(scenes):
-        image, masks = world.render(scene, size)
-        x0 = encode(pipe, image)
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed + i)).to(x0.device, x0.dtype)
-        x_t = a**0.5 * x0 + (1 - a) ** 0.5 * noise
-        with tap(pipe, previews=False) as tr:
-            pipe(scene.caption, latents=x_t, timesteps=[args.timestep], guidance_scale=args.guidance, output_type="latent")
-        trace = tr.trace
-        denoiser = from_pipeline(pipe, trace)
-        maps = explain_maps(denoiser, trace, 0, args)
-        union = masks.any(0)
-        score_maps(denoiser, trace, 0, maps, decode, union, tally, {})
-        if args.token_masks:
-            spans = object_tokens(trace, scene)
-            if spans:
-                tokens = df_rise_tokens(denoiser, trace, 0, n_masks=args.token_masks, similarity=args.similarity, quantity=args.quantity)
-                for k, span in enumerate(spans):
-                    token_tally.add({"point": point(tokens.word_map(span), masks[k]), "chance": float(masks[k].mean())})
-        if i < args.sanity:
-            sanity.append(sanity_check(pipe, trace, 0, maps, args))
-        print(f"  noised {i + 1}/{len(scenes)}: {scene.caption!r}", file=sys.stderr)
-
-
-def run_generated(pipe, scenes, args, tally: Tally) -> int:
-    from explain.adapters.diffusers import generate
-    from explain.embedded import checker
-
-    decode = vae_decoder(pipe.vae)
-    skipped = 0
-    for i, scene in enumerate(scenes):
-        trace, images = generate(pipe, scene.caption, steps=20, guidance=args.guidance, seed=args.seed + i, previews=False, output_type="np")
-        image = (np.clip(images[0], 0, 1) * 255).round().astype(np.uint8)
-        found = checker.detect_objects(image)
-        if not found:
-            skipped += 1
-            continue
-        union = np.stack([d.mask for d in found]).any(0)
-        denoiser = from_pipeline(pipe, trace)
-        maps = explain_maps(denoiser, trace, args.step, args)
-        score_maps(denoiser, trace, args.step, maps, decode, union, tally, {})
-        print(f"  generated {i + 1}/{len(scenes)}: {scene.caption!r}", file=sys.stderr)
-    return skipped
-
-
-def sanity_check(pipe, trace, step, maps, args) -> dict:
-    randomized = fa.randomized_copy(pipe.unet, seed=7)
-    denoiser = from_pipeline(pipe, trace, unet=randomized)
-    other = explain_maps(denoiser, trace, step, args)
-    return {kind: fa.spearman(maps[kind], other[kind]) for kind in maps}
-
-
-def report(name: str, tally: Tally) -> None:
-    if not tally.rows:
-        print(f"{name}: nothing scored")
-        return
-    print(f"{name}: {len(tally.rows)} prompts; chance of pointing at an object = {100 * tally.mean('chance'):.1f} %")
-    for kind, label in KINDS.items():
-        print(f"  {label}: pointing {tally.share(f'{kind}_point')}")
-        for space in ("latent", "image"):
-            if f"{kind}_ins_{space}" not in tally.rows[0]:
-                continue
-            aucs = {m: fa.paper_auc(tally.curves[f"{kind}/{m}/{space}"]) for m in fa.MODES}
-            rnd = {m: fa.paper_auc(tally.curves[f"random/{m}/{space}"]) for m in fa.MODES}
-            print(
-                f"    {space:6s} insertion beats random in {tally.share(f'{kind}_ins_{space}')} (target >= 90 %), "
-                f"deletion in {tally.share(f'{kind}_del_{space}')}; paper AUC ins {aucs['insertion']:.3f} "
-                f"(random {rnd['insertion']:.3f}, lower is better), del {aucs['deletion']:.3f} (random {rnd['deletion']:.3f}, higher is better)"
+def report(data, log) -> dict:
+    """Print the tables; returns per map ``{"beats_all_share", "beats_random_share", "seed_rho_at_masks", "masks_at"}``
+    in the default game."""
+    rows, args = data["rows"], data["args"]
+    figures: dict[str, dict] = {}
+    n = len(rows)
+    log("")
+    log(f"Faithfulness | embedded shapes-64 | {n} held-out prompts, step 14 of 20 | DF-RISE masks: {rows[0].get('masks', args['masks'])} | games stride {args['stride']}")
+    log(f"pointing chance (objects' share of the image): {100 * vc.mean([r['chance'] for r in rows]):.1f} %")
+    log("")
+    log("Mask-seed stability (Spearman ρ, mask seed 0 vs 1, same mask count as above), mean [min] over prompts:")
+    variants = list(rows[0]["stability"])
+    for name in variants:
+        v = [r["stability"][name] for r in rows]
+        n_at = rows[0].get("masks", {}).get(name, args["masks"])
+        figures.setdefault(name, {}).update(seed_rho_at_masks=vc.mean(v), masks_at=n_at)
+        log(f"  {name:32s} {n_at:4d} masks {vc.fmt(vc.mean(v), 3)} [{vc.fmt(min(x for x in v if x is not None), 2)}]; >= 0.9 on {vc.share([x is not None and x >= 0.9 for x in v])}")
+    names = list(rows[0]["auc"])
+    base_names = list(baselines.BASELINES)
+    for game in [g for g in GAMES if g in rows[0]["auc"][names[0]]]:
+        log("")
+        log(f"Game '{game}' ({GAMES[game]}): mean AUC insertion (lower = better) / deletion (higher = better), paper aggregate, pointing, win rates")
+        log(f"  {'map':36s} {'ins':>7s} {'del':>7s} {'paperAUC ins/del':>17s} {'pointing':>16s}  " + "  ".join(f"{'vs ' + b:>16s}" for b in base_names + ["rand-UNet"]) + f"  {'beats all':>16s}")
+        for name in names:
+            ins = vc.mean([r["auc"][name][game][0] for r in rows])
+            dele = vc.mean([r["auc"][name][game][1] for r in rows])
+            pa_i = fa.paper_auc([torch.tensor(r["auc"][name][game][2]) for r in rows])
+            pa_d = fa.paper_auc([torch.tensor(r["auc"][name][game][3]) for r in rows])
+            cols, all_ok = [], [True] * n
+            others = [b for b in base_names if b != name]
+            rand_name = f"{name}@random-unet"
+            for b in base_names + [rand_name]:
+                if b == name or b not in rows[0]["auc"]:
+                    cols.append(f"{'-':>16s}")
+                    continue
+                w = [wins(r, name, game, b) for r in rows]
+                cols.append(f"{sum(a and d for a, d in w):3d}/{n} i{sum(a for a, _ in w):2d} d{sum(d for _, d in w):2d}")
+                all_ok = [ok and a and d for ok, (a, d) in zip(all_ok, w)]
+            del others
+            beats = sum(all_ok) if name not in base_names else None
+            if game == "context" and beats is not None:
+                w = [wins(r, name, game, "random") for r in rows]
+                figures.setdefault(name, {}).update(beats_all_share=beats / n, beats_random_share=sum(a and d for a, d in w) / n)
+            log(
+                f"  {name:36s} {ins:7.4f} {dele:7.4f} {pa_i:8.3f}/{pa_d:.3f} {vc.share([r['point'][name] for r in rows]):>16s}  "
+                + "  ".join(cols)
+                + (f"  {100 * beats / n:5.1f} % ({beats}/{n})" if beats is not None else "")
             )
+    log("")
+    log("(win columns: prompts where the map beats that baseline in both games' directions 'both/n', and in insertion 'i' / deletion 'd' alone)")
+    return figures
+
+
+def add_to_verdicts(figures: dict, log) -> None:
+    """Add the measured faithfulness and stability to the cached sanity verdicts (written by
+    bench_sanity) and name, in each DF-RISE verdict's note, every evidence bar it misses."""
+    from dataclasses import replace
+
+    known = sanity.load_verdicts().get(MODEL_ID)
+    if not known:
+        raise SystemExit("no sanity verdicts for the embedded model yet: run bench_sanity.py --write-verdicts first")
+    out = []
+    for method, v in known.items():
+        key = v.numbers["variant"] if method == "df_rise" else method.split(":", 1)[1] if method.startswith("df_rise:") else method
+        f = figures.get(key)
+        if f is None:
+            out.append(v)
+            continue
+        numbers = {**v.numbers, **{k: val for k, val in f.items() if val is not None}}
+        fails = sanity.evidence_failures(numbers, v.passes, from_masks=method.startswith("df_rise"))
+        numbers["evidence"] = not fails
+        numbers["evidence_fails"] = fails
+        head = v.note.split(" | ")[0]
+        note = f"{head} | " + ("meets every evidence bar" if not fails else "not evidence: " + "; ".join(fails))
+        out.append(replace(v, numbers=numbers, note=note))
+        log(f"  verdict {method}: {note}")
+    aliases = json.loads(sanity.VERDICTS_FILE.read_text())["models"][MODEL_ID].get("aliases", [])
+    sanity.write_verdicts(out, MODEL_ID, aliases=aliases)
+    log(f"faithfulness and stability added to {sanity.VERDICTS_FILE}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="embedded", choices=["embedded", "tiny"])
-    p.add_argument("--n", type=int, default=12)
-    p.add_argument("--protocol", default="both", choices=["noised", "generated", "both"])
-    p.add_argument("--split", default="held_out", choices=["train", "held_out", "any"])
-    p.add_argument("--timestep", type=int, default=300, help="noised protocol: the timestep (the paper's step 15 of 20 is t = 300)")
-    p.add_argument("--step", type=int, default=14, help="generated protocol: the step index explained (of 20)")
-    p.add_argument("--masks", type=int, default=96, help="DF-RISE masks per map")
-    p.add_argument("--token-masks", type=int, default=64, help="per-token DF-RISE masks (0 = skip)")
-    p.add_argument("--similarity", default="neg_mse", help="the best pointing on this world (see the README); the paper used structure")
-    p.add_argument("--quantity", default="x0", choices=["x0", "epsilon"])
-    p.add_argument("--mask-kind", default="bernoulli", choices=["bernoulli", "grid"])
-    p.add_argument("--centered", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--sanity", type=int, default=3, help="scenes (noised protocol) for the randomisation check")
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--n", type=int, default=30)
+    p.add_argument("--masks", type=int, default=32, help="masks of the variants whose default count is above --own-masks-up-to")
+    p.add_argument("--own-masks-up-to", type=int, default=64, help="variants whose default mask count is at most this run at it")
+    p.add_argument("--stride", type=int, default=32)
+    p.add_argument("--rand-variants", nargs="*", default=["grid4-structure-centered"])
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--games", nargs="*", default=list(GAMES), choices=list(GAMES))
+    p.add_argument("--from-json", default=None)
+    p.add_argument("--write-verdicts", action="store_true", help="add the figures to explain/methods/verdicts.json")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-
-    from explain import embedded
-
-    if args.model == "embedded" and embedded.is_available():
-        pipe = embedded.load_pipeline(device="cpu")
-        args.guidance = args.guidance or embedded.DEFAULT_GUIDANCE
-        name = "embedded shapes-64"
+    vc.one_thread()
+    log = vc.Tee("faithfulness")
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
     else:
-        from explain.testing import tiny_sd_pipeline
-
-        if args.model == "embedded":
-            print("note: the embedded model's weights are not there; using the tiny random pipeline (numbers meaningless)")
-        pipe, name = tiny_sd_pipeline(), "tiny random SD"
-        args.guidance = args.guidance or 5.0
-    scenes = world.scenes(args.n, seed=args.seed, split=args.split)
-    start = time.perf_counter()
-    print(
-        f"Faithfulness on the shapes world | {name} | {args.n} {args.split} scenes | DF-RISE: {args.masks} {args.mask_kind} masks, "
-        f"{args.similarity} on {args.quantity}, {'centered' if args.centered else 'paper'} estimator | DF-CAM: paper layers"
-    )
-    sanity: list[dict] = []
-    if args.protocol in ("noised", "both"):
-        tally, tokens = Tally(), Tally()
-        run_noised(pipe, scenes, args, tally, tokens, sanity)
-        report(f"noised (t = {args.timestep})", tally)
-        if tokens.rows:
-            print(f"  per-token DF-RISE, per-object pointing {tokens.share('point')} (chance {100 * tokens.mean('chance'):.1f} %)")
-    if args.protocol in ("generated", "both"):
-        tally = Tally()
-        skipped = run_generated(pipe, scenes, args, tally)
-        report(f"generated (step {args.step} of 20; objects as the checker finds them; {skipped} images with none skipped)", tally)
-    if sanity:
-        for kind in KINDS:
-            values = [s[kind] for s in sanity]
-            print(f"sanity ({len(values)} scenes): Spearman(trained, randomised UNet) for {kind}: mean {np.nanmean(values):.3f}, values {[round(v, 3) for v in values]}")
-    print(f"({time.perf_counter() - start:.0f} s)")
+        data = run(args, log)
+        (vc.RESULTS / "faithfulness.json").write_text(json.dumps(data))
+    figures = report(data, log)
+    if args.write_verdicts:
+        add_to_verdicts(figures, log)
+    log.close()
     return 0
 
 

@@ -27,7 +27,10 @@ import torch
 
 from explain.methods import defaults
 
-NOT_MEASURED = "passes the sanity checks: not measured for this model"
+NOT_MEASURED = (
+    "passes the sanity checks: not measured for this model (verdicts are measured once and cached for the embedded "
+    "shapes-64 model; for another model measure one on demand with explain.methods.sanity.verdict_on_demand)"
+)
 
 
 @dataclass
@@ -124,7 +127,9 @@ def sanity_verdict(method_id: str, model: str | None) -> tuple[bool | None, str]
             # the verdict's own line repeats the head ("FAILS the sanity checks (ρ ...): note"): keep the rest
             detail = re.sub(r"^(passes|fails) the sanity checks:?\s*", "", verdict.line() if hasattr(verdict, "line") else "", flags=re.I)
             head = f"passes the sanity checks: {'yes' if passes else 'no'}"
-            return passes, head + (f" {detail}" if detail.startswith("(") else f" — {detail}" if detail else "")
+            line = head + (f" {detail}" if detail.startswith("(") else f" — {detail}" if detail else "")
+            where = getattr(verdict, "model", "") or name
+            return passes, line + f" [cached verdict, measured once for {where}]"
     return None, NOT_MEASURED
 
 

@@ -751,6 +751,10 @@ def _page(trace, item, report, scores, view, method_files, methods, extra, embed
             parts.append(_img(report, "negative_heatmaps.png", embed, alt="negative prompt heatmaps"))
 
     parts.append("<h2>What is recovered at each step (R1)</h2>")
+    from explain.explanations import sanity_verdict
+
+    passes, line = sanity_verdict("recovery", trace.meta.get("model"))
+    parts.append(_verdict_html([f"R1 recovery view: {line}"], passes))
     parts.append(
         f'<p class="note">Computed on the {"decoded x0 previews" if view.space == "preview" else "latents"}. '
         "Row 2: where this step changed the prediction (one colour scale for all steps, so panels compare). Row 3: green "

@@ -53,9 +53,11 @@ from explain_app.views import (
     default_word,
     enlarge,
     final_view,
+    recovery_verdict,
     recovery_views,
     step_view,
     summary,
+    verdict_markdown,
     word_view,
 )
 
@@ -64,6 +66,6 @@ __all__ = [
     "MAX_MASKS", "MAX_PROMPT_CHARS", "MAX_SEED", "MAX_STEPS", "MODELS", "SIZES", "InputError", "ModelCache",
     "RiseView", "Session", "cam_layer_choices", "cam_view", "check_float", "check_int", "check_prompt",
     "check_step_range", "close_session", "concept_colors", "concept_frame", "content_words", "default_word", "enlarge",
-    "final_view", "generate", "model_for_trace", "model_size_choices", "model_status", "native_size", "open_trace", "parse_size", "recovery_views", "rise_settings", "rise_view",
-    "save_report", "save_trace_file", "size_choices", "step_view", "summary", "word_view",
+    "final_view", "generate", "model_for_trace", "model_size_choices", "model_status", "native_size", "open_trace", "parse_size", "recovery_verdict", "recovery_views", "rise_settings", "rise_view",
+    "save_report", "save_trace_file", "size_choices", "step_view", "summary", "verdict_markdown", "word_view",
 ]

@@ -23,7 +23,7 @@ from explain_app.session import MODELS, ModelCache, Session, _session, close_ses
 from explain_app import inputs
 from explain_app.inputs import user_error
 from explain_app.session import check_generation
-from explain_app.views import CURVE_TITLES, concept_colors, concept_frame, content_words, default_word, final_view, recovery_views, step_view, summary, word_view
+from explain_app.views import CURVE_TITLES, concept_colors, concept_frame, content_words, default_word, final_view, recovery_verdict, recovery_views, step_view, summary, word_view
 
 try:  # ZeroGPU on Hugging Face Spaces; a no-op decorator elsewhere
     import spaces as _spaces
@@ -203,7 +203,8 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
 
     @_ui
     def on_tol(state, tol):
-        return recovery_views(_session(state).require_trace(), tol)
+        trace = _session(state).require_trace()
+        return (*recovery_views(trace, tol), recovery_verdict(trace))
 
     def panel(view):
         return view.overlay_final, view.overlay_x0, view.curves, view.aucs, view.caption, view.verdict
@@ -344,6 +345,7 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
             tol = gr.Slider(0.05, 1.0, value=0.25, step=0.05, label="tolerance (× std of the final image)")
             recovery_grid = gr.Image(label="what each step recovers", format="png", interactive=False, elem_id="recovery-grid")
             recovery_curves = gr.Image(label="recovered share per step", format="png", interactive=False)
+            recovery_sanity = gr.Markdown(elem_id="recovery-verdict")
         with gr.Tab("DF-RISE"):
             gr.Markdown(
                 "Re-runs the model on randomly masked copies of the latent at one step (needs the model that made the trace). "
@@ -398,7 +400,7 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
         opened = trace_file.upload(on_open, [state, trace_file], first_outputs, api_name="open_trace", show_progress_on=[final])
         for event in (generated, opened):
             event.success(on_views, [state, kind], view_outputs, api_name=False).success(
-                on_tol, [state, tol], [recovery_grid, recovery_curves], api_name=False
+                on_tol, [state, tol], [recovery_grid, recovery_curves, recovery_sanity], api_name=False
             )
         # .input: only what the user moves; the views set these sliders themselves
         step.input(on_step, [state, step], [x_t, x0, step_caption], show_progress="hidden", trigger_mode="always_last", api_name="step")
@@ -417,7 +419,7 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
             api_name="word",
         )
         kind.input(on_kind, [state, kind], [plot, table], api_name="concepts")
-        tol.input(on_tol, [state, tol], [recovery_grid, recovery_curves], api_name="recovery")
+        tol.input(on_tol, [state, tol], [recovery_grid, recovery_curves, recovery_sanity], api_name="recovery")
         preset.input(on_preset, [preset], [masks, similarity, centered], api_name=False)
         rise_run.click(on_rise, [state, rise_step, masks, preset, similarity, centered, model], rise_outputs, concurrency_limit=1, concurrency_id="model", api_name="rise")
         cam_run.click(on_cam, [state, cam_step, layer, model], cam_outputs, concurrency_limit=1, concurrency_id="model", api_name="cam")

@@ -92,7 +92,20 @@ def word_view(trace: Trace, chip, typed, start, end) -> tuple[np.ndarray, np.nda
     maps = heatmaps.word_heatmaps(trace, words, steps)
     grid = render.heatmap_grid(render.final_image(trace), maps, columns=5)
     caption = f"'{label}', steps {steps.start}-{steps.stop - 1} (cross-attention, mean over heads, layers and steps; min-max scaled)"
-    return single, grid, caption
+    return single, grid, caption + "\n\n" + verdict_markdown("word heatmaps", "word_heatmap", trace)
+
+
+def verdict_markdown(what: str, method_id: str, trace: Trace) -> str:
+    """The sanity verdict shown beside a map: cached for the model, or how to measure one."""
+    from explain.explanations import sanity_verdict
+
+    passes, line = sanity_verdict(method_id, trace.meta.get("model"))
+    mark = {True: "✅", False: "⚠️", None: "❔"}[passes]
+    return f"{mark} **{what}** {_md(line)}"
+
+
+def recovery_verdict(trace: Trace) -> str:
+    return verdict_markdown("R1 recovery view", "recovery", trace)
 
 
 CURVE_TITLES = {"share": "share of the prompt words' attention", "normalized": "per-step min-max across words (paper)", "mass": "attention mass (raw)"}

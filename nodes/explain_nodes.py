@@ -9,6 +9,7 @@ they run and show their pictures even when nothing is connected downstream.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -112,6 +113,14 @@ def parse_words(text: str) -> list[str] | None:
     return words or None
 
 
+def sanity_line(method_id: str, trace: Trace) -> str:
+    """Whether ``method_id`` passes the sanity checks on the trace's model: the verdict cached for
+    that model (`explain.methods.sanity.known_verdict`), or "not measured" with how to measure one."""
+    from explain.explanations import sanity_verdict
+
+    return sanity_verdict(method_id, trace.meta.get("model"))[1]
+
+
 def as_image(array) -> torch.Tensor:
     return to_comfy_image(array)
 
@@ -165,7 +174,8 @@ class ExplainWordHeatmaps(ExplanationNode):
         overlays = [render.overlay(base, m, mode=overlay) for m in maps.values()]
         grid = render.heatmap_grid(base, maps, mode=overlay, title=f"steps {steps or 'all'}", columns=min(len(maps), 6))
         return io.NodeOutput(
-            as_image(overlays), masks_of(list(maps.values())), as_image(grid), json.dumps(list(maps)), ui=preview_ui(as_image(grid))
+            as_image(overlays), masks_of(list(maps.values())), as_image(grid), json.dumps(list(maps)),
+            ui={**preview_ui(as_image(grid)), "text": [f"word heatmaps: {sanity_line('word_heatmap', tr)}"]},
         )
 
 
@@ -316,7 +326,7 @@ class ExplainRecovery(ExplanationNode):
         size = tr.image_size if space == "latent" else tuple(steps_map.shape)
         mask = heatmaps.upsample(steps_map, size, mode="nearest").unsqueeze(0)
         text = json.dumps(view.to_json())
-        return io.NodeOutput(grid, curves, mask, text, ui=preview_ui(torch.cat([grid])))
+        return io.NodeOutput(grid, curves, mask, text, ui={**preview_ui(torch.cat([grid])), "text": [f"R1 recovery view: {sanity_line('recovery', tr)}"]})
 
 
 def _copy_trace(tr: Trace) -> Trace:
@@ -326,6 +336,16 @@ def _copy_trace(tr: Trace) -> Trace:
 
 
 # ---------------------------------------------------------------------------- DF-RISE
+def rise_settings(n_masks, similarity, quantity, masks, p, centered, mask_seed) -> defaults.RiseSettings:
+    """The node's DF-RISE settings: `defaults.RISE` with the node's widgets over it (the paper's
+    algorithm: 500 masks, structure, x0, bernoulli, p 0.5, not centered; the json's ``method``
+    then says ``df_rise:paper``)."""
+    return dataclasses.replace(
+        defaults.RISE, n_masks=int(n_masks), similarity=similarity, quantity=quantity, masks=masks, p=float(p),
+        centered=bool(centered), seed=int(mask_seed),
+    )  # fmt: skip
+
+
 class ExplainRise(ExplanationNode):
     @classmethod
     def define_schema(cls):
@@ -356,7 +376,7 @@ class ExplainRise(ExplanationNode):
                 ),  # fmt: skip
                 io.Combo.Input("quantity", options=["x0", "epsilon"], default=d.quantity, tooltip="Which prediction is compared: x0 or the noise."),
                 io.Combo.Input(
-                    "masks", options=list(rise.MASK_KINDS), default=d.masks,
+                    "masks", options=["bernoulli", "grid"], default=d.masks,  # saved workflows know these two
                     tooltip="'bernoulli': each latent pixel kept with probability p; 'grid': RISE's upsampled coarse grids.",
                 ),  # fmt: skip
                 io.Float.Input("p", default=d.p, min=0.01, max=0.99, step=0.01, tooltip="Share of the latent each mask keeps."),
@@ -395,11 +415,10 @@ class ExplainRise(ExplanationNode):
         step = tr.check_step(int(step))
         scale = guidance_of(tr, cfg)
 
+        settings = rise_settings(n_masks, similarity, quantity, masks, p, centered, mask_seed)
+
         def work(denoiser):
-            result = rise.df_rise(
-                denoiser, tr, step, item, n_masks=int(n_masks), quantity=quantity, masks=masks, p=float(p),
-                similarity=similarity, centered=bool(centered), seed=int(mask_seed), memory_budget=memory_budget(denoiser.device),
-            )  # fmt: skip
+            result = rise.df_rise(denoiser, tr, step, item, **settings.kwargs(), memory_budget=memory_budget(denoiser.device))
             budget = memory_budget(denoiser.device)  # ComfyUI's count, after DF-RISE's batches
             played = faithfulness.insertion_deletion(denoiser, tr, step, result.saliency, item, seed=int(mask_seed), memory_budget=budget) if games else {}
             return result, played
@@ -414,7 +433,8 @@ class ExplainRise(ExplanationNode):
         info = {
             "step": step, "timestep": float(tr.timesteps[step]), "sigma": float(tr.sigmas[step]), "n_masks": result.n_masks,
             "similarity": result.similarity, "quantity": result.quantity, "masks": result.mask_kind, "p": result.p,
-            "centered": result.centered, "cfg": scale, "item": item,
+            "centered": result.centered, "cfg": scale, "item": item, "method": result.method,
+            "sanity": sanity_line(result.method, tr),
             "insertion_auc": aucs.get("insertion"), "deletion_auc": aucs.get("deletion"),
             "auc_direction": "distance curves: lower insertion AUC and higher deletion AUC mean a more faithful map",
         }  # fmt: skip
@@ -498,7 +518,8 @@ class ExplainCam(ExplanationNode):
         mask = heatmaps.normalize_map(result.display().float(), "minmax")
         overlay = as_image(render.overlay(base, mask))
         info = {"step": step, "timestep": float(tr.timesteps[step]), "layers": "image tokens of every transformer block" if probes else layers,
-                "modules": len(result.layers), "target": target, "quantity": quantity, "cfg": scale, "item": item}  # fmt: skip
+                "modules": len(result.layers), "target": target, "quantity": quantity, "cfg": scale, "item": item,
+                "sanity": sanity_line("df_cam", tr)}  # fmt: skip
         if hosted.get("guidance"):
             info["note"] = CAM_GUIDANCE_NOTE
             logging.warning("DF-CAM: %s", CAM_GUIDANCE_NOTE)

@@ -72,7 +72,8 @@ def test_sanity_verdict_says_not_measured_until_the_sanity_module_knows_the_mode
 
     monkeypatch.setitem(sys.modules, "explain.methods.sanity", types.SimpleNamespace(known_verdict=known_verdict))
     passes, line = explanations.sanity_verdict("df_rise", "embedded (diffusion-explain/shapes-64)")
-    assert passes is False and line == "passes the sanity checks: no (ρ vs randomised model 0.91)"
+    assert passes is False and line.startswith("passes the sanity checks: no (ρ vs randomised model 0.91)")
+    assert line.endswith("[cached verdict, measured once for diffusion-explain/shapes-64]")  # says where it came from
     assert asked == [("df_rise", "embedded (diffusion-explain/shapes-64)"), ("df_rise", "diffusion-explain/shapes-64")]
     assert explanations.sanity_verdict("df_cam", "someone/else") == (None, explanations.NOT_MEASURED)
 

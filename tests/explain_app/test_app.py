@@ -664,3 +664,19 @@ def test_browser_says_the_model_is_loading_and_shows_progress_on_the_image(tmp_p
     finally:
         release.set()
         demo.close()
+
+
+# ---------------------------------------------------------------------------- issue 12: verdicts beside each map
+def test_word_and_recovery_views_say_whether_their_method_passes(session):
+    """Beside the word heatmap and the R1 view: the cached sanity verdict for the trace's model,
+    or, for a model none was measured for, that it was not and how to measure one on demand."""
+    from explain import explanations
+
+    _, _, caption = app.word_view(session.trace, None, "red", 0, 5)
+    assert "**word heatmaps**" in caption and "not measured for this model" in caption and "verdict_on_demand" in caption
+    embedded = dataclasses.replace(session.trace, meta={**session.trace.meta, "model": "embedded (diffusion-explain/shapes-64)"})
+    passes, line = explanations.sanity_verdict("recovery", "embedded (diffusion-explain/shapes-64)")
+    text = app.recovery_verdict(embedded)
+    if passes is None:
+        pytest.skip("no verdicts are shipped for the embedded model (run benchmarks/bench_sanity.py --write-verdicts)")
+    assert "**R1 recovery view**" in text and "cached verdict" in text and ("✅" if passes else "⚠️") in text

@@ -243,3 +243,24 @@ def test_missing_requirements_reads_names_and_minimum_versions(tmp_path, monkeyp
     monkeypatch.setattr(environment, "installed_version", lambda name: versions.get(name))
     assert environment.missing_requirements(reqs) == ["numpy>=1.24 (found 1.21.5)", "not-installed-pkg>=1"]
     assert environment.version_tuple("3.8.0rc1") == (3, 8, 0) and environment.version_tuple("2.13.0+cpu") == (2, 13, 0)
+
+
+def test_rise_node_settings_follow_the_library_defaults_and_can_be_the_published_algorithm():
+    """The node's widgets start at explain.methods.defaults.RISE and are laid over it; the paper's
+    values typed into them give the published algorithm exactly (the settings the node does not
+    show, perturbation and score, are the paper's in the default)."""
+    import dataclasses
+
+    from explain.methods import defaults
+
+    d = defaults.RISE
+    same = explain_nodes.rise_settings(d.n_masks, d.similarity, d.quantity, d.masks, d.p, d.centered, d.seed)
+    assert same == d and defaults.method_id(same) == "df_rise"
+    pr = defaults.PAPER_RISE
+    paper = explain_nodes.rise_settings(pr.n_masks, pr.similarity, pr.quantity, pr.masks, pr.p, pr.centered, 3)
+    assert dataclasses.replace(paper, cells=pr.cells) == dataclasses.replace(pr, seed=3) and defaults.method_id(paper) == "df_rise:paper"
+
+
+def test_nodes_say_whether_a_method_passes_on_the_traces_model():
+    line = explain_nodes.sanity_line("df_rise", synthetic_trace())
+    assert line.startswith("passes the sanity checks: not measured for this model") and "on demand" in line

@@ -212,3 +212,31 @@ def test_randomization_check_separates_a_model_dependent_map():
 
     assert model_randomization_check(explain, trained, trained).spearman == pytest.approx(1.0)
     assert model_randomization_check(explain, trained, randomized).spearman < 0.3
+
+
+def test_context_score_measures_only_untouched_positions():
+    predict_x0, x, perfect = region_model()
+    # deletion: at point j the measured positions are those not yet removed, so the first point
+    # (nothing removed) is 0, and removing the region first moves every untouched prediction
+    good = play(predict_x0, x, perfect, mode="deletion", stride=4, score="context")
+    bad = play(predict_x0, x, 1 - perfect, mode="deletion", stride=4, score="context")
+    assert float(good.latent_curve[0]) == 0.0 and good.latent_auc > bad.latent_auc
+    assert torch.isfinite(good.latent_curve).all()  # the last point (nothing untouched) takes its neighbour's value
+    ins = play(predict_x0, x, perfect, mode="insertion", stride=4, score="context")
+    assert float(ins.latent_curve[-1]) == 0.0 and torch.isfinite(ins.latent_curve).all()
+    with pytest.raises(ValueError, match="game score"):
+        play(predict_x0, x, perfect, score="some")
+
+
+def test_noise_removal_games_share_their_draws_and_average_them(tiny):
+    _, trace, denoiser = tiny
+    s = random_saliency(trace.latent_size, 3)
+    a = insertion_deletion(denoiser, trace, 1, s, removal="noise", noise_draws=2, stride=64, seed=1)
+    b = insertion_deletion(denoiser, trace, 1, s, removal="noise", noise_draws=2, stride=64, seed=1)
+    c = insertion_deletion(denoiser, trace, 1, s, removal="noise", noise_draws=2, stride=64, seed=2)
+    assert torch.equal(a["insertion"].latent_curve, b["insertion"].latent_curve)
+    assert not torch.equal(a["insertion"].latent_curve, c["insertion"].latent_curve)
+    with pytest.raises(ValueError, match="removal"):
+        insertion_deletion(denoiser, trace, 1, s, removal="erase")
+    with pytest.raises(ValueError, match="noise_draws"):
+        insertion_deletion(denoiser, trace, 1, s, noise_draws=0)

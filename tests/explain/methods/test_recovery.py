@@ -82,3 +82,26 @@ def test_errors_say_what_to_change():
         trace_recovery(tr, space="pixels")
     with pytest.raises(ValueError, match="tol must be positive"):
         trace_recovery(tr, tol=0)
+
+
+def test_region_recovery_says_which_region_settles_first():
+    from explain.methods.recovery import region_recovery, trace_recovery
+    from tests.explain.synthetic import synthetic_trace
+
+    trace = synthetic_trace(steps=6, size=8)
+    view = trace_recovery(trace, "latent", tol=0.25)
+    quadrant = torch.zeros(8, 8, dtype=torch.bool)
+    quadrant[:4, :4] = True  # settles at step 1; the rest only at the last step
+    first = region_recovery(view, quadrant)
+    assert first.lead > 0.3 and first.half_step_inside < first.half_step_outside
+    assert first.region_share == 0.25
+    rest = region_recovery(view, ~quadrant)
+    assert rest.lead == pytest.approx(-first.lead)
+    # a saliency map: its top quarter is the quadrant; a 32 x 32 mask is resized to the grid
+    saliency = quadrant.float() + 0.01 * torch.rand(8, 8)
+    assert region_recovery(view, saliency, top=0.25).lead == pytest.approx(first.lead)
+    big = quadrant.repeat_interleave(4, 0).repeat_interleave(4, 1)
+    assert region_recovery(view, big).lead == pytest.approx(first.lead)
+    assert set(first.to_json()) >= {"lead", "half_step_inside", "definitions"}
+    with pytest.raises(ValueError, match="none or all"):
+        region_recovery(view, torch.ones(8, 8, dtype=torch.bool))

@@ -131,7 +131,7 @@ def test_df_rise_compares_like_quantities(tiny):
         r = df_rise(denoiser, trace, 2, n_masks=4, quantity=quantity, similarity="cosine")
         assert r.quantity == quantity and torch.isfinite(r.saliency).all()
     # with a zero-masking probability of 0 the probe equals the reference: cosine 1 everywhere
-    r = df_rise(denoiser, trace, 2, n_masks=3, p=0.999999, similarity="cosine")
+    r = df_rise(denoiser, trace, 2, n_masks=3, p=0.999999, similarity="cosine", centered=False)
     assert torch.allclose(r.saliency, torch.ones_like(r.saliency), atol=1e-3)
 
 
@@ -214,3 +214,59 @@ def test_df_rise_inside_inference_mode(tiny):
     with torch.inference_mode():
         inside = df_rise(denoiser, trace, 1, n_masks=4, batch_size=4)
     assert torch.allclose(outside.saliency, inside.saliency, atol=1e-5)
+
+
+def test_method_paper_runs_the_published_settings_and_warns(tiny):
+    from explain.methods import defaults
+    from explain.methods.rise import PaperMethodWarning
+
+    _, trace, denoiser = tiny
+    with pytest.warns(PaperMethodWarning, match="identity path"):
+        r = df_rise(denoiser, trace, 1, method="paper", n_masks=4, batch_size=4)
+    assert (r.similarity, r.centered, r.perturbation, r.method) == ("structure", False, "zero", "df_rise:paper")
+    with pytest.warns(PaperMethodWarning):  # the same settings given by hand warn too
+        df_rise(denoiser, trace, 1, **defaults.PAPER_RISE.with_masks(4).kwargs(), batch_size=4)
+    d = df_rise(denoiser, trace, 1, n_masks=4, batch_size=4)
+    assert d.method == "df_rise" and d.mask_kind == defaults.RISE.masks
+    assert df_rise(denoiser, trace, 1, method="default", batch_size=32).n_masks == defaults.RISE.n_masks
+    with pytest.raises(ValueError, match="unknown DF-RISE method"):
+        df_rise(denoiser, trace, 1, method="best")
+
+
+def test_cell_masks_are_binary_shifted_blocks():
+    from explain.methods.rise import cell_masks
+
+    m = cell_masks(50, (16, 16), cells=4, generator=torch.Generator().manual_seed(0))
+    assert set(m.unique().tolist()) <= {0.0, 1.0} and abs(float(m.mean()) - 0.5) < 0.1
+    # blocks of 4 pixels: a row changes value at most at the block borders (plus the shift)
+    changes = (m[:, :, 1:] != m[:, :, :-1]).sum(-1)
+    assert int(changes.max()) <= 4
+    assert not torch.equal(m[0], m[1])
+
+
+def test_perturbations_replace_or_add_noise_only_where_masked():
+    from explain.methods.rise import perturb
+
+    x = torch.randn(4, 8, 8)
+    m = torch.zeros(2, 8, 8)
+    m[:, :4] = 1
+    z = torch.randn(2, 4, 8, 8)
+    zero = perturb(x, m, "zero")
+    noisy = perturb(x, m, "noise", noise=z, noise_std=0.5)
+    assert torch.equal(zero[:, :, :4], x[None, :, :4].expand(2, -1, -1, -1)) and float(zero[:, :, 4:].abs().max()) == 0
+    assert torch.allclose(noisy[:, :, 4:], x[None, :, 4:] + 0.5 * z[:, :, 4:]) and torch.equal(noisy[:, :, :4], zero[:, :, :4])
+    with pytest.raises(ValueError, match="perturbation"):
+        perturb(x, m, "shuffle")
+    with pytest.raises(ValueError, match="binary masks"):
+        rise_map(lambda b: b, x, n_masks=4, masks="grid", score="kept")
+    with pytest.raises(ValueError, match="noise_std"):
+        rise_map(lambda b: b, x, n_masks=4, perturbation="noise")
+
+
+def test_noise_rise_is_seeded_and_independent_of_batching():
+    predict, x = region_predict()
+    kw = dict(n_masks=70, masks="cells", cells=4, similarity="neg_mse", perturbation="noise", noise_std=0.7, score="kept", centered=True)
+    a = rise_map(predict, x, batch_size=7, **kw)
+    b = rise_map(predict, x, batch_size=64, **kw)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert bool(region_mask().flatten()[rise_map(predict, x, batch_size=64, **{**kw, "n_masks": 400}).argmax()])

@@ -177,7 +177,9 @@ def test_df_rise_matches_its_per_mask_reference(pipe, traced):
     from explain.similarity import get_similarity
 
     denoiser = from_pipeline(pipe, traced)
-    result = df_rise(denoiser, traced, step=1, n_masks=6, similarity="structure", masks="bernoulli", p=0.5, seed=3, batch_size=4)
+    # the published estimator (uncentered, zeroed pixels, per-pixel score), which the loop below writes out
+    result = df_rise(denoiser, traced, step=1, n_masks=6, similarity="structure", masks="bernoulli", p=0.5, seed=3, batch_size=4,
+                     centered=False, perturbation="zero", score="map", quantity="x0")
     level = NoiseLevel.from_trace(traced, 1)
     x = traced.x_t[1, 0]
     reference = denoiser.predict(x.unsqueeze(0), level)
@@ -222,7 +224,8 @@ def test_games_match_their_reference_and_run_in_image_space(pipe, traced):
 
     denoiser = from_pipeline(pipe, traced)
     saliency = random_saliency((16, 16), seed=1)
-    games = insertion_deletion(denoiser, traced, 1, saliency, stride=64, decode=vae_decoder(pipe.vae), batch_size=3)
+    # the paper's game (blurred / zeroed positions, scored everywhere), which the loop below writes out
+    games = insertion_deletion(denoiser, traced, 1, saliency, stride=64, decode=vae_decoder(pipe.vae), batch_size=3, removal="paper", score="all")
     level = NoiseLevel.from_trace(traced, 1)
     x = traced.x_t[1, 0]
     reference = denoiser.predict(x.unsqueeze(0), level)
