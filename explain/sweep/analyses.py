@@ -13,7 +13,7 @@ Analyses run in the order of `ANALYSES`; a later one may reuse what an earlier o
 ``ctx.shared`` (the DF-RISE map for the sanity check, say). One that raises is recorded as that
 prompt's error; the other analyses of the prompt still run.
 
-Hooks for issue 12 (explain/methods/sanity.py, timing.py; R1/R3 measurements) are registered
+Hooks for issue 12 (explain/methods/sanity.py; R1/R3 measurements) are registered
 with ``run=None`` and the issue that brings them; asking for one says so. To wire one, write its
 function here and ``register(Analysis("causal_timing", causal_timing, ...))``; the aggregate
 report already reads the column names listed in each hook's ``summary``.
@@ -479,6 +479,36 @@ def analyse_settle(ctx: Context) -> dict:
     return {"settle_layout": _settle_step([c.layout_ok for c in checks]), "settle_count": _settle_step([c.count_ok for c in checks]), "objects": rows}
 
 
+TIMING_EVERY = 3  # start steps tested: every third (the issue-12 benchmark's spacing)
+
+
+def analyse_causal_timing(ctx: Context) -> dict:
+    """Issue 12's causal concept timing: each prompt word removed from step s on (the prompt
+    re-encoded without it, since a causal text encoder's later tokens still carry a masked word),
+    for s every `TIMING_EVERY` steps; its decision step is the first s from which removing it
+    no longer changes the result (`explain.methods.timing.decision_step`)."""
+    from explain.adapters.diffusers import from_pipeline
+    from explain.methods import defaults, timing
+
+    prompt_words = [w for w in heatmaps.prompt_words(ctx.trace) if w.token_indices]
+    texts = [w.text for w in prompt_words]
+    if not texts:
+        return {"timing_words_tested": 0}
+    classes = words.word_classes(texts, ctx.row.truth)
+    steps = list(range(0, ctx.trace.num_steps, TIMING_EVERY))
+    # the prompt without one word (punctuation is not a word, so it drops out with the others)
+    edited = [" ".join(t for j, t in enumerate(texts) if j != k) for k in range(len(texts))]
+    counterfactuals = [from_pipeline(ctx.pipe, ctx.trace, prompt=e) for e in edited]
+    result = timing.concept_timing(
+        ctx.denoiser, ctx.trace, [[w] for w in prompt_words], steps=steps, keep_finals=False, counterfactuals=counterfactuals, **defaults.TIMING.kwargs()
+    )  # fmt: skip
+    rows = Rows(
+        {"word": text, "position": j, "word_class": cls, "decision_step": result.decision_step[j], "causal_peak_step": result.peak_step[j], "effect_whole_run": float(result.effect[j, 0])}
+        for j, (text, cls) in enumerate(zip(texts, classes))
+    )  # fmt: skip
+    return {"timing_words_tested": len(texts), "timing_steps_tested": len(steps), "timing": rows}
+
+
 # ---------------------------------------------------------------------------- registry
 ANALYSES: dict[str, Analysis] = {}
 
@@ -502,7 +532,7 @@ for _a in (
     Analysis("settle", analyse_settle, "ground truth: the step from which each attribute stays correct in the decoded x0, next to its word's emergence/peak", frozenset({"truth", "previews"}), cost="decodes x0 every step"),
     # ---- hooks: issue 12 (branch `validity`) brings these; the report reads the columns named here
     Analysis("sanity_suite", None, "issue 12's sanity suite (cascading randomisation + null model) for every map; columns sanity_<map>_pass", hook="issue 12: explain/methods/sanity.py"),
-    Analysis("causal_timing", None, "issue 12's causal decision step of each word (words.csv column decision_step; objects.csv decision_<attr>)", hook="issue 12: explain/methods/timing.py"),
+    Analysis("causal_timing", analyse_causal_timing, "causal decision step of each word: the prompt re-encoded without it from step s on, s every 3 steps (timing.csv; the report's decision-step distribution per word class)", frozenset({"denoiser"}), cost="about (words x steps/2) more generations per prompt"),
     Analysis("r3", None, "issue 12's R3 schedule comparison (uniform vs early vs latter); columns r3_*", hook="issue 12: R1/R3 measurements"),
 ):
     register(_a)

@@ -282,7 +282,8 @@ def _concepts_section(s: dict) -> str:
         )
     return (
         f"<h2>Concepts over the steps</h2><p>{c['prompts']} prompts. Emergence and peak are attention-share timings (labelled for what they are: "
-        "when a word's attention rises, not when the model decides it); the causal decision step arrives with issue 12.</p>"
+        "when a word's attention rises, not when the model decides it); "
+        + ("the decision step is causal: the first step from which removing the word no longer changes the result (the causal_timing analysis).</p>" if has_decision else "the causal_timing analysis adds each word's causal decision step.</p>")
         + _table(header, rows)
         + chart
         + third_table

@@ -122,8 +122,8 @@ def test_subset_runs_an_analysis_on_the_files_first_rows_only(tmp_path):
 
 
 def test_hooks_and_ground_truth_analyses_are_refused_with_what_brings_them():
-    with pytest.raises(analyses.AnalysisUnavailable, match="causal_timing.*issue 12"):
-        analyses.parse_analyses("concepts,causal_timing", ground_truth=False)
+    with pytest.raises(analyses.AnalysisUnavailable, match="sanity_suite.*issue 12"):
+        analyses.parse_analyses("concepts,sanity_suite", ground_truth=False)
     with pytest.raises(ValueError, match="'pointing' needs ground truth"):
         analyses.parse_analyses("pointing", ground_truth=False)
     with pytest.raises(ValueError, match="unknown analysis nope"):
@@ -289,3 +289,33 @@ def test_r3_schedules_tally_each_prompt_under_uniform_early_and_latter(tmp_path)
     assert summary["curves"]["early"]["colour"]["n"] == 2
     assert "<h2>R3: what the time steps carry under uniform, early and latter sampling</h2>" in (tmp_path / "report.html").read_text()
     assert (tmp_path / "schedule_words.csv").is_file()
+
+
+def test_causal_timing_gives_each_word_a_decision_step_the_report_reads(tmp_path):
+    rows = parse_prompts("a red circle\na blue square on the left\n", "txt")
+    summary = sweep(rows, tmp_path, settings(("concepts", "causal_timing")))
+    got = records(tmp_path)
+    for row in rows:
+        record = got[row.id]
+        assert record["status"] == "ok", record.get("error")
+        timing = record["tables"]["timing"]
+        concept_words = [w["word"] for w in record["tables"]["words"]]
+        assert [t["word"] for t in timing] == concept_words
+        assert record["columns"]["timing_steps_tested"] == 2  # steps 0 and 3 of 6
+        for t in timing:
+            assert t["decision_step"] in (0, 3, 4)  # a tested step, or the one after the last
+            assert t["effect_whole_run"] > 0  # re-encoding the prompt without the word changes the run
+    report = json.loads((tmp_path / "report.json").read_text())
+    classes = report["concepts"]["classes"]
+    assert all("decision" in entry for entry in classes.values())
+    assert summary is not None
+
+
+def test_decision_steps_join_their_own_prompt_and_word_only():
+    from explain.sweep.aggregate import with_decisions
+
+    words = [{"id": "a", "position": 0, "word": "red"}, {"id": "a", "position": 1, "word": "circle"}, {"id": "b", "position": 0, "word": "red"}]
+    timing = [{"id": "a", "position": 1, "decision_step": 6}, {"id": "b", "position": 0, "decision_step": 3}]
+    joined = with_decisions(words, timing)
+    assert [w.get("decision_step") for w in joined] == [None, 6, 3]
+    assert "decision_step" not in words[1]  # the table itself is left as it was
