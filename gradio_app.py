@@ -21,9 +21,17 @@ import dataclasses
 import logging
 import threading
 
+from explain.cli import positive_int
 from explain_app import inputs
 from explain_app.inputs import DEFAULT_MODEL
-from explain_app.session import LOCAL_POLICY, MODELS, ModelPolicy, configure, is_public, public_policy
+from explain_app.session import (
+    LOCAL_POLICY,
+    MODELS,
+    ModelPolicy,
+    configure,
+    is_public,
+    public_policy,
+)
 from explain_app.ui import build_app
 
 
@@ -44,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, field, unit in (("--max-steps", "max_steps", "denoising steps"), ("--max-size", "max_side", "image side, px"),
                               ("--max-masks", "max_masks", "DF-RISE masks"), ("--max-traces", "max_traces", "sessions whose trace is kept"),
                               ("--max-trace-mb", "max_trace_mb", "MB of traces kept in all"), ("--max-upload-mb", "max_upload_mb", "MB of a trace file to open")):
-        bounds.add_argument(name, type=_positive, default=None, dest=field,
+        bounds.add_argument(name, type=positive_int, default=None, dest=field,
                             help=f"{unit} (default {getattr(inputs.LOCAL_LIMITS, field)} / {getattr(defaults, field)})")
     return parser
 
@@ -97,15 +105,6 @@ def _log_to_stderr() -> None:
         log.setLevel(logging.INFO)
         log.propagate = False
 
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 if __name__ == "__main__":

@@ -306,7 +306,7 @@ def add_method_options(rep: argparse.ArgumentParser) -> None:
                        help="add DF-RISE at STEP (default: the middle step), with its insertion/deletion games")
     group.add_argument("--cam", nargs="?", const=MIDDLE, default=None, metavar="STEP",
                        help="add DF-CAM at STEP (default: the middle step), with its insertion/deletion games")
-    group.add_argument("--masks", type=_positive_int, default=defaults.RISE.n_masks,
+    group.add_argument("--masks", type=positive_int, default=defaults.RISE.n_masks,
                        help=f"DF-RISE masks (default {defaults.RISE.n_masks}; the paper used {defaults.PAPER_RISE.n_masks})")
     group.add_argument("--rise-preset", choices=sorted(defaults.PRESETS), default="default",
                        help="DF-RISE settings: 'default' (the project's, explain.methods.defaults.RISE) or 'paper' (as published)")
@@ -401,15 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--seed", type=_whole_number(0, MAX_SEED), default=0, help="random seed, 0 to 2**64 - 1 (default 0)")
     rep.add_argument("--guidance", type=_finite_number(0.0, MAX_GUIDANCE), default=None,
                      help=f"classifier-free guidance, 0 to {MAX_GUIDANCE:g} (default: 5.0 for the embedded model, else 7.5)")
-    rep.add_argument("--height", type=_positive_int, default=None,
+    rep.add_argument("--height", type=positive_int, default=None,
                      help="image height in pixels: a multiple of the VAE's factor, at most 4096 and twice the size the model was trained at (default: the model's)")
-    rep.add_argument("--width", type=_positive_int, default=None, help="image width in pixels, as --height (default: the model's)")
+    rep.add_argument("--width", type=positive_int, default=None, help="image width in pixels, as --height (default: the model's)")
     rep.add_argument("--allow-any-size", action="store_true", help="allow sizes over twice the size the model was trained at (slow, and poor images)")
     rep.add_argument("--schedule", choices=("uniform", "early", "latter"), default="uniform", help="time-step sampling (paper §4; default uniform)")
     rep.add_argument("--lam", type=_whole_number(1, MAX_LAM), default=60, help=f"λ of the early/latter schedules, 1 to {MAX_LAM} (default 60)")
     rep.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps (default: cuda when available)")
     rep.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto", help="weights dtype (default auto: bfloat16 on CPUs with native bf16, float16 on CUDA for external models, else float32)")
-    rep.add_argument("--threads", type=_positive_int, default=None,
+    rep.add_argument("--threads", type=positive_int, default=None,
                      help="CPU threads for torch (default: one when the machine is already busy, else torch's choice)")
     rep.add_argument("--no-previews", action="store_true", help="do not decode x_t/x0 previews (faster on large models; grids show latents)")
     rep.add_argument("--overwrite", action="store_true", help="replace the report already in --out (never a folder that holds anything else)")
@@ -476,7 +476,8 @@ def _finite_number(low: float, high: float):
     return parse
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1, with a message that says what was given."""
     try:
         value = int(text)
     except ValueError:

@@ -16,10 +16,15 @@ import argparse
 import os
 import sys
 
+from explain.cli import positive_int
+
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``sweep`` subcommand to ``python -m explain``'s subparsers."""
-    from explain.sweep.protocol import GAME_SPACES, PROTOCOLS  # light: no torch until the command runs
+    from explain.sweep.protocol import (  # light: no torch until the command runs
+        GAME_SPACES,
+        PROTOCOLS,
+    )
 
     p = subparsers.add_parser(
         "sweep",
@@ -30,7 +35,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("prompts", nargs="?", help="a .txt (one prompt per line), .csv (a 'prompt' column) or .jsonl file; optional id, seed, negative and ground-truth fields")
     p.add_argument("--out", required=True, help="output folder (re-run with the same folder to resume)")
     p.add_argument("--format", choices=("txt", "csv", "jsonl"), default=None, help="the prompt file's format (default: from its extension)")
-    p.add_argument("--shapes-world", type=_count, default=None, metavar="N", help="ground-truth mode: N shapes-world scenes instead of a prompt file")
+    p.add_argument("--shapes-world", type=positive_int, default=None, metavar="N", help="ground-truth mode: N shapes-world scenes instead of a prompt file")
     p.add_argument("--split", choices=("held_out", "train", "any"), default="held_out", help="which scenes for --shapes-world (default held_out: combinations the model never saw)")
     p.add_argument("--world-seed", type=int, default=0, help="which scenes for --shapes-world (default 0)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="default", help="paper: the published setup (20 DPM-Solver++ steps, guidance 7.5, seed 1, DF-RISE at step 15 with 500 masks); default: the project's validated defaults")
@@ -40,14 +45,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="diffusers folder or hub id (default: the embedded shapes model; 'tiny' = random weights, for tests)")
     p.add_argument("--device", default="auto", help="auto (each process its own GPU under accelerate, else cuda when available), cpu, cuda:1, ...")
     p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto", help="weights dtype (default: see explain.precision)")
-    p.add_argument("--threads", type=_count, default=None, help="CPU threads per process (default: 1 on a busy machine, else the cores divided among the processes)")
-    p.add_argument("--steps", type=_count, default=None, help="denoising steps (default: 20)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads per process (default: 1 on a busy machine, else the cores divided among the processes)")
+    p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: 20)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: 5 for the embedded model, else 7.5; paper 7.5)")
     p.add_argument("--explain-step", type=int, default=None, help="0-based step DF-RISE/DF-CAM explain (default: the paper's 15th of 20, scaled)")
     p.add_argument("--schedule", choices=("uniform", "early", "latter"), default="uniform", help="time-step sampling (default uniform)")
     p.add_argument("--lam", type=int, default=60, help="lambda of the early/latter schedules (default 60)")
     p.add_argument("--seed", type=int, default=0, help="sweep seed: a row without a seed gets one derived from it and the row's id (default 0)")
-    p.add_argument("--masks", type=_count, default=None, help="DF-RISE masks (default: the protocol's)")
+    p.add_argument("--masks", type=positive_int, default=None, help="DF-RISE masks (default: the protocol's)")
     p.add_argument("--baselines", default=None, help="comma-separated game baselines (default: random for paper; random,xt_magnitude,xt_detail,center otherwise)")
     p.add_argument("--game-space", choices=GAME_SPACES, default=None, help="insertion/deletion scored on latents, decoded images or both (default both)")
     p.add_argument("--retry-failed", action="store_true", help="run the prompts that failed before again")
@@ -67,23 +72,18 @@ class _ListAnalyses(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from explain.sweep.analyses import ANALYSES, DEFAULT_ANALYSES, GROUND_TRUTH, PAPER_ANALYSES
+        from explain.sweep.analyses import (
+            ANALYSES,
+            DEFAULT_ANALYSES,
+            GROUND_TRUTH,
+            PAPER_ANALYSES,
+        )
 
         for name, a in ANALYSES.items():
             status = f"hook, not available yet: {a.hook}" if not a.available else (f"cost: {a.cost}" if a.cost else "")
             print(f"{name:14s} {a.summary}" + (f" [{status}]" if status else ""))
         print(f"\ndefault: {', '.join(DEFAULT_ANALYSES)} (+ {', '.join(GROUND_TRUTH)} with ground truth); --protocol paper: {', '.join(PAPER_ANALYSES)}")
         parser.exit()
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def parse_subsets(text: str | None) -> dict[str, int]:
