@@ -96,58 +96,10 @@ def dit_workflow(family: str) -> dict:
     maker.STOCK["EmptySD3LatentImage"] = ([], ["width", "height", "batch_size"], [("LATENT", "LATENT")])
     wf = maker.Workflow()
     loader = wf.add("ExplainTestTinyDiT", (0, 0), {"family": family, "with_t5": True}, size=(320, 100), title=f"TEST: tiny {family}")
-    text = wf.add("PrimitiveStringMultiline", (0, 160), {"value": "a red circle above a blue square"}, title="Prompt", size=(320, 120))
-    negative_text = wf.add("PrimitiveStringMultiline", (0, 320), {"value": "blurry"}, title="Negative prompt", size=(320, 100))
-    positive = wf.add("CLIPTextEncode", (360, 160), {"text": ""}, size=(300, 80))
-    negative = wf.add("CLIPTextEncode", (360, 320), {"text": ""}, size=(300, 80))
-    for enc, source in ((positive, text), (negative, negative_text)):
-        wf.connect(loader, 1, enc, "clip")
-        wf.connect(source, 0, enc, "text")
-    tap = wf.add("DiffusionExplainTap", (360, -260), size=(320, 200))
-    wf.connect(loader, 0, tap, "model")
-    wf.connect(loader, 1, tap, "clip")
-    wf.connect(text, 0, tap, "prompt")
-    wf.connect(negative_text, 0, tap, "negative_prompt")
+    loader, positive, negative, tap = maker._prompting(wf, loader, "a red circle above a blue square", "blurry")
     latent = wf.add("EmptySD3LatentImage", (360, 460), {"width": 64, "height": 64, "batch_size": 1}, size=(300, 110))
-    sampler = wf.add(
-        "KSampler", (720, 0),
-        {"seed": 42, "steps": 6, "cfg": 3.5, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0},
-        size=(300, 270),
-    )  # fmt: skip
-    wf.connect(tap, 0, sampler, "model")
-    wf.connect(positive, 0, sampler, "positive")
-    wf.connect(negative, 0, sampler, "negative")
-    wf.connect(latent, 0, sampler, "latent_image")
-    decode = wf.add("VAEDecode", (1060, 0), size=(220, 50))
-    wf.connect(sampler, 0, decode, "samples")
-    wf.connect(loader, 2, decode, "vae")
-    save = wf.add("SaveImage", (1060, 100), {"filename_prefix": "diffusion-explain/dit"}, size=(300, 300))
-    wf.connect(decode, 0, save, "images")
-
-    def explanation(class_type, pos, widgets=None, size=(340, 330)):
-        node = wf.add(class_type, pos, widgets, size=size)
-        wf.connect(tap, 1, node, "trace")
-        wf.connect(sampler, 0, node, "latent")
-        return node
-
-    heat = explanation("DiffusionExplainWordHeatmaps", (1400, -480), size=(360, 440))
-    wf.connect(decode, 0, heat, "image")
-    steps = explanation("DiffusionExplainStepPreviews", (1400, 10), {"count": 6}, size=(360, 470))
-    wf.connect(loader, 2, steps, "vae")
-    explanation("DiffusionExplainConceptScores", (1400, 530), size=(360, 450))
-    recovery = explanation("DiffusionExplainRecovery", (1810, 690), size=(360, 470))
-    wf.connect(loader, 2, recovery, "vae")
-    for class_type, pos, widgets in (
-        ("DiffusionExplainRise", (1810, -480), {"step": 3, "n_masks": 16}),
-        ("DiffusionExplainCam", (1810, 170), {"step": 3}),
-    ):
-        node = explanation(class_type, pos, widgets, size=(360, 620 if class_type.endswith("Rise") else 470))
-        wf.connect(tap, 0, node, "model")
-        wf.connect(positive, 0, node, "positive")
-        wf.connect(negative, 0, node, "negative")
-        wf.connect(decode, 0, node, "image")
-    saver = explanation("DiffusionExplainSaveTrace", (1060, 460), {"filename_prefix": "diffusion-explain/dit-trace"}, size=(300, 130))
-    wf.connect(loader, 2, saver, "vae")
+    sampler_widgets = {"seed": 42, "steps": 6, "cfg": 3.5, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
+    maker.sample_and_explain(wf, loader, positive, negative, tap, latent, sampler_widgets, previews=6, step=3, n_masks=16, prefix="dit")
     return wf.to_json()
 
 

@@ -179,41 +179,37 @@ NEGATIVE = "blurry, low quality"
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 
 
-def _prompting(wf: Workflow):
-    ckpt = wf.add("CheckpointLoaderSimple", (0, 0), {"ckpt_name": CHECKPOINT}, size=(320, 100))
-    text = wf.add("PrimitiveStringMultiline", (0, 160), {"value": PROMPT}, title="Prompt", size=(320, 120))
-    negative_text = wf.add("PrimitiveStringMultiline", (0, 320), {"value": NEGATIVE}, title="Negative prompt", size=(320, 100))
+def _prompting(wf: Workflow, loader=None, prompt: str = PROMPT, negative_prompt: str = NEGATIVE):
+    """Prompt boxes, their encoders and the Tap on ``loader`` (default: a checkpoint loader)."""
+    if loader is None:
+        loader = wf.add("CheckpointLoaderSimple", (0, 0), {"ckpt_name": CHECKPOINT}, size=(320, 100))
+    text = wf.add("PrimitiveStringMultiline", (0, 160), {"value": prompt}, title="Prompt", size=(320, 120))
+    negative_text = wf.add("PrimitiveStringMultiline", (0, 320), {"value": negative_prompt}, title="Negative prompt", size=(320, 100))
     positive = wf.add("CLIPTextEncode", (360, 160), {"text": ""}, size=(300, 80))
     negative = wf.add("CLIPTextEncode", (360, 320), {"text": ""}, size=(300, 80))
     for enc, source in ((positive, text), (negative, negative_text)):
-        wf.connect(ckpt, 1, enc, "clip")
+        wf.connect(loader, 1, enc, "clip")
         wf.connect(source, 0, enc, "text")
     tap = wf.add("DiffusionExplainTap", (360, -260), size=(320, 200))
-    wf.connect(ckpt, 0, tap, "model")
-    wf.connect(ckpt, 1, tap, "clip")
+    wf.connect(loader, 0, tap, "model")
+    wf.connect(loader, 1, tap, "clip")
     wf.connect(text, 0, tap, "prompt")
     wf.connect(negative_text, 0, tap, "negative_prompt")
-    return ckpt, positive, negative, tap
+    return loader, positive, negative, tap
 
 
-def txt2img_explain() -> Workflow:
-    """Stock txt2img (KSampler) with the Tap and every explanation node."""
-    wf = Workflow()
-    ckpt, positive, negative, tap = _prompting(wf)
-    latent = wf.add("EmptyLatentImage", (360, 460), {"width": 512, "height": 512, "batch_size": 1}, size=(300, 110))
-    sampler = wf.add(
-        "KSampler", (720, 0),
-        {"seed": 42, "steps": 20, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
-        size=(300, 270),
-    )  # fmt: skip
+def sample_and_explain(wf: Workflow, loader, positive, negative, tap, latent, sampler_widgets: dict, *, previews: int, step: int, n_masks: int, prefix: str) -> None:
+    """KSampler on the tapped model, decode and save, and every explanation node wired to the
+    Tap's trace (the txt2img example's layout)."""
+    sampler = wf.add("KSampler", (720, 0), sampler_widgets, size=(300, 270))
     wf.connect(tap, 0, sampler, "model")
     wf.connect(positive, 0, sampler, "positive")
     wf.connect(negative, 0, sampler, "negative")
     wf.connect(latent, 0, sampler, "latent_image")
     decode = wf.add("VAEDecode", (1060, 0), size=(220, 50))
     wf.connect(sampler, 0, decode, "samples")
-    wf.connect(ckpt, 2, decode, "vae")
-    save = wf.add("SaveImage", (1060, 100), {"filename_prefix": "diffusion-explain/image"}, size=(300, 300))
+    wf.connect(loader, 2, decode, "vae")
+    save = wf.add("SaveImage", (1060, 100), {"filename_prefix": f"diffusion-explain/{prefix}"}, size=(300, 300))
     wf.connect(decode, 0, save, "images")
 
     def explanation(class_type, pos, widgets=None, size=(340, 330)):
@@ -224,22 +220,32 @@ def txt2img_explain() -> Workflow:
 
     heat = explanation("DiffusionExplainWordHeatmaps", (1400, -480), size=(360, 440))
     wf.connect(decode, 0, heat, "image")
-    steps = explanation("DiffusionExplainStepPreviews", (1400, 10), {"count": 8}, size=(360, 470))
-    wf.connect(ckpt, 2, steps, "vae")
+    steps = explanation("DiffusionExplainStepPreviews", (1400, 10), {"count": previews}, size=(360, 470))
+    wf.connect(loader, 2, steps, "vae")
     explanation("DiffusionExplainConceptScores", (1400, 530), size=(360, 450))
     recovery = explanation("DiffusionExplainRecovery", (1810, 690), size=(360, 470))
-    wf.connect(ckpt, 2, recovery, "vae")
+    wf.connect(loader, 2, recovery, "vae")
     for class_type, pos, widgets in (
-        ("DiffusionExplainRise", (1810, -480), {"step": 10, "n_masks": 256}),
-        ("DiffusionExplainCam", (1810, 170), {"step": 10}),
+        ("DiffusionExplainRise", (1810, -480), {"step": step, "n_masks": n_masks}),
+        ("DiffusionExplainCam", (1810, 170), {"step": step}),
     ):
         node = explanation(class_type, pos, widgets, size=(360, 620 if class_type.endswith("Rise") else 470))
         wf.connect(tap, 0, node, "model")
         wf.connect(positive, 0, node, "positive")
         wf.connect(negative, 0, node, "negative")
         wf.connect(decode, 0, node, "image")
-    saver = explanation("DiffusionExplainSaveTrace", (1060, 460), {"filename_prefix": "diffusion-explain/trace"}, size=(300, 130))
-    wf.connect(ckpt, 2, saver, "vae")
+    trace_prefix = "trace" if prefix == "image" else f"{prefix}-trace"
+    saver = explanation("DiffusionExplainSaveTrace", (1060, 460), {"filename_prefix": f"diffusion-explain/{trace_prefix}"}, size=(300, 130))
+    wf.connect(loader, 2, saver, "vae")
+
+
+def txt2img_explain() -> Workflow:
+    """Stock txt2img (KSampler) with the Tap and every explanation node."""
+    wf = Workflow()
+    ckpt, positive, negative, tap = _prompting(wf)
+    latent = wf.add("EmptyLatentImage", (360, 460), {"width": 512, "height": 512, "batch_size": 1}, size=(300, 110))
+    sampler_widgets = {"seed": 42, "steps": 20, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
+    sample_and_explain(wf, ckpt, positive, negative, tap, latent, sampler_widgets, previews=8, step=10, n_masks=256, prefix="image")
     return wf
 
 
