@@ -26,12 +26,10 @@ nowhere else).
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from explain.adapters.diffusers.families import Encoding, Family, ProbeFunctions, TextSegment
-from explain.adapters.diffusers.families.joint import JointCapture, JointOptions, mean_concept_tokens, transformer_item_bytes
+from explain.adapters.diffusers.families.joint import JointCapture, JointOptions, mean_concept_tokens, start_calls, transformer_item_bytes
 from explain.adapters.diffusers.families.sd3 import masked_context, short_t5_length
 from explain.attention import COND, UNCOND
 from explain.denoiser import NoiseLevel
@@ -233,19 +231,7 @@ class FluxFamily(Family):
             undo.append(lambda a=attn, p=original: a.set_processor(p))
             if double:
                 undo.append(block.register_forward_pre_hook(capture.block_hook, with_kwargs=True).remove)
-        if skipped:
-            warnings.warn("these joint-attention layers use custom processors and are not traced: " + ", ".join(skipped), stacklevel=5)
-        if not undo:
-            raise RuntimeError("the Flux transformer has no attention layer with diffusers' FluxAttnProcessor to trace")
-
-        def start(module, args, kwargs):
-            sample, context = self.model_inputs(args, kwargs)
-            if sample is not None and context is not None:
-                capture.start_call(module, context, self.token_grid(pipe, sample, kwargs))
-            return None
-
-        undo.append(transformer.register_forward_pre_hook(start, with_kwargs=True).remove)
-        return undo
+        return start_calls(self, pipe, transformer, capture, undo, skipped, nothing_traced="the Flux transformer has no attention layer with diffusers' FluxAttnProcessor to trace")
 
     def layer_grids(self, pipe, latent_size, options=None):
         """Every captured block's maps are on the packed grid (h/2, w/2); output-space maps come

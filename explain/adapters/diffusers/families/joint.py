@@ -26,6 +26,7 @@ hands the joint queries and keys it computed (after q/k norms, and for Flux afte
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -170,6 +171,23 @@ class JointCapture:
             c = c.clip(-65504, 65504)
         self.concept_states = c
 
+
+def start_calls(family, pipe, transformer: torch.nn.Module, capture: JointCapture, undo: list, skipped: list[str], nothing_traced: str) -> list:
+    """The end of every joint family's install: name the layers left untraced, refuse a model
+    with none traced, and start the capture at each transformer call (its context and token grid)."""
+    if skipped:
+        warnings.warn("these joint-attention layers use custom processors and are not traced: " + ", ".join(skipped), stacklevel=6)
+    if not undo:
+        raise RuntimeError(nothing_traced)
+
+    def start(module, args, kwargs):
+        sample, context = family.model_inputs(args, kwargs)
+        if sample is not None and context is not None:
+            capture.start_call(module, context, family.token_grid(pipe, sample, kwargs))
+        return None
+
+    undo.append(transformer.register_forward_pre_hook(start, with_kwargs=True).remove)
+    return undo
 
 def mean_concept_tokens(embeds: torch.Tensor, positions: list[list[int]]) -> torch.Tensor:
     """One token per concept: the mean of ``embeds[k]`` ``[K, T, D]`` over concept k's positions."""

@@ -20,13 +20,11 @@ guidance's extra call is not recorded. Flow matching: the model predicts v = ε 
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 
 from explain.adapters.diffusers.families import Family, ProbeFunctions, TextSegment
-from explain.adapters.diffusers.families.joint import JointCapture, JointOptions, mean_concept_tokens, transformer_item_bytes
+from explain.adapters.diffusers.families.joint import JointCapture, JointOptions, mean_concept_tokens, start_calls, transformer_item_bytes
 from explain.denoiser import NoiseLevel
 
 STOCK_PROCESSORS = {"JointAttnProcessor2_0"}
@@ -152,19 +150,7 @@ class SD3Family(Family):
             attn.set_processor(SD3CaptureProcessor(name, capture, block))
             undo.append(lambda a=attn, p=original: a.set_processor(p))
             undo.append(block.register_forward_pre_hook(capture.block_hook, with_kwargs=True).remove)
-        if skipped:
-            warnings.warn("these joint-attention layers use custom processors and are not traced: " + ", ".join(skipped), stacklevel=5)
-        if not undo:
-            raise RuntimeError("the SD3 transformer has no joint-attention layer with diffusers' JointAttnProcessor2_0 to trace")
-
-        def start(module, args, kwargs):
-            sample, context = self.model_inputs(args, kwargs)
-            if sample is not None and context is not None:
-                capture.start_call(module, context, self.token_grid(pipe, sample, kwargs))
-            return None
-
-        undo.append(transformer.register_forward_pre_hook(start, with_kwargs=True).remove)
-        return undo
+        return start_calls(self, pipe, transformer, capture, undo, skipped, nothing_traced="the SD3 transformer has no joint-attention layer with diffusers' JointAttnProcessor2_0 to trace")
 
     def layer_grids(self, pipe, latent_size, options=None):
         """Every captured block's maps are on the patch grid; output-space maps skip the last,

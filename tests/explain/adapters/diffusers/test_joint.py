@@ -1,6 +1,8 @@
 """ConceptAttention's options on the joint-attention families: output-space maps, a concept stream
 for words that are not in the prompt, and how they are stored."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -190,3 +192,36 @@ def test_a_concept_stream_fed_the_prompt_itself_retraces_the_text_stream(monkeyp
     t = tr.trace
     assert t.attention.shape == t.concept_maps.shape
     assert torch.allclose(t.concept_maps, t.attention, atol=1e-5)
+
+
+class _CustomProcessor:
+    """A user's own attention processor: the tap must leave it alone and say so."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+def _attention_modules(pipe):
+    return [m for m in pipe.transformer.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_layers_with_custom_processors_are_named_and_a_model_with_none_traceable_is_refused(family):
+    pipe = tiny_sd3_pipeline() if family == "sd3" else tiny_flux_pipeline()
+    layers = _attention_modules(pipe)
+    custom = _CustomProcessor(layers[0].processor)
+    layers[0].set_processor(custom)
+    with pytest.warns(UserWarning, match="custom processors and are not traced: .*_CustomProcessor"):
+        with trace(pipe, previews=False):
+            assert layers[0].processor is custom
+    assert layers[0].processor is custom  # still the user's own after the tap
+    for layer in layers:
+        layer.set_processor(_CustomProcessor(layer.processor))
+    with pytest.raises(RuntimeError, match=f"the {'SD3' if family == 'sd3' else 'Flux'} transformer has no .*to trace"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with trace(pipe, previews=False):
+            pass
+    assert all(isinstance(layer.processor, _CustomProcessor) for layer in layers)
