@@ -115,6 +115,16 @@ class TimingSettings:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class OnsetSettings:
+    """Keyword arguments of `explain.methods.timing.concept_onset`."""
+
+    threshold: float = 0.5  # onset: the first step whose effect reaches this share of the largest
+
+    def kwargs(self) -> dict:
+        return asdict(self)
+
+
 # The paper's DF-RISE: SSIM structure of x0, Bernoulli masks, zeroed pixels, uncentered, 500 masks.
 PAPER_RISE = RiseSettings(n_masks=500, similarity="structure", centered=False)
 
@@ -140,6 +150,7 @@ TOKEN_RISE = TokenRiseSettings()
 CAM = CamSettings()
 GAME = GameSettings()
 TIMING = TimingSettings()
+ONSET = OnsetSettings()
 PRESETS = {"default": RISE, "paper": PAPER_RISE}
 
 

@@ -14,6 +14,16 @@ context at their positions, as per-token DF-RISE does, `GuidedDenoiser.token_mod
 * ``mode="at"``: removed at step s only; the effect curve says at which steps the word matters
   (its peak is `peak_step`).
 
+Both ask when the model stops *needing* the word (lock-in, as PCI's concept insertion, arXiv
+2512.08486). A model that stays steerable to the end has no early lock-in even for an attribute
+that is visible in x0 from the first step: on the embedded model a colour word still changes the
+result when removed or swapped from step 15 on, although colour is settled in x0 at step 0-1.
+`concept_onset` asks the other causal question, when the word starts to *shape* the model's
+prediction: at each traced step, the x0 prediction with the word edited (removed, or swapped for a
+contrasting value) against the unedited one, on the traced x_t; the **onset step** is the first
+step at which that effect reaches ``threshold`` times its largest value. It costs one guided
+evaluation per word and step, no re-runs.
+
 The effect is the mean squared distance of the final latent to the unmodified re-run's final
 latent (in the trace's latent space; decode the finals for an image-space or attribute test, as
 ``benchmarks/bench_timing.py`` does with the shapes-world checker, `decision_from_correct`).
@@ -337,6 +347,123 @@ def concept_timing(
     decision = [decision_step(effect[k], chosen, threshold) if mode == "from" else int(chosen[int(effect[k].argmax())]) for k in range(len(labels))]
     peak = [int(chosen[int(effect[k].argmax())]) for k in range(len(labels))]
     return ConceptTiming(labels, positions, chosen, mode, effect, decision, peak, threshold, reference, finals if keep_finals else None, sampler)
+
+
+@dataclass
+class ConceptOnset:
+    """Per word (``labels``) and traced step: the effect of editing the word on that step's x0
+    prediction (``effect`` ``[W, S]``, mean squared difference, in decoded pixels when a decoder
+    was given, else in the latent), the onset step (first step with effect >= ``threshold`` ×
+    the word's largest effect) and the peak step."""
+
+    labels: list[str]
+    token_indices: list[list[int]]
+    effect: torch.Tensor
+    onset_step: list[int]
+    peak_step: list[int]
+    threshold: float
+    space: str
+
+    def table(self) -> list[dict]:
+        return [
+            {"word": label, "tokens": list(self.token_indices[k]), "onset_step": self.onset_step[k], "peak_step": self.peak_step[k], "largest_effect": float(self.effect[k].max())}
+            for k, label in enumerate(self.labels)
+        ]
+
+    def to_json(self) -> dict:
+        return {
+            "labels": list(self.labels),
+            "token_indices": [list(t) for t in self.token_indices],
+            "effect": self.effect.tolist(),
+            "onset_step": list(self.onset_step),
+            "peak_step": list(self.peak_step),
+            "threshold": self.threshold,
+            "space": self.space,
+            "definitions": {
+                "effect": f"mean squared difference ({self.space}) between the x0 prediction at the traced x_t with the word edited and without the edit",
+                "onset_step": f"first step whose effect is >= {self.threshold} x the word's largest effect",
+                "peak_step": "step with the largest effect",
+            },
+        }
+
+
+def onset_step(effect: torch.Tensor, threshold: float = 0.5) -> int:
+    """The first index at which ``effect`` reaches ``threshold`` × its largest value (0 when the
+    word never has an effect)."""
+    e = torch.as_tensor(effect, dtype=torch.float64)
+    top = float(e.max()) if e.numel() else 0.0
+    if top <= 0:
+        return 0
+    return int((e >= threshold * top).nonzero()[0])
+
+
+def concept_onset(
+    denoiser: GuidedDenoiser,
+    trace,
+    words=None,
+    *,
+    item: int = 0,
+    counterfactuals: Sequence[GuidedDenoiser] | None = None,
+    decode=None,
+    threshold: float = 0.5,
+    batch_size: int | None = None,
+) -> ConceptOnset:
+    """When each of ``words`` (default: every prompt word) starts to shape the model's
+    prediction. The word is removed through the denoiser's ``token_model_fn`` (its token
+    positions take the unconditional context), or, with ``counterfactuals`` (one `GuidedDenoiser`
+    per word: the same model conditioned on the edited prompt, e.g. the word swapped for a
+    contrasting value, which keeps the prompt in distribution), by switching to that denoiser.
+    ``decode`` (latents -> images, e.g. `explain.adapters.diffusers.vae_decoder`) measures the
+    effect on the decoded predictions, where a person judges it; the latent otherwise. The trace
+    only supplies x_t: the unedited prediction is re-computed with ``denoiser``, so a randomised
+    or null model is measured against itself."""
+    from explain.methods.heatmaps import prompt_words, resolve_words
+
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if denoiser.token_model_fn is None and counterfactuals is None:
+        raise ValueError("concept onset removes prompt tokens, but this denoiser has no token_model_fn (pass counterfactuals)")
+    if not 0 <= item < trace.batch_size:
+        raise IndexError(f"item {item} is outside the trace's batch of {trace.batch_size}")
+    specs = list(words) if words is not None else [w for w in prompt_words(trace, item) if w.token_indices]
+    labels, positions = [], []
+    for spec in specs:
+        label, pos = resolve_words(trace, spec, item)
+        key, n = label, 2
+        while key in labels:
+            key, n = f"{label} ({n})", n + 1
+        labels.append(key)
+        positions.append(pos)
+    if not labels:
+        raise ValueError("no words to time")
+    if counterfactuals is not None and len(counterfactuals) != len(labels):
+        raise ValueError(f"give one counterfactual denoiser per word ({len(labels)}), got {len(counterfactuals)}")
+    tokens = len(trace.tokens[item]) if item < len(trace.tokens) and trace.tokens[item] else 1 + max(max(p) for p in positions)
+    sig = _sigmas(trace)
+    device = denoiser.device
+    view = decode if decode is not None else (lambda z: z)
+    effect = torch.zeros(len(labels), trace.num_steps, dtype=torch.float64)
+    for j in range(trace.num_steps):
+        x = trace.x_t[j, item : item + 1].float()
+        if device is not None:
+            x = x.to(device)
+        level = NoiseLevel(timestep=float(trace.timesteps[j]), sigma=sig[j])
+        with torch.no_grad():
+            preds = [denoiser.predict(x, level, "x0")]
+            for w, pos in enumerate(positions):
+                if counterfactuals is not None:
+                    preds.append(counterfactuals[w].predict(x, level, "x0"))
+                else:
+                    keep = torch.ones(1, tokens, device=x.device)
+                    keep[:, pos] = 0
+                    preds.append(denoiser.predict_tokens(x, level, keep, "x0"))
+            stacked = torch.cat([p.to(preds[0].device, torch.float32) for p in preds])
+            size = batch_size or len(stacked)
+            seen = torch.cat([view(stacked[i : i + size]).float().cpu() for i in range(0, len(stacked), size)])
+        effect[:, j] = (seen[1:] - seen[:1]).pow(2).flatten(1).mean(1).double()
+    onset = [onset_step(effect[k], threshold) for k in range(len(labels))]
+    peak = [int(effect[k].argmax()) for k in range(len(labels))]
+    return ConceptOnset(labels, positions, effect, onset, peak, threshold, "decoded" if decode is not None else "latent")
 
 
 def rerun_trajectory(denoiser: GuidedDenoiser, trace, item: int = 0, sampler: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:

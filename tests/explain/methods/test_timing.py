@@ -6,9 +6,11 @@ import torch
 from explain.adapters.diffusers import from_pipeline, generate
 from explain.denoiser import GuidedDenoiser
 from explain.methods.timing import (
+    concept_onset,
     concept_timing,
     decision_from_correct,
     decision_step,
+    onset_step,
     reproduction_error,
     resample,
     sampler_for,
@@ -21,7 +23,7 @@ SIGMAS = [8.0, 5.0, 3.0, 2.0, 1.2, 0.7, 0.4, 0.2]
 TOKENS = ["<start>", "early</w>", "late</w>", "<end>"]
 
 
-def toy_denoiser():
+def toy_denoiser(early_until_the_end: bool = False):
     """A Bayes-like denoiser in σ space: D(x) = x / (1 + σ²) + σ² / (1 + σ²) · prior, whose prior
     holds pattern A only while σ >= 2.5 (word "early") and pattern B only while σ < 1 (word
     "late"), each only when its token is kept. So "early" is decided in the first three steps
@@ -33,7 +35,8 @@ def toy_denoiser():
         s2 = level.sigma**2
         ka = keep[:, 1].view(-1, 1, 1, 1)
         kb = keep[:, 2].view(-1, 1, 1, 1)
-        prior = base + ka * pa * float(level.sigma >= 2.5) + kb * pb * float(level.sigma < 1.0)
+        early = 1.0 if early_until_the_end else float(level.sigma >= 2.5)
+        prior = base + ka * pa * early + kb * pb * float(level.sigma < 1.0)
         return x / (1 + s2) + s2 / (1 + s2) * prior
 
     def model_fn(x, level):
@@ -150,3 +153,68 @@ def test_timing_needs_a_token_mask_and_a_known_mode():
     with pytest.raises(ValueError, match="sampler"):
         sampler_step(torch.zeros(1), torch.zeros(1), 1.0, 0.5, sampler="heun")
     assert math.isfinite(float(sampler_step(torch.ones(1), torch.zeros(1), 1.0, 0.5)))
+
+
+def test_onset_steps_follow_when_each_word_starts_to_shape_the_prediction():
+    den = toy_denoiser()
+    trace = toy_trace(den)
+    onset = concept_onset(den, trace)
+    assert onset.labels == ["early", "late"] and onset.space == "latent"
+    # "early" shapes x0 while σ >= 2.5 (steps 0-2), "late" from σ < 1 (step 5) on
+    assert onset.onset_step == [0, 5]
+    assert onset.peak_step == [0, 5]
+    assert float(onset.effect[0, 3:].max()) < 1e-10 and float(onset.effect[1, :5].max()) < 1e-10
+    doubled = concept_onset(den, trace, decode=lambda z: 2 * z)
+    assert doubled.space == "decoded" and doubled.onset_step == onset.onset_step
+    assert torch.allclose(doubled.effect, 4 * onset.effect)
+    assert set(onset.to_json()) >= {"effect", "onset_step", "definitions"}
+
+
+def test_a_word_read_to_the_end_has_an_early_onset_but_a_late_lock_in():
+    # the embedded model's colour words: visible in x0 from the first step, still steering the
+    # result late; lock-in (mode "from") moves from step <= 3 (read only early) to half-way,
+    # the onset stays at step 0
+    den = toy_denoiser(early_until_the_end=True)
+    trace = toy_trace(den)
+    assert concept_onset(den, trace).onset_step[0] == 0
+    assert concept_timing(den, trace, mode="from").decision_step[0] >= len(SIGMAS) // 2
+
+
+def test_onset_of_a_model_that_ignores_its_prompt_is_no_evidence_of_order():
+    den = toy_denoiser()
+    trace = toy_trace(den)
+    deaf = GuidedDenoiser(den.model_fn, "sample", 1.0, latent_space="sigma", token_model_fn=lambda x, level, keep: den.model_fn(x, level))
+    onset = concept_onset(deaf, trace)
+    assert float(onset.effect.abs().max()) == 0.0
+    assert onset.onset_step[0] == onset.onset_step[1]  # a tie: no order to agree with anything
+
+
+def test_onset_with_counterfactual_prompts_on_a_diffusers_pipeline():
+    from explain.adapters.diffusers import vae_decoder
+
+    pipe = tiny_sd_pipeline("dpm++")
+    trace, _ = generate(pipe, "a red circle above a blue square", steps=4, guidance=5.0, seed=0, previews=False, output_type="latent")
+    den = from_pipeline(pipe, trace)
+    swapped = [from_pipeline(pipe, trace, prompt=p) for p in ("a green circle above a blue square", "a red circle below a blue square")]
+    onset = concept_onset(den, trace, ["red", "above"], counterfactuals=swapped, decode=vae_decoder(pipe.vae))
+    assert onset.effect.shape == (2, 4) and bool((onset.effect > 0).all())
+    assert all(0 <= s < 4 for s in onset.onset_step + onset.peak_step)
+    same = concept_onset(den, trace, ["red"], counterfactuals=[from_pipeline(pipe, trace)])
+    assert float(same.effect.abs().max()) < 1e-8
+    with pytest.raises(ValueError, match="one counterfactual"):
+        concept_onset(den, trace, ["red", "above"], counterfactuals=swapped[:1])
+
+
+def test_onset_helpers_and_arguments():
+    assert onset_step(torch.tensor([0.1, 0.6, 1.0, 0.2])) == 1
+    assert onset_step(torch.tensor([0.1, 0.6, 1.0, 0.2]), threshold=0.9) == 2
+    assert onset_step(torch.zeros(4)) == 0
+    den = toy_denoiser()
+    trace = toy_trace(den)
+    with pytest.raises(ValueError, match="threshold"):
+        concept_onset(den, trace, threshold=0)
+    plain = GuidedDenoiser(den.model_fn, "sample", 1.0, latent_space="sigma")
+    with pytest.raises(ValueError, match="token_model_fn"):
+        concept_onset(plain, trace)
+    with pytest.raises(IndexError):
+        concept_onset(den, trace, item=3)
