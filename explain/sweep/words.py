@@ -60,6 +60,41 @@ def role_words(truth: dict) -> dict[str, str]:
     return roles
 
 
+# contrasting values, for counterfactual prompts that stay in distribution (a colour for a
+# colour, the other size, the opposite relation): swapping a word tells more about when the model
+# uses it than deleting it, which leaves a prompt unlike any the model was trained on
+_HUE_ORDER = list(world.COLORS)  # red, yellow, green, cyan, blue, purple: hue order, opposite = +3
+_COLOUR_CONTRAST = {"white": "black", "black": "white", "gray": "white", "grey": "white", "brown": "blue", "orange": "blue", "pink": "green",
+                    "silver": "black", "gold": "blue", "golden": "blue", "dark": "light", "light": "dark", "bright": "dark", "violet": "yellow",
+                    "magenta": "green", "turquoise": "red", "teal": "red", "navy": "yellow", "maroon": "cyan", "beige": "black", "tan": "blue"}  # fmt: skip
+_SIZE_CONTRAST = {"small": "large", "large": "small", "big": "small", "tiny": "huge", "huge": "tiny", "little": "big", "giant": "tiny",
+                  "tall": "short", "short": "tall", "long": "short", "wide": "narrow", "narrow": "wide", "massive": "tiny"}  # fmt: skip
+_SHAPE_ORDER = [*world.SHAPES, "star"]
+_SPATIAL_CONTRAST = {"above": "below", "below": "above", "under": "above", "over": "under", "beneath": "above", "left": "right", "right": "left",
+                     "top": "bottom", "bottom": "top", "inside": "outside", "outside": "inside", "front": "back", "behind": "beside"}  # fmt: skip
+
+
+def contrast(word: str, avoid=()) -> str | None:
+    """A contrasting value of the same kind for a colour, size, shape or spatial word (the
+    opposite hue, the other size, another shape, the opposite relation), avoiding the words in
+    ``avoid`` (the rest of the prompt) where it can; None for a word it has none for."""
+    w = word.strip().lower()
+    taken = {a.lower() for a in avoid}
+    if w in _HUE_ORDER:
+        i = _HUE_ORDER.index(w)
+        options = [_HUE_ORDER[(i + k) % len(_HUE_ORDER)] for k in (3, 2, 4, 1, 5)]
+        return next((c for c in options if c not in taken), None)
+    if w in _COLOUR_CONTRAST:
+        return _COLOUR_CONTRAST[w]
+    if w in _SIZE_CONTRAST:
+        return _SIZE_CONTRAST[w]
+    if w in _SHAPE_ORDER:
+        # a shape the embedded world knows gets one of its own shapes: the prompt stays one it trained on
+        others = [s for s in (world.SHAPES if w in world.SHAPES else _SHAPE_ORDER) if s != w]
+        return next((s for s in others if s not in taken), others[0])
+    return _SPATIAL_CONTRAST.get(w)
+
+
 def word_classes(words: list[str], truth: dict | None = None) -> list[str]:
     roles = role_words(truth or {})
     return [roles.get(w.lower(), lexicon_class(w)) if roles else lexicon_class(w) for w in words]
