@@ -32,6 +32,7 @@ DEFINITIONS = {
     "passes below the threshold (0.3, issue 12's bar)",
     "emergence_step": "first step from which a word's attention share, min-max scaled over the run, stays >= 0.5 for 3 steps (ours)",
     "peak_step": "the step of a word's largest attention share",
+    "onset_step": "causal onset step (the concept_onset analysis: the first step at which swapping the word for a contrasting value changes that step's decoded x0 prediction by half its largest change)",
     "decision_step": "causal decision step (the causal_timing analysis: the first step from which removing the word no longer changes the result)",
     "tally": "the paper's Visual Genome-style tally: the per-step min-max score of each word summed over steps and prompts, by word class",
     "r3 tally": "R3 as the paper measures it: the same prompt and seed under uniform, early and latter time steps (lambda as set); "
@@ -165,7 +166,8 @@ def aggregate(records: list[dict], total: int | None = None, settings: dict | No
     steps = (settings or {}).get("steps") or _guess_steps(usable)
     out["auc"] = _auc(usable)
     out["sanity"] = _sanity(usable, (settings or {}).get("sanity_threshold", 0.3))
-    out["concepts"] = _concepts(usable, with_decisions(tables.get("words", []), tables.get("timing", [])), steps)
+    concept_words = with_decisions(with_decisions(tables.get("words", []), tables.get("timing", [])), tables.get("onset", []), "onset_step")
+    out["concepts"] = _concepts(usable, concept_words, steps)
     out["recovery"] = _recovery(usable)
     out["ground_truth"] = _ground_truth(usable, tables.get("objects", []))
     out["timing_truth"] = _timing_truth(usable, tables.get("objects", []), steps)
@@ -280,11 +282,12 @@ def _sanity(records, threshold: float) -> dict:
     return out
 
 
-def with_decisions(words: list[dict], timing: list[dict]) -> list[dict]:
-    """The concept rows with each word's causal decision step (from the causal_timing rows of the
-    same prompt and word position) added; rows without one are left as they are."""
-    decided = {(t["id"], t["position"]): t.get("decision_step") for t in timing}
-    return [{**w, "decision_step": decided[(w["id"], w["position"])]} if (w.get("id"), w.get("position")) in decided else w for w in words]
+def with_decisions(words: list[dict], timing: list[dict], column: str = "decision_step") -> list[dict]:
+    """The concept rows with each word's causal ``column`` (the decision step of the
+    causal_timing rows, the onset step of the concept_onset rows, of the same prompt and word
+    position) added; rows without one are left as they are."""
+    decided = {(t["id"], t["position"]): t.get(column) for t in timing}
+    return [{**w, column: decided[(w["id"], w["position"])]} if (w.get("id"), w.get("position")) in decided else w for w in words]
 
 def _concepts(records, words: list[dict], steps: int) -> dict:
     if not words:
@@ -312,6 +315,8 @@ def _concepts(records, words: list[dict], steps: int) -> dict:
         }
         if any(w.get("decision_step") is not None for w in ws):
             entry["decision"] = describe_steps((w.get("decision_step") for w in ws), steps)
+        if any(w.get("onset_step") is not None for w in ws):
+            entry["onset"] = describe_steps((w.get("onset_step") for w in ws), steps)
         classes[cls] = entry
     return {"steps": steps, "classes": classes, "prompts": len({w["id"] for w in words})}
 

@@ -509,6 +509,37 @@ def analyse_causal_timing(ctx: Context) -> dict:
     return {"timing_words_tested": len(texts), "timing_steps_tested": len(steps), "timing": rows}
 
 
+def analyse_concept_onset(ctx: Context) -> dict:
+    """Issue 12's causal concept onset: each prompt word swapped for a contrasting value of its
+    kind (`explain.sweep.words.contrast`: the opposite hue, the other size, the opposite
+    relation), or removed when it has none, and the x0 prediction at every traced step compared
+    with the unedited one in decoded pixels; the onset step is when that effect first reaches
+    half its largest value (`explain.methods.timing.concept_onset`). One guided evaluation per
+    word and step."""
+    from explain.adapters.diffusers import from_pipeline, vae_decoder
+    from explain.methods import defaults, timing
+
+    prompt_words = [w for w in heatmaps.prompt_words(ctx.trace) if w.token_indices]
+    texts = [w.text for w in prompt_words]
+    if not texts:
+        return {"onset_words_tested": 0}
+    classes = words.word_classes(texts, ctx.row.truth)
+    edits, prompts = [], []
+    for k, text in enumerate(texts):
+        other = words.contrast(text, avoid=texts)
+        kept = [other if j == k else t for j, t in enumerate(texts)] if other is not None else [t for j, t in enumerate(texts) if j != k]
+        edits.append(f"swap: {other}" if other is not None else "removed")
+        prompts.append(" ".join(kept))
+    counterfactuals = [from_pipeline(ctx.pipe, ctx.trace, prompt=p) for p in prompts]
+    decode = vae_decoder(ctx.pipe.vae) if getattr(ctx.pipe, "vae", None) is not None else None
+    result = timing.concept_onset(ctx.denoiser, ctx.trace, [[w] for w in prompt_words], counterfactuals=counterfactuals, decode=decode, **defaults.ONSET.kwargs())
+    rows = Rows(
+        {"word": text, "position": j, "word_class": cls, "edit": edit, "onset_step": result.onset_step[j], "onset_peak_step": result.peak_step[j], "largest_effect": float(result.effect[j].max())}
+        for j, (text, cls, edit) in enumerate(zip(texts, classes, edits))
+    )  # fmt: skip
+    return {"onset_words_tested": len(texts), "onset_words_swapped": sum(e.startswith("swap") for e in edits), "onset": rows}
+
+
 # ---------------------------------------------------------------------------- registry
 ANALYSES: dict[str, Analysis] = {}
 
@@ -533,6 +564,7 @@ for _a in (
     # ---- hooks: issue 12 (branch `validity`) brings these; the report reads the columns named here
     Analysis("sanity_suite", None, "issue 12's sanity suite (cascading randomisation + null model) for every map; columns sanity_<map>_pass", hook="issue 12: explain/methods/sanity.py"),
     Analysis("causal_timing", analyse_causal_timing, "causal decision step of each word: the prompt re-encoded without it from step s on, s every 3 steps (timing.csv; the report's decision-step distribution per word class)", frozenset({"denoiser"}), cost="about (words x steps/2) more generations per prompt"),
+    Analysis("concept_onset", analyse_concept_onset, "causal onset step of each word: swapped for a contrasting value (or removed), the effect on each step's x0 prediction in decoded pixels (onset.csv; the report's onset-step column per word class)", frozenset({"denoiser"}), cost="words x steps guided evaluations per prompt (no re-runs)"),
     Analysis("r3", None, "issue 12's R3 schedule comparison (uniform vs early vs latter); columns r3_*", hook="issue 12: R1/R3 measurements"),
 ):
     register(_a)

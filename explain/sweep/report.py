@@ -261,12 +261,19 @@ def _concepts_section(s: dict) -> str:
         rows.append(
             [_esc(cls), str(e["words"]), f"{_num(em['median'], 1)} <small>[{_num(em['q1'], 1)}, {_num(em['q3'], 1)}]</small>", f"{_num(pk['median'], 1)} <small>[{_num(pk['q1'], 1)}, {_num(pk['q3'], 1)}]</small>"]
             + ([f"{_num(e['decision']['median'], 1)}"] if "decision" in e else (["–"] if any("decision" in v for v in classes.values()) else []))
+            + ([f"{_num(e['onset']['median'], 1)}"] if "onset" in e else (["–"] if any("onset" in v for v in classes.values()) else []))
             + [_num(e["tally"], 1), _ci(e["mean_share"])]
         )
         color = PALETTE[k % len(PALETTE)]
         hists.append(histogram_chart(em["hist"][:-1], f"{cls}: emergence step", color=color))
     has_decision = any("decision" in v for v in classes.values())
-    header = ["word class", "words", "emergence step, median [IQR]", "peak step, median [IQR]"] + (["decision step (causal)"] if has_decision else []) + ["tally (Σ per-step min-max)", "mean attention share"]
+    has_onset = any("onset" in v for v in classes.values())
+    header = (
+        ["word class", "words", "emergence step, median [IQR]", "peak step, median [IQR]"]
+        + (["lock-in step (causal), median"] if has_decision else [])
+        + (["onset step (causal), median"] if has_onset else [])
+        + ["tally (Σ per-step min-max)", "mean attention share"]
+    )
     chart = line_chart(
         [{"label": cls, **e["normalized_per_step"]} for cls, e in classes.items() if e.get("normalized_per_step")],
         "mean per-step min-max concept score by word class (what each step carries)",
@@ -283,7 +290,9 @@ def _concepts_section(s: dict) -> str:
     return (
         f"<h2>Concepts over the steps</h2><p>{c['prompts']} prompts. Emergence and peak are attention-share timings (labelled for what they are: "
         "when a word's attention rises, not when the model decides it); "
-        + ("the decision step is causal: the first step from which removing the word no longer changes the result (the causal_timing analysis).</p>" if has_decision else "the causal_timing analysis adds each word's causal decision step.</p>")
+        + ("the lock-in step is causal: the first step from which removing the word no longer changes the result (the causal_timing analysis); " if has_decision else "the causal_timing analysis adds each word's causal lock-in step; ")
+        + ("the onset step is causal too: the first step at which swapping the word for a contrasting value changes that step's x0 prediction by half its largest change (the concept_onset analysis). "
+           "On the embedded model the onset orders attributes as their ground-truth settle steps far better than lock-in or attention does (README, evidence).</p>" if has_onset else "the concept_onset analysis adds each word's causal onset step.</p>")
         + _table(header, rows)
         + chart
         + third_table

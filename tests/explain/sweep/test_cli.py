@@ -66,7 +66,7 @@ def test_list_analyses_names_every_plug_in_and_hook(capsys):
         main(["sweep", "--list-analyses"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for name in ("traces", "concepts", "recovery", "schedules", "rise", "cam", "sanity", "pointing", "settle", "layers", "causal_timing", "r3"):
+    for name in ("traces", "concepts", "recovery", "schedules", "rise", "cam", "sanity", "pointing", "settle", "layers", "causal_timing", "concept_onset", "r3"):
         assert f"\n{name} " in "\n" + out
     assert "hook, not available yet: issue 12" in out
 

@@ -311,6 +311,28 @@ def test_causal_timing_gives_each_word_a_decision_step_the_report_reads(tmp_path
     assert summary is not None
 
 
+def test_concept_onset_gives_each_word_an_onset_step_the_report_reads(tmp_path):
+    rows = parse_prompts("a red circle\na big blue square on the left\n", "txt")
+    sweep(rows, tmp_path, settings(("concepts", "concept_onset")))
+    got = records(tmp_path)
+    for row in rows:
+        record = got[row.id]
+        assert record["status"] == "ok", record.get("error")
+        onset = record["tables"]["onset"]
+        assert [t["word"] for t in onset] == [w["word"] for w in record["tables"]["words"]]
+        edits = {t["word"]: t["edit"] for t in onset}
+        expected = {"red": "swap: cyan", "circle": "swap: square", "a": "removed"} if row.prompt == "a red circle" else {"big": "swap: small", "blue": "swap: yellow", "square": "swap: circle", "on": "removed", "left": "swap: right"}
+        assert {w: edits[w] for w in expected} == expected
+        for t in onset:
+            assert 0 <= t["onset_step"] <= t["onset_peak_step"] < 6
+            assert t["largest_effect"] > 0  # every edit changes some step's prediction
+        assert record["columns"]["onset_words_swapped"] == (2 if row.prompt == "a red circle" else 4)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert all("onset" in entry for entry in report["concepts"]["classes"].values())
+    html = (tmp_path / "report.html").read_text()
+    assert "onset step (causal), median" in html and (tmp_path / "onset.csv").is_file()
+
+
 def test_decision_steps_join_their_own_prompt_and_word_only():
     from explain.sweep.aggregate import with_decisions
 
@@ -319,3 +341,5 @@ def test_decision_steps_join_their_own_prompt_and_word_only():
     joined = with_decisions(words, timing)
     assert [w.get("decision_step") for w in joined] == [None, 6, 3]
     assert "decision_step" not in words[1]  # the table itself is left as it was
+    onset = with_decisions(joined, [{"id": "b", "position": 0, "onset_step": 1}], "onset_step")
+    assert [w.get("onset_step") for w in onset] == [None, None, 1] and [w.get("decision_step") for w in onset] == [None, 6, 3]
