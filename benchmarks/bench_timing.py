@@ -19,7 +19,10 @@ colour, shape and size of each caption object and the layout (position / relatio
   attention share (peak) and their emergence step.
 
 Agreement: over pairs of attributes of one prompt whose settle steps differ, the share whose
-decision steps are in the same order (ties count one half; "strict": ties count as wrong).
+decision steps are in the same order (ties count one half; "strict": ties count as wrong); also
+split into pairs of two kinds (a colour and a shape) and of one kind (two objects' colours). The
+sceptic's baseline ``kind_prior`` gives each attribute its kind's mean settle step over the other
+prompts: colour-before-shape alone, without looking at the model.
 Bar: >= 80 % (attention-share peaks: 13 % in the reviewer's measurement).
 """
 
@@ -41,8 +44,10 @@ import validity_common as vc  # noqa: E402
 
 from explain.adapters.diffusers import from_pipeline, vae_decoder  # noqa: E402
 from explain.embedded import checker, world  # noqa: E402
-from explain.methods import concepts  # noqa: E402
-from explain.methods.timing import concept_timing, decision_from_correct  # noqa: E402
+from explain.methods import concepts, defaults  # noqa: E402
+from explain.methods import faithfulness as fa  # noqa: E402
+from explain.sweep.words import contrast  # noqa: E402
+from explain.methods.timing import concept_onset, concept_timing, decision_from_correct  # noqa: E402
 
 ATTRS = ("color", "shape", "size")
 
@@ -81,19 +86,46 @@ def attributes(trace, scene) -> list[tuple[tuple, list[int]]]:
     return out
 
 
+def edited_caption(caption: str, kind: str, idx: list[int], removal: str) -> str | None:
+    """The caption with the attribute's words removed (``reencode``) or swapped for a
+    contrasting value (``swap``, `explain.sweep.words.contrast`: another colour or shape the
+    caption does not use, the other size, the opposite relation or side; None when no word of
+    the attribute has one, as "in a row" or "in the center")."""
+    words = world.caption_words(caption)
+    if removal == "swap":
+        out = list(words)
+        changed = False
+        for j in idx:
+            new = contrast(words[j], avoid=words)
+            if new is not None:
+                out[j] = new
+                changed = True
+        if not changed:
+            return None
+        return " ".join(out).replace(" ,", ",")
+    return " ".join(w for j, w in enumerate(words) if j not in idx).replace(" ,", ",")
+
+
 def settle_step(correct: list[bool]) -> int | None:
     if not correct[-1]:
         return None
     return decision_from_correct(correct, list(range(len(correct))))
 
 
-def pair_agreement(truth: dict, pred: dict) -> tuple[float, float, int]:
-    """(with ties as one half, strict, number of pairs) over attribute pairs with distinct truth."""
+def kind_of(attr: str) -> str:
+    return ast.literal_eval(attr)[0]
+
+
+def pair_agreement(truth: dict, pred: dict, same_kind: bool | None = None) -> tuple[float, float, int]:
+    """(with ties as one half, strict, number of pairs) over attribute pairs with distinct truth;
+    ``same_kind`` True / False keeps only pairs of one kind (two colours) / of two kinds."""
     keys = [a for a in truth if truth[a] is not None and pred.get(a) is not None]
     half = strict = n = 0
     for i, a in enumerate(keys):
         for b in keys[i + 1 :]:
             if truth[a] == truth[b]:
+                continue
+            if same_kind is not None and (kind_of(a) == kind_of(b)) != same_kind:
                 continue
             n += 1
             d = np.sign(truth[a] - truth[b]) * np.sign(pred[a] - pred[b])
@@ -102,10 +134,50 @@ def pair_agreement(truth: dict, pred: dict) -> tuple[float, float, int]:
     return half, strict, n
 
 
+def with_kind_prior(rows: list[dict]) -> list[dict]:
+    """Each row with a ``kind_prior`` column: every attribute gets the mean settle step of its
+    kind (colour, shape, size, layout) over the *other* prompts, the sceptic's baseline that
+    knows nothing about this prompt or this model run, only that colours tend to settle first."""
+    out = []
+    for i, r in enumerate(rows):
+        steps: dict[str, list[int]] = {}
+        for j, other in enumerate(rows):
+            if j != i:
+                for a, t in other["truth"].items():
+                    if t is not None:
+                        steps.setdefault(kind_of(a), []).append(t)
+        prior = {a: float(np.mean(steps[kind_of(a)])) if steps.get(kind_of(a)) else None for a in r["truth"]}
+        out.append({**r, "kind_prior": prior})
+    return out
+
+
+def onset_columns(pipe, tr, scene, attrs, words, decode, rand_unet) -> dict:
+    """Onset steps (`concept_onset`) of each attribute, with the words swapped (in distribution)
+    or removed, in decoded pixels and in the latent, and the swap on a randomised UNet."""
+    def denoisers(removal, unet=None):
+        edited = [edited_caption(scene.caption, a[0], idx, removal) for a, idx in attrs]
+        edited = [e if e is not None else edited_caption(scene.caption, a[0], idx, "reencode") for e, (a, idx) in zip(edited, attrs)]
+        return [from_pipeline(pipe, tr, prompt=e, unet=unet) for e in edited]
+
+    swap, remove = denoisers("swap"), denoisers("reencode")
+    den = from_pipeline(pipe, tr)
+    out = {}
+    for key, base, cfs, dec in (
+        ("onset_swap", den, swap, decode),
+        ("onset_remove", den, remove, decode),
+        ("onset_swap_latent", den, swap, None),
+        ("onset_swap_random", from_pipeline(pipe, tr, unet=rand_unet), denoisers("swap", rand_unet), decode),
+    ):
+        onset = concept_onset(base, tr, words, counterfactuals=cfs, decode=dec, **defaults.ONSET.kwargs())
+        out[key] = {str(a): onset.onset_step[i] for i, (a, _) in enumerate(attrs)}
+    return out
+
+
 def run(args, log) -> dict:
     pipe = vc.load()
     decode = vae_decoder(pipe.vae)
-    samples = vc.samples(pipe, args.n, log=log)
+    rand_unet = fa.randomized_copy(pipe.unet, seed=7)
+    samples = vc.samples(pipe, args.n, log=log, seed=args.prompt_seed)
     rows = rows_from_log(args.resume_log) if args.resume_log else []
     done = {r["caption"] for r in rows}
     for k, s in enumerate(samples):
@@ -122,10 +194,16 @@ def run(args, log) -> dict:
         truth = {str(a): settle_step([attribute_ok(c, a) for c in checks]) for a, _ in attrs}
         steps = list(range(0, tr.num_steps, args.every))
         words = [[tr.words[0][i] for i in idx] for _, idx in attrs]
+        onsets = onset_columns(pipe, tr, s.scene, attrs, words, decode, rand_unet)
+        if args.onset_only:
+            rows.append({"caption": s.scene.caption, "truth": truth, **onsets})
+            log(f"  {k + 1}/{len(samples)} {s.scene.caption!r}: truth {truth} | onset (swap) {onsets['onset_swap']}")
+            continue
         counterfactuals = None
-        if args.removal == "reencode":
-            caption = world.caption_words(s.scene.caption)
-            edited = [" ".join(w for j, w in enumerate(caption) if j not in idx).replace(" ,", ",") for _, idx in attrs]
+        if args.removal in ("reencode", "swap"):
+            edited = [edited_caption(s.scene.caption, a[0], idx, args.removal) for a, idx in attrs]
+            # an attribute without a contrasting value (a row layout) is removed instead
+            edited = [e if e is not None else edited_caption(s.scene.caption, a[0], idx, "reencode") for e, (a, idx) in zip(edited, attrs)]
             counterfactuals = [from_pipeline(pipe, tr, prompt=e) for e in edited]
         timing = concept_timing(den, tr, words, steps=steps, mode="from", counterfactuals=counterfactuals)
         with torch.no_grad():
@@ -139,7 +217,7 @@ def run(args, log) -> dict:
         scores = concepts.concept_scores(tr, words)
         peak = {str(a): scores.peak_step[i] for i, (a, _) in enumerate(attrs)}
         emergence = {str(a): scores.emergence_step[i] for i, (a, _) in enumerate(attrs)}
-        row = {"caption": s.scene.caption, "truth": truth, "causal": causal, "latent": latent, "peak": peak, "emergence": emergence}
+        row = {"caption": s.scene.caption, "truth": truth, "causal": causal, "latent": latent, "peak": peak, "emergence": emergence, **onsets}
         rows.append(row)
         log(f"  {k + 1}/{len(samples)} {s.scene.caption!r}: truth {truth} | causal {causal} | attention peak {peak}")
     return {"rows": rows, "args": vars(args)}
@@ -158,50 +236,81 @@ def rows_from_log(path) -> list[dict]:
 
 
 def report(data, log) -> None:
-    rows = data["rows"]
+    rows = with_kind_prior(data["rows"])
     log("")
-    how = "prompt re-encoded without the words" if data["args"].get("removal", "reencode") == "reencode" else "token positions masked"
-    log(f"Concept timing | embedded shapes-64 | {len(rows)} held-out prompts, 20 steps, words removed ({how}) from step s on, s every {data['args']['every']} steps")
+    how = {
+        "reencode": "removed (prompt re-encoded without the words)",
+        "swap": "swapped for a contrasting value (another colour / shape, the other size, the opposite relation or side; 'in a row' / 'in the center' removed)",
+        "mask": "removed (token positions masked)",
+    }[data["args"].get("removal", "reencode")]
+    if data["args"].get("onset_only"):
+        log(f"Concept timing | embedded shapes-64 | {len(rows)} held-out prompts (prompt seed {data['args'].get('prompt_seed', vc.PROMPT_SEED)}), 20 steps, onset only (no lock-in re-runs)")
+    else:
+        log(f"Concept timing | embedded shapes-64 | {len(rows)} held-out prompts (prompt seed {data['args'].get('prompt_seed', vc.PROMPT_SEED)}), 20 steps; lock-in: words {how} from step s on, s every {data['args']['every']} steps")
     resumed = sum(1 for r in rows if r.get("from_log"))
     if resumed:
         log(f"  ({resumed} prompts' rows from an interrupted run's log: they have no latent / emergence columns)")
-    log(f"  {'decision step from':44s} {'agreement':>10s} {'strict':>8s} {'pairs':>6s}   (bar >= 80 %)")
-    for key, label in (("causal", "causal removal, checker on the result"), ("latent", "causal removal, latent change (no checker)"), ("peak", "attention-share peak (baseline)"), ("emergence", "attention-share emergence (baseline)")):
-        h = s = n = 0
-        for r in rows:
-            if key not in r:  # a row recovered from an interrupted run's log
-                continue
-            a, b, c = pair_agreement(r["truth"], r[key])
-            h, s, n = h + a, s + b, n + c
-        log(f"  {label:44s} {100 * h / max(n, 1):9.1f} % {100 * s / max(n, 1):7.1f} % {n:6d}")
+    log(f"  {'decision step from':44s} {'agreement':>10s} {'strict':>8s} {'pairs':>6s}   {'2 kinds':>8s} {'1 kind':>8s}   (bar >= 80 %)")
+    for key, label in (
+        ("onset_swap", "onset: word swapped, effect on x0 (decoded)"),
+        ("onset_remove", "onset: word removed, effect on x0 (decoded)"),
+        ("onset_swap_latent", "onset: word swapped, effect on x0 (latent)"),
+        ("onset_swap_random", "onset, swapped, randomised UNet (baseline)"),
+        ("kind_prior", "kind's mean settle, other prompts (baseline)"),
+        ("causal", "lock-in: edited from s on, checker on result"),
+        ("latent", "lock-in: edited from s on, latent change"),
+        ("peak", "attention-share peak (baseline)"),
+        ("emergence", "attention-share emergence (baseline)"),
+    ):
+        if not any(key in r for r in rows):
+            continue
+        totals = {}
+        for split in (None, False, True):
+            h = s = n = 0
+            for r in rows:
+                if key not in r:  # a row recovered from an interrupted run's log
+                    continue
+                a, b, c = pair_agreement(r["truth"], r[key], split)
+                h, s, n = h + a, s + b, n + c
+            totals[split] = (100 * h / max(n, 1), 100 * s / max(n, 1), n)
+        (h, s, n), cross, same = totals[None], totals[False][0], totals[True][0]
+        log(f"  {label:44s} {h:9.1f} % {s:7.1f} % {n:6d}   {cross:6.1f} % {same:6.1f} %")
     by_kind: dict[str, list] = {}
+    columns = [c for c in ("onset_swap", "causal", "peak") if any(c in r for r in rows)]
     for r in rows:
         for a, t in r["truth"].items():
-            kind = eval(a)[0]  # noqa: S307 (our own repr of a tuple of a str and an int)
-            by_kind.setdefault(kind, []).append((t, r["causal"][a], r["peak"][a]))
+            if t is None:
+                continue
+            kind = kind_of(a)
+            by_kind.setdefault(kind, []).append([t] + [r.get(c, {}).get(a) for c in columns])
+    names = {"onset_swap": "onset (swap)", "causal": "lock-in", "peak": "attention peak"}
     log("")
-    log("  mean step by attribute (ground-truth settle | causal decision | attention peak; attributes wrong in the final image left out):")
+    log(f"  mean step by attribute (ground-truth settle | {' | '.join(names[c] for c in columns)}; attributes wrong in the final image left out):")
     for kind, v in by_kind.items():
-        v = [x for x in v if x[0] is not None]
-        log(f"    {kind:7s} n={len(v):3d}  settle {vc.mean([x[0] for x in v]):5.2f} | causal {vc.mean([x[1] for x in v]):5.2f} | peak {vc.mean([x[2] for x in v]):5.2f}")
+        cells = [f"settle {vc.mean([x[0] for x in v]):5.2f}"] + [f"{names[c]} {vc.mean([x[i + 1] for x in v if x[i + 1] is not None]):5.2f}" for i, c in enumerate(columns)]
+        log(f"    {kind:7s} n={len(v):3d}  " + " | ".join(cells))
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=30)
     p.add_argument("--every", type=int, default=3, help="test removal from every k-th step")
-    p.add_argument("--removal", default="reencode", choices=["reencode", "mask"],
+    p.add_argument("--removal", default="reencode", choices=["reencode", "swap", "mask"],
                    help="remove a word by re-encoding the prompt without it (default) or by masking its token positions")
     p.add_argument("--resume-log", default=None, help="a log of an interrupted run: its prompts' rows are taken from it, not re-run")
     p.add_argument("--from-json", default=None)
+    p.add_argument("--prompt-seed", type=int, default=vc.PROMPT_SEED, help="the held-out caption draw (another seed: a development set)")
+    p.add_argument("--onset-only", action="store_true", help="measure only the onset columns (no re-runs; minutes, not a quarter hour)")
+    p.add_argument("--tag", default="", help="appended to the result files' names (a pilot run)")
     args = p.parse_args(argv)
     vc.one_thread()
-    log = vc.Tee("timing" if args.removal == "reencode" else "timing_mask")
+    suffix = "" if args.removal == "reencode" else f"_{args.removal}"
+    log = vc.Tee(f"timing{suffix}{args.tag}")
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
     else:
         data = run(args, log)
-        (vc.RESULTS / f"timing{'' if args.removal == 'reencode' else '_mask'}.json").write_text(json.dumps(data))
+        (vc.RESULTS / f"timing{suffix}{args.tag}.json").write_text(json.dumps(data))
     report(data, log)
     log.close()
     return 0

@@ -98,17 +98,18 @@ def generate_sample(pipe, scene, index: int, previews: bool = False) -> Sample:
     return Sample(index, scene, trace, image, found, union, [m.mask if m is not None else None for m in matches])
 
 
-def samples(pipe, n: int, previews: bool = False, need_objects: bool = True, log=print):
-    """Generated samples of the first held-out scenes whose image has an object (``need_objects``)."""
+def samples(pipe, n: int, previews: bool = False, need_objects: bool = True, log=print, seed: int = PROMPT_SEED):
+    """Generated samples of the first held-out scenes (caption draw ``seed``) whose image has an
+    object (``need_objects``)."""
     out = []
-    for k, scene in enumerate(held_out_scenes(3 * n)):
+    for k, scene in enumerate(held_out_scenes(3 * n, seed=seed)):
         s = generate_sample(pipe, scene, k, previews)
         if need_objects and not s.detections:
             continue
         out.append(s)
         if len(out) == n:
             break
-    log(f"{len(out)} held-out prompts (prompt seed {PROMPT_SEED}), {STEPS} steps, guidance {GUIDANCE}, explained at step {STEP}")
+    log(f"{len(out)} held-out prompts (prompt seed {seed}), {STEPS} steps, guidance {GUIDANCE}, explained at step {STEP}")
     return out
 
 
