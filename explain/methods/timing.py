@@ -209,6 +209,27 @@ def reproduction_error(denoiser: GuidedDenoiser, trace, item: int = 0, sampler: 
 
 
 # ---------------------------------------------------------------------------- concept timing
+def _words_to_edit(trace, words, item: int, counterfactuals) -> tuple[list[str], list[list[int]]]:
+    """Unique labels and token positions of ``words`` (default: every prompt word with tokens),
+    checked against the counterfactual denoisers, one per word."""
+    from explain.methods.heatmaps import prompt_words, resolve_words
+
+    specs = list(words) if words is not None else [w for w in prompt_words(trace, item) if w.token_indices]
+    labels, positions = [], []
+    for spec in specs:
+        label, pos = resolve_words(trace, spec, item)
+        key, n = label, 2
+        while key in labels:
+            key, n = f"{label} ({n})", n + 1
+        labels.append(key)
+        positions.append(pos)
+    if not labels:
+        raise ValueError("no words to time")
+    if counterfactuals is not None and len(counterfactuals) != len(labels):
+        raise ValueError(f"give one counterfactual denoiser per word ({len(labels)}), got {len(counterfactuals)}")
+    return labels, positions
+
+
 @dataclass
 class ConceptTiming:
     """Per word (``labels``) and start step (``steps``): the final latent of the re-run with the
@@ -304,27 +325,13 @@ def concept_timing(
     ``counterfactuals`` (one `GuidedDenoiser` per word, the same model conditioned on the prompt
     re-encoded without the word, e.g. ``from_pipeline(pipe, trace, prompt=edited)``) to switch
     to it instead."""
-    from explain.methods.heatmaps import prompt_words, resolve_words
-
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
     if denoiser.token_model_fn is None and counterfactuals is None:
         raise ValueError("concept timing removes prompt tokens, but this denoiser has no token_model_fn (pass counterfactuals)")
-    specs = list(words) if words is not None else [w for w in prompt_words(trace, item) if w.token_indices]
-    labels, positions = [], []
-    for spec in specs:
-        label, pos = resolve_words(trace, spec, item)
-        key, n = label, 2
-        while key in labels:
-            key, n = f"{label} ({n})", n + 1
-        labels.append(key)
-        positions.append(pos)
-    if not labels:
-        raise ValueError("no words to time")
-    if counterfactuals is not None and len(counterfactuals) != len(labels):
-        raise ValueError(f"give one counterfactual denoiser per word ({len(labels)}), got {len(counterfactuals)}")
+    labels, positions = _words_to_edit(trace, words, item, counterfactuals)
     chosen = sorted({trace.check_step(int(s)) for s in (steps if steps is not None else range(trace.num_steps))})
     tokens = len(trace.tokens[item]) if item < len(trace.tokens) and trace.tokens[item] else 1 + max(max(p) for p in positions)
     S = trace.num_steps
@@ -424,27 +431,13 @@ def concept_onset(
     effect on the decoded predictions, where a person judges it; the latent otherwise. The trace
     only supplies x_t: the unedited prediction is re-computed with ``denoiser``, so a randomised
     or null model is measured against itself."""
-    from explain.methods.heatmaps import prompt_words, resolve_words
-
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     if denoiser.token_model_fn is None and counterfactuals is None:
         raise ValueError("concept onset removes prompt tokens, but this denoiser has no token_model_fn (pass counterfactuals)")
     if not 0 <= item < trace.batch_size:
         raise IndexError(f"item {item} is outside the trace's batch of {trace.batch_size}")
-    specs = list(words) if words is not None else [w for w in prompt_words(trace, item) if w.token_indices]
-    labels, positions = [], []
-    for spec in specs:
-        label, pos = resolve_words(trace, spec, item)
-        key, n = label, 2
-        while key in labels:
-            key, n = f"{label} ({n})", n + 1
-        labels.append(key)
-        positions.append(pos)
-    if not labels:
-        raise ValueError("no words to time")
-    if counterfactuals is not None and len(counterfactuals) != len(labels):
-        raise ValueError(f"give one counterfactual denoiser per word ({len(labels)}), got {len(counterfactuals)}")
+    labels, positions = _words_to_edit(trace, words, item, counterfactuals)
     tokens = len(trace.tokens[item]) if item < len(trace.tokens) and trace.tokens[item] else 1 + max(max(p) for p in positions)
     sig = _sigmas(trace)
     device = denoiser.device
