@@ -86,7 +86,7 @@ def attributes(trace, scene) -> list[tuple[tuple, list[int]]]:
     return out
 
 
-def edited_caption(caption: str, kind: str, idx: list[int], removal: str) -> str | None:
+def edited_caption(caption: str, idx: list[int], removal: str) -> str | None:
     """The caption with the attribute's words removed (``reencode``) or swapped for a
     contrasting value (``swap``, `explain.sweep.words.contrast`: another colour or shape the
     caption does not use, the other size, the opposite relation or side; None when no word of
@@ -104,6 +104,13 @@ def edited_caption(caption: str, kind: str, idx: list[int], removal: str) -> str
             return None
         return " ".join(out).replace(" ,", ",")
     return " ".join(w for j, w in enumerate(words) if j not in idx).replace(" ,", ",")
+
+
+def counterfactual_captions(caption: str, attrs, removal: str) -> list[str]:
+    """One edited caption per attribute; an attribute without a contrasting value (a row
+    layout) is removed instead of swapped."""
+    edited = [edited_caption(caption, idx, removal) for _, idx in attrs]
+    return [e if e is not None else edited_caption(caption, idx, "reencode") for e, (_, idx) in zip(edited, attrs)]
 
 
 def settle_step(correct: list[bool]) -> int | None:
@@ -151,16 +158,13 @@ def with_kind_prior(rows: list[dict]) -> list[dict]:
     return out
 
 
-def onset_columns(pipe, tr, scene, attrs, words, decode, rand_unet) -> dict:
+def onset_columns(pipe, tr, den, scene, attrs, words, decode, rand_unet) -> dict:
     """Onset steps (`concept_onset`) of each attribute, with the words swapped (in distribution)
     or removed, in decoded pixels and in the latent, and the swap on a randomised UNet."""
     def denoisers(removal, unet=None):
-        edited = [edited_caption(scene.caption, a[0], idx, removal) for a, idx in attrs]
-        edited = [e if e is not None else edited_caption(scene.caption, a[0], idx, "reencode") for e, (a, idx) in zip(edited, attrs)]
-        return [from_pipeline(pipe, tr, prompt=e, unet=unet) for e in edited]
+        return [from_pipeline(pipe, tr, prompt=e, unet=unet) for e in counterfactual_captions(scene.caption, attrs, removal)]
 
     swap, remove = denoisers("swap"), denoisers("reencode")
-    den = from_pipeline(pipe, tr)
     out = {}
     for key, base, cfs, dec in (
         ("onset_swap", den, swap, decode),
@@ -194,17 +198,14 @@ def run(args, log) -> dict:
         truth = {str(a): settle_step([attribute_ok(c, a) for c in checks]) for a, _ in attrs}
         steps = list(range(0, tr.num_steps, args.every))
         words = [[tr.words[0][i] for i in idx] for _, idx in attrs]
-        onsets = onset_columns(pipe, tr, s.scene, attrs, words, decode, rand_unet)
+        onsets = onset_columns(pipe, tr, den, s.scene, attrs, words, decode, rand_unet)
         if args.onset_only:
             rows.append({"caption": s.scene.caption, "truth": truth, **onsets})
             log(f"  {k + 1}/{len(samples)} {s.scene.caption!r}: truth {truth} | onset (swap) {onsets['onset_swap']}")
             continue
         counterfactuals = None
         if args.removal in ("reencode", "swap"):
-            edited = [edited_caption(s.scene.caption, a[0], idx, args.removal) for a, idx in attrs]
-            # an attribute without a contrasting value (a row layout) is removed instead
-            edited = [e if e is not None else edited_caption(s.scene.caption, a[0], idx, "reencode") for e, (a, idx) in zip(edited, attrs)]
-            counterfactuals = [from_pipeline(pipe, tr, prompt=e) for e in edited]
+            counterfactuals = [from_pipeline(pipe, tr, prompt=e) for e in counterfactual_captions(s.scene.caption, attrs, args.removal)]
         timing = concept_timing(den, tr, words, steps=steps, mode="from", counterfactuals=counterfactuals)
         with torch.no_grad():
             finals = to_uint8(decode(timing.finals.flatten(0, 1)))
