@@ -496,8 +496,8 @@ def analyse_causal_timing(ctx: Context) -> dict:
         return {"timing_words_tested": 0}
     classes = words.word_classes(texts, ctx.row.truth)
     steps = list(range(0, ctx.trace.num_steps, TIMING_EVERY))
-    # the prompt without one word (punctuation is not a word, so it drops out with the others)
-    edited = [" ".join(t for j, t in enumerate(texts) if j != k) for k in range(len(texts))]
+    # the prompt without one word, the rest as the user wrote it
+    edited = [words.edited_prompt(ctx.trace.prompts[0], texts, k) for k in range(len(texts))]
     counterfactuals = [from_pipeline(ctx.pipe, ctx.trace, prompt=e) for e in edited]
     result = timing.concept_timing(
         ctx.denoiser, ctx.trace, [[w] for w in prompt_words], steps=steps, keep_finals=False, counterfactuals=counterfactuals, **defaults.TIMING.kwargs()
@@ -527,15 +527,14 @@ def analyse_concept_onset(ctx: Context) -> dict:
     edits, prompts = [], []
     for k, text in enumerate(texts):
         other = words.contrast(text, avoid=texts)
-        kept = [other if j == k else t for j, t in enumerate(texts)] if other is not None else [t for j, t in enumerate(texts) if j != k]
         edits.append(f"swap: {other}" if other is not None else "removed")
-        prompts.append(" ".join(kept))
+        prompts.append(words.edited_prompt(ctx.trace.prompts[0], texts, k, other))
     counterfactuals = [from_pipeline(ctx.pipe, ctx.trace, prompt=p) for p in prompts]
     decode = vae_decoder(ctx.pipe.vae) if getattr(ctx.pipe, "vae", None) is not None else None
     result = timing.concept_onset(ctx.denoiser, ctx.trace, [[w] for w in prompt_words], counterfactuals=counterfactuals, decode=decode, **defaults.ONSET.kwargs())
     rows = Rows(
-        {"word": text, "position": j, "word_class": cls, "edit": edit, "onset_step": result.onset_step[j], "onset_peak_step": result.peak_step[j], "largest_effect": float(result.effect[j].max())}
-        for j, (text, cls, edit) in enumerate(zip(texts, classes, edits))
+        {"word": text, "position": j, "word_class": cls, "edit": edit, "edited_prompt": prompt, "onset_step": result.onset_step[j], "onset_peak_step": result.peak_step[j], "largest_effect": float(result.effect[j].max())}
+        for j, (text, cls, edit, prompt) in enumerate(zip(texts, classes, edits, prompts))
     )  # fmt: skip
     return {"onset_words_tested": len(texts), "onset_words_swapped": sum(e.startswith("swap") for e in edits), "onset": rows}
 

@@ -14,6 +14,8 @@ There is no part-of-speech tagger on purpose: a lexicon is deterministic, offlin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from explain.embedded import world
 
 COLOUR = set(world.COLORS) | {
@@ -93,6 +95,45 @@ def contrast(word: str, avoid=()) -> str | None:
         others = [s for s in (world.SHAPES if w in world.SHAPES else _SHAPE_ORDER) if s != w]
         return next((s for s in others if s not in taken), others[0])
     return _SPATIAL_CONTRAST.get(w)
+
+
+def word_spans(prompt: str, words: Sequence[str]) -> list[tuple[int, int]] | None:
+    """The character span of each of ``words`` (a trace's prompt words, in order) in
+    ``prompt``, found left to right and ignoring case; None when one is not there as written
+    (a tokenizer that normalised it), so the caller can fall back to joining the words."""
+    spans, cursor, low = [], 0, prompt.lower()
+    for w in words:
+        start = low.find(w.lower(), cursor)
+        if not w or start < 0:
+            return None
+        spans.append((start, start + len(w)))
+        cursor = start + len(w)
+    return spans
+
+
+def edited_prompt(prompt: str, words: Sequence[str], index: int, replacement: str | None = None) -> str:
+    """``prompt`` with its ``index``-th word (of ``words``, the trace's prompt words) replaced
+    by ``replacement``, or removed when that is None, keeping everything else as the user wrote
+    it: punctuation, case and spacing, which a text encoder that sees whitespace (T5's
+    sentencepiece) would otherwise read differently. Falls back to the words joined by spaces
+    when they cannot be located in the prompt."""
+    if not 0 <= index < len(words):
+        raise IndexError(f"word {index} is outside the prompt's {len(words)} words")
+    spans = word_spans(prompt, words)
+    if spans is None:
+        kept = [replacement if j == index else w for j, w in enumerate(words)]
+        return " ".join(w for w in kept if w is not None)
+    start, end = spans[index]
+    if replacement is not None:
+        return prompt[:start] + replacement + prompt[end:]
+    # one neighbouring run of spaces goes with the word, so no double space is left behind
+    if start > 0 and prompt[start - 1].isspace():
+        while start > 0 and prompt[start - 1].isspace():
+            start -= 1
+    else:
+        while end < len(prompt) and prompt[end].isspace():
+            end += 1
+    return prompt[:start] + prompt[end:]
 
 
 def word_classes(words: list[str], truth: dict | None = None) -> list[str]:

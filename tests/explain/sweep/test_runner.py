@@ -323,6 +323,8 @@ def test_concept_onset_gives_each_word_an_onset_step_the_report_reads(tmp_path):
         edits = {t["word"]: t["edit"] for t in onset}
         expected = {"red": "swap: cyan", "circle": "swap: square", "a": "removed"} if row.prompt == "a red circle" else {"big": "swap: small", "blue": "swap: yellow", "square": "swap: circle", "on": "removed", "left": "swap: right"}
         assert {w: edits[w] for w in expected} == expected
+        if row.prompt == "a red circle":  # the edit is made in the prompt as written, word by word
+            assert [t["edited_prompt"] for t in onset] == ["red circle", "a cyan circle", "a red square"]
         for t in onset:
             assert 0 <= t["onset_step"] <= t["onset_peak_step"] < 6
             assert t["largest_effect"] > 0  # every edit changes some step's prediction

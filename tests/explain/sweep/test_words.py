@@ -1,5 +1,7 @@
+import pytest
+
 from explain.embedded import world
-from explain.sweep.words import contrast, lexicon_class
+from explain.sweep.words import contrast, edited_prompt, lexicon_class, word_spans
 
 
 def test_contrast_gives_a_value_of_the_same_kind():
@@ -26,3 +28,23 @@ def test_contrast_keeps_the_embedded_world_in_its_own_vocabulary():
 def test_words_without_a_contrast():
     for word in ("a", "the", "in", "row", "center", "dog", ","):
         assert contrast(word) is None
+
+
+def test_edited_prompt_keeps_the_users_punctuation_and_case():
+    prompt = "A Red circle, a red triangle and a blue square."
+    words = ["a", "red", "circle", ",", "a", "red", "triangle", "and", "a", "blue", "square", "."]
+    assert edited_prompt(prompt, words, 1, "green") == "A green circle, a red triangle and a blue square."
+    # the second "red" is the sixth word, not the first match
+    assert edited_prompt(prompt, words, 5, "cyan") == "A Red circle, a cyan triangle and a blue square."
+    assert edited_prompt(prompt, words, 2) == "A Red, a red triangle and a blue square."
+    assert edited_prompt(prompt, words, 0) == "Red circle, a red triangle and a blue square."
+    assert edited_prompt(prompt, words, 11) == "A Red circle, a red triangle and a blue square"
+
+
+def test_edited_prompt_falls_back_to_the_words_when_the_prompt_does_not_hold_them():
+    # a tokenizer normalised "Café" to "cafe": the words cannot be located, so they are joined
+    assert word_spans("a Café sign", ["a", "cafe", "sign"]) is None
+    assert edited_prompt("a Café sign", ["a", "cafe", "sign"], 2, "door") == "a cafe door"
+    assert edited_prompt("a Café sign", ["a", "cafe", "sign"], 0) == "cafe sign"
+    with pytest.raises(IndexError, match="outside the prompt's 3 words"):
+        edited_prompt("a Café sign", ["a", "cafe", "sign"], 3)
