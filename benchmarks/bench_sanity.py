@@ -20,7 +20,10 @@ masks agrees with itself under another mask seed (mean ρ seed >= 0.5) (`explain
 Maps: cross-attention word maps of each object's words at step 14; every DF-RISE variant of
 `explain.methods.defaults.VARIANTS` (``--masks`` masks); per-token DF-RISE (``--token-masks``,
 at ``--token-step``); DF-CAM (paper layers); the R1 recovery-step map (the run re-done from the
-same starting noise with each model, `timing.rerun_trajectory`). ``--write-verdicts`` stores the
+same starting noise with each model, `timing.rerun_trajectory`); the guidance maps
+(`explain.methods.guidance`, ``--maps guidance``): the prompt's (conditional minus
+unconditional x0) and each object's words' (their tokens masked), where the null models, which
+have no unconditional branch, mask every prompt word instead. ``--write-verdicts`` stores the
 verdicts in explain/methods/verdicts.json (what the front ends show).
 """
 
@@ -40,9 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import validity_common as vc  # noqa: E402
 
 from explain.adapters.diffusers import from_pipeline  # noqa: E402
+from explain.embedded import world  # noqa: E402
 from explain.methods import defaults, sanity  # noqa: E402
 from explain.methods import faithfulness as fa  # noqa: E402
 from explain.methods.cam import df_cam  # noqa: E402
+from explain.methods.guidance import guidance_map  # noqa: E402
 from explain.methods.recovery import recovery_view  # noqa: E402
 from explain.methods.rise import df_rise, df_rise_tokens  # noqa: E402
 from explain.methods.timing import rerun_trajectory  # noqa: E402
@@ -53,6 +58,8 @@ NOTES = {
     "df_rise_tokens": "where the prediction depends on the word (its tokens dropped at random)",
     "df_cam": "Grad-CAM on the UNet's blocks; pointing is weak on this model",
     "recovery": "when each pixel of x0 settles; a property of the run, which a randomised model changes",
+    "guidance_map": "where the prompt changes the x0 prediction at this step (conditional minus unconditional, same x_t): not which input pixels it depends on",
+    "guidance_word": "where masking the word's tokens changes the x0 prediction at this step (same x_t)",
 }
 
 
@@ -87,6 +94,33 @@ def rise_explainer(trace, settings, step, n, seed=0):
     return explain
 
 
+def guidance_rows(tr, s, step, den, rden, nulls, cascade_dens, masks) -> dict:
+    """The prompt's and each object's words' guidance maps, checked like every other map."""
+    everything = [w for w in tr.words[0] if w.token_indices]
+    object_words = [[tr.words[0][i] for i in span] for span, m in zip(world.object_word_indices(s.scene), s.object_masks) if m is not None]
+
+    def prompt_map(d):
+        # a null model has no unconditional branch: mask every word, the same question asked through the tokens
+        return guidance_map(d, tr, step).latent if d.guided else guidance_map(d, tr, step, words=everything).latent
+
+    def word_map_list(d):
+        return [guidance_map(d, tr, step, words=ws).latent for ws in object_words]
+
+    check = sanity.check_map(prompt_map, den, rden, nulls, cascade=cascade_dens)
+    trained, rand = word_map_list(den), word_map_list(rden)
+    word_nulls = {kind: word_map_list(d) for kind, d in nulls.items()}
+    return {
+        "guidance_map": {"rand": check.randomization_rho, "null": check.null_rho, "cascade": check.cascade, "point": [vc.point(prompt_map(den), s.union)], "point_rand": [vc.point(prompt_map(rden), s.union)]},
+        "guidance_word": {
+            "rand": per_word_rho(trained, rand),
+            "null": {kind: (None if all(sanity.is_constant(x) for x in v) else per_word_rho(trained, v)) for kind, v in word_nulls.items()},
+            "cascade": [[label, per_word_rho(trained, word_map_list(d))] for label, d in cascade_dens],
+            "point": [vc.point(m, mask) for m, (_, mask) in zip(trained, masks)],
+            "point_rand": [vc.point(m, mask) for m, (_, mask) in zip(rand, masks)],
+        },
+    }
+
+
 def per_word_rho(a: list, b: list) -> float | None:
     values = [sanity._rho(x, y) for x, y in zip(a, b)]
     values = [v for v in values if v is not None]
@@ -110,7 +144,7 @@ def run(args, log) -> dict:
         masks = [(span, m) for span, m in zip(spans, s.object_masks) if m is not None]
         row: dict = {"caption": s.scene.caption, "chance": float(s.union.mean())}
         cascade_models = []
-        if k < args.cascade and args.maps != ["df_rise"]:
+        if k < args.cascade and ("word_heatmap" in args.maps or "guidance" in args.maps):
             if groups is None:
                 x = tr.x_t[step, :1].repeat(2, 1, 1, 1)
                 ctx = torch.randn(2, 8, pipe.unet.config.cross_attention_dim)
@@ -118,6 +152,13 @@ def run(args, log) -> dict:
                 log(f"cascade groups, top first: {', '.join(groups)}")
             cascade_models = list(sanity.cascading_randomized_copies(pipe.unet, groups, seed=7, stages=list(range(1, len(groups) + 1))))
         cascade_dens = [(label, from_pipeline(pipe, tr, unet=u)) for label, u in cascade_models]
+
+        if "guidance" in args.maps:
+            row.update(guidance_rows(tr, s, step, den, rden, nulls, cascade_dens, masks))
+            if args.maps == ["guidance"]:
+                rows.append(row)
+                log(f"  {k + 1}/{len(samples)} {s.scene.caption!r}: " + ", ".join(f"{m}: ρ_rand {vc.fmt(v['rand'], 2)}, pointing {vc.share(v['point'])}" for m, v in row.items() if isinstance(v, dict)))
+                continue
 
         # word heatmaps (cross-attention of each object's words)
         att = tr.attention[step, 0].float()
@@ -223,9 +264,10 @@ def summary(data: dict, log) -> list:
     casc = [v for v in verdicts if v.numbers.get("cascade")]
     if casc:
         log("")
-        log(f"Cascading randomisation (top layers first), mean ρ with the trained map over the first {args['cascade']} prompts:")
+        log("Cascading randomisation (top layers first), mean ρ with the trained map over the first prompts (n: how many):")
         for v in casc:
-            log(f"  {v.method:32s} " + "  ".join(f"{label.replace(' and above', '+')}: {vc.fmt(rho, 2)}" for label, rho in v.numbers["cascade"]))
+            n = sum(1 for r in rows if (r.get(v.method) or {}).get("cascade"))
+            log(f"  {v.method:24s} n={n:<3d} " + "  ".join(f"{label.replace(' and above', '+')}: {vc.fmt(rho, 2)}" for label, rho in v.numbers["cascade"]))
     return verdicts
 
 
@@ -256,11 +298,11 @@ def failure_note(v) -> str:
 
 
 def merged(base: dict, extra: dict) -> dict:
-    """``base``'s rows with ``extra``'s DF-RISE variants added (the same prompts, in order)."""
+    """``base``'s rows with ``extra``'s DF-RISE variants and guidance maps added (the same prompts, in order)."""
     if [r["caption"] for r in base["rows"]] != [r["caption"] for r in extra["rows"]]:
         raise SystemExit("--merge: the two runs explained different prompts")
     for row, more in zip(base["rows"], extra["rows"]):
-        row.update({k: v for k, v in more.items() if k.startswith("df_rise:")})
+        row.update({k: v for k, v in more.items() if k.startswith(("df_rise:", "guidance_"))})
     base["args"]["variants"] = list(dict.fromkeys(base["args"]["variants"] + extra["args"]["variants"]))
     return base
 
@@ -274,13 +316,13 @@ def main(argv=None) -> int:
     p.add_argument("--cascade", type=int, default=1, help="prompts with the cascading randomisation")
     p.add_argument("--variants", nargs="*", default=["paper", "x0-negmse-centered", "epsilon-negmse-centered", "grid4-structure-centered"])
     p.add_argument("--cascade-variant", default="grid4-structure-centered")
-    p.add_argument("--maps", nargs="*", default=["all"], choices=["all", "df_rise"], help="'df_rise': only the DF-RISE variants")
+    p.add_argument("--maps", nargs="*", default=["all"], choices=["all", "df_rise", "guidance"], help="'df_rise': only the DF-RISE variants; 'guidance': only the guidance maps")
     p.add_argument("--merge", default=None, help="a sanity.json whose rows (same prompts) this run's maps are added to")
     p.add_argument("--from-json", default=None)
     p.add_argument("--name", default="sanity", help="results file names: benchmarks/results/<name>.txt / .json")
     p.add_argument("--write-verdicts", action="store_true")
     args = p.parse_args(argv)
-    args.maps = ["df_rise"] if args.maps == ["df_rise"] else ["word_heatmap", "df_rise"]
+    args.maps = args.maps if args.maps in (["df_rise"], ["guidance"]) else ["word_heatmap", "df_rise", "guidance"]
     vc.one_thread()
     log = vc.Tee(args.name)
     if args.from_json:
