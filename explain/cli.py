@@ -5,7 +5,7 @@
                    run, explains it and writes an HTML report with its PNGs and the trace;
 ``open TRACE``     makes the same report from a saved ``.safetensors`` trace, without a model.
 
-``report --rise [STEP] --cam [STEP]`` adds DF-RISE and DF-CAM at a step (default: the middle
+``report --rise [STEP] --cam [STEP] --guidance-map [STEP]`` adds DF-RISE, DF-CAM and the guidance map at a step (default: the middle
 one), with their insertion / deletion games and verdicts, using the settings of
 `explain.methods.defaults`.
 
@@ -76,9 +76,9 @@ def load_model(spec: str | None, device: str = "auto", dtype: str = "auto", anno
 # ---------------------------------------------------------------------------- commands
 def cmd_report(args) -> int:
     progress = Progress(args.quiet)
-    for name in ("rise", "cam"):  # a bad step is refused before the model loads
+    for name in ("rise", "cam", "guidance_map"):  # a bad step is refused before the model loads
         if getattr(args, name, None) is not None:
-            _method_step(getattr(args, name), f"--{name}", args.steps)
+            _method_step(getattr(args, name), f"--{name.replace('_', '-')}", args.steps)
     from explain.adapters.diffusers.loading import is_embedded
     from explain.report import build_report
     from explain.run import GenerationRequest, generate_and_trace
@@ -306,6 +306,9 @@ def add_method_options(rep: argparse.ArgumentParser) -> None:
                        help="add DF-RISE at STEP (default: the middle step), with its insertion/deletion games")
     group.add_argument("--cam", nargs="?", const=MIDDLE, default=None, metavar="STEP",
                        help="add DF-CAM at STEP (default: the middle step), with its insertion/deletion games")
+    group.add_argument("--guidance-map", nargs="?", const=MIDDLE, default=None, metavar="STEP",
+                       help="add the prompt's guidance map at STEP (default: the middle step): where the prompt changes the x0 prediction, "
+                            "with its insertion/deletion games")
     group.add_argument("--masks", type=positive_int, default=defaults.RISE.n_masks,
                        help=f"DF-RISE masks (default {defaults.RISE.n_masks}; the paper used {defaults.PAPER_RISE.n_masks})")
     group.add_argument("--rise-preset", choices=sorted(defaults.PRESETS), default="default",
@@ -327,8 +330,9 @@ def _method_step(value: str, option: str, num_steps: int) -> int:
 
 
 def report_methods(args, pipe, trace, guidance: float, progress: Progress) -> list:
-    """The DF-RISE / DF-CAM maps asked for with ``--rise`` / ``--cam`` (`explain.explanations`)."""
-    if getattr(args, "rise", None) is None and getattr(args, "cam", None) is None:
+    """The DF-RISE / DF-CAM / guidance maps asked for with ``--rise`` / ``--cam`` / ``--guidance-map``
+    (`explain.explanations`)."""
+    if all(getattr(args, name, None) is None for name in ("rise", "cam", "guidance_map")):
         return []
     import dataclasses
 
@@ -336,7 +340,8 @@ def report_methods(args, pipe, trace, guidance: float, progress: Progress) -> li
     from explain.adapters.diffusers import from_pipeline, vae_decoder
     from explain.methods import defaults
 
-    steps = {name: _method_step(value, f"--{name}", trace.num_steps) for name, value in (("rise", args.rise), ("cam", args.cam)) if value is not None}
+    asked = (("rise", args.rise), ("cam", args.cam), ("guidance-map", getattr(args, "guidance_map", None)))
+    steps = {name: _method_step(value, f"--{name}", trace.num_steps) for name, value in asked if value is not None}
     denoiser = from_pipeline(pipe, trace, guidance_scale=float(guidance))
     decode = vae_decoder(pipe.vae) if getattr(pipe, "vae", None) is not None else None
     methods = []
@@ -350,6 +355,9 @@ def report_methods(args, pipe, trace, guidance: float, progress: Progress) -> li
             methods.append(explanations.run_cam(denoiser, trace, steps["cam"], layers=args.cam_layers, decode=decode, progress=_bar(progress, "DF-CAM")))
         except KeyError as exc:
             raise CommandError(f"{exc.args[0] if exc.args else exc}; pass --cam-layers paper, all, down_blocks, mid_block, up_blocks or a block name") from None
+    if "guidance-map" in steps:
+        progress(f"guidance map at step {steps['guidance-map']}, then the insertion and deletion games")
+        methods.append(explanations.run_guidance(denoiser, trace, steps["guidance-map"], decode=decode, progress=_bar(progress, "guidance map")))
     for method in methods:
         progress(f"{method.method}: " + "; ".join(method.verdict_lines()))
     return methods

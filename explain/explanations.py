@@ -249,3 +249,25 @@ def run_cam(denoiser, trace, step: int, settings=None, layers=None, item: int = 
         saliency=result.latent, settings={**settings.kwargs(), "layers": shown_layers, "blocks": count}, games=played,
         sanity=passes, sanity_line=line, caption=caption, seconds=time.perf_counter() - start,
     )
+
+
+def run_guidance(denoiser, trace, step: int, item: int = 0, decode=None, games: bool = True, progress=None) -> MethodMap:
+    """The prompt's guidance map at ``step`` (`explain.methods.guidance`: conditional minus
+    unconditional x0 at the same x_t), its games and verdicts."""
+    from explain.methods import guidance
+
+    start = time.perf_counter()
+    step = trace.check_step(step)
+    result = guidance.guidance_map(denoiser, trace, step, item)
+    played = play_games(denoiser, trace, step, result.latent, item, decode, _stage(progress, 0.0, 1.0)) if games else []
+    passes, line = sanity_verdict("guidance_map", trace.meta.get("model"))
+    caption = (
+        f"Guidance map at step {step} (t = {float(trace.timesteps[step]):.0f}): where the prompt changes the model's x0 prediction, "
+        "|x0(prompt) - x0(no prompt)| at the same x_t (so the identity path cancels), min-max for display. "
+        "Where the conditioning acts at this step, not which input pixels the prediction depends on."
+    )
+    return MethodMap(
+        method="Guidance map", method_id="guidance_map", step=step, timestep=float(trace.timesteps[step]), heat=result.display(),
+        saliency=result.latent, settings={"against": result.against}, games=played, sanity=passes, sanity_line=line,
+        caption=caption, seconds=time.perf_counter() - start,
+    )

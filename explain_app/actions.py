@@ -315,6 +315,27 @@ def cam_view(session: Session, step, layer=None, model_box=None, models: ModelCa
     return _map_view(trace, method)
 
 
+def guidance_view(session: Session, step, model_box=None, models: ModelCache | None = None, progress=_no_progress) -> MapView:
+    """The prompt's guidance map at one step (where the prompt changes the x0 prediction), with
+    its games and verdicts."""
+    import torch
+
+    from explain import explanations
+    from explain.adapters.diffusers import vae_decoder
+
+    models = models or MODELS
+    trace = session.require_trace()
+    step = check_int("guidance-map step", step, 0, trace.num_steps - 1)
+    progress(0.0, desc="loading the model")
+    pipe, _ = model_for_trace(session, model_box, models)
+    with models.run_lock, torch.no_grad():
+        den = _denoiser(pipe, trace)
+        decode = vae_decoder(pipe.vae) if getattr(pipe, "vae", None) is not None else None
+        method = explanations.run_guidance(den, trace, step, decode=decode, progress=_fraction_progress(progress))
+    session.explanations[method.method] = method
+    return _map_view(trace, method)
+
+
 def save_trace_file(session: Session) -> Path:
     trace = session.require_trace()
     return trace.save(session.workdir() / "trace.safetensors")

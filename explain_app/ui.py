@@ -11,6 +11,7 @@ from explain_app.actions import (
     cam_layer_choices,
     cam_view,
     generate,
+    guidance_view,
     model_size_choices,
     model_status,
     open_trace,
@@ -42,6 +43,7 @@ def gpu(fn):
 _generate_on_gpu = gpu(generate)
 _rise_on_gpu = gpu(rise_view)
 _cam_on_gpu = gpu(cam_view)
+_guidance_on_gpu = gpu(guidance_view)
 
 EXAMPLES = [
     ["a large red circle above a small blue square", 1],
@@ -133,10 +135,10 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
     # ------------------------------------------------------------------ handlers
     def first_views(session: Session):
         """What a new trace shows first: the image and its settings. Everything made from the
-        previous trace (DF-RISE / DF-CAM panels, the offered download) is cleared, so no
+        previous trace (DF-RISE / DF-CAM / guidance panels, the offered download) is cleared, so no
         explanation of another image stays on screen."""
         empty_plot = gr.update(value=None)
-        cleared = [None, None, empty_plot, None, "", ""] * 2  # DF-RISE, then DF-CAM: maps, games, AUCs, caption, verdict
+        cleared = [None, None, empty_plot, None, "", ""] * 3  # DF-RISE, DF-CAM, guidance: maps, games, AUCs, caption, verdict
         return [session, final_view(session.require_trace()), summary(session), *cleared,
                 gr.update(value=None), gr.Column(visible=False), gr.update(interactive=True), gr.update(interactive=True)]
 
@@ -159,7 +161,7 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
         else:
             out += [gr.update(choices=[], value=None), gr.update(value="0-0", max=0), None, None, "this trace has no cross-attention", None, None]
         pipe = models.get(session.model)[0] if session.model else None
-        out += [step_range(last // 2), step_range(last // 2), gr.update(choices=cam_layer_choices(pipe), value=defaults.CAM.layers)]
+        out += [step_range(last // 2), step_range(last // 2), gr.update(choices=cam_layer_choices(pipe), value=defaults.CAM.layers), step_range(last // 2)]
         return out
 
     @_ui
@@ -222,6 +224,10 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
     @_ui
     def on_cam(state, step, layer_name, model_box, progress=gr.Progress()):
         return panel(_cam_on_gpu(_session(state), step, layer_name, model_of(model_box), models=_custom(models), progress=progress))
+
+    @_ui
+    def on_guidance(state, step, model_box, progress=gr.Progress()):
+        return panel(_guidance_on_gpu(_session(state), step, model_of(model_box), models=_custom(models), progress=progress))
 
     @_ui
     def on_download_trace(state):
@@ -378,11 +384,27 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
             cam_games = gr.LinePlot(x="fraction", y="distance", color="curve", label="insertion / deletion", elem_id="cam-games")
             cam_aucs = gr.Dataframe(label="AUC", interactive=False, elem_id="cam-auc")
             cam_caption = gr.Markdown(elem_id="cam-caption")
+        with gr.Tab("Guidance map"):
+            gr.Markdown(
+                "Where the prompt changes the model's x0 prediction at one step: the prediction with the prompt minus the one without it, "
+                "at the same x_t (two model calls, no masks, needs the model that made the trace). It passes the sanity checks on the "
+                "embedded model; it shows where the conditioning acts, not which input pixels the prediction depends on."
+            )
+            guidance_step = gr.Slider(0, 1, value=0, step=1, label="step", elem_id="guidance-step")
+            guidance_run = gr.Button("Run the guidance map", variant="primary", elem_id="run-guidance")
+            guidance_verdict = gr.Markdown(elem_id="guidance-verdict")
+            with gr.Row():
+                guidance_final = gr.Image(label="guidance map on the final image", format="png", interactive=False, elem_id="guidance-map")
+                guidance_x0 = gr.Image(label="on the x0 prediction at the step", format="png", interactive=False, elem_id="guidance-x0")
+            guidance_games = gr.LinePlot(x="fraction", y="distance", color="curve", label="insertion / deletion", elem_id="guidance-games")
+            guidance_aucs = gr.Dataframe(label="AUC", interactive=False, elem_id="guidance-auc")
+            guidance_caption = gr.Markdown(elem_id="guidance-caption")
 
         rise_outputs = [rise_final, rise_x0, rise_games, rise_aucs, rise_caption, rise_verdict]
         cam_outputs = [cam_final, cam_x0, cam_games, cam_aucs, cam_caption, cam_verdict]
-        first_outputs = [state, final, info, *rise_outputs, *cam_outputs, download, download_box, download_trace, download_report]
-        view_outputs = [step, play, x_t, x0, step_caption, chips, step_span, word_image, words_grid, word_caption, plot, table, rise_step, cam_step, layer]
+        guidance_outputs = [guidance_final, guidance_x0, guidance_games, guidance_aucs, guidance_caption, guidance_verdict]
+        first_outputs = [state, final, info, *rise_outputs, *cam_outputs, *guidance_outputs, download, download_box, download_trace, download_report]
+        view_outputs = [step, play, x_t, x0, step_caption, chips, step_span, word_image, words_grid, word_caption, plot, table, rise_step, cam_step, layer, guidance_step]
 
         # ------------------------------------------------------------------ events
         # Only the model run holds the model; the views of its trace follow as separate events, so
@@ -423,6 +445,7 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
         preset.input(on_preset, [preset], [masks, similarity, centered], api_name=False)
         rise_run.click(on_rise, [state, rise_step, masks, preset, similarity, centered, model], rise_outputs, concurrency_limit=1, concurrency_id="model", api_name="rise")
         cam_run.click(on_cam, [state, cam_step, layer, model], cam_outputs, concurrency_limit=1, concurrency_id="model", api_name="cam")
+        guidance_run.click(on_guidance, [state, guidance_step, model], guidance_outputs, concurrency_limit=1, concurrency_id="model", api_name="guidance")
         for button, fn, name in ((download_trace, on_download_trace, "download_trace"), (download_report, on_report, "report")):
             button.click(fn, [state], [download], api_name=name).success(lambda: gr.Column(visible=True), None, download_box, api_name=False)
         # the model's loading state: polled until it is loaded (or failed), e.g. while gradio_app.py preloads it

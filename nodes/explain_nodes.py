@@ -1,6 +1,6 @@
 """Explanation nodes: thin wrappers that resolve the trace of the run that made a LATENT and
 call the core (`explain.methods.heatmaps`, `explain.methods.concepts`, `explain.methods.recovery`, `explain.methods.rise`,
-`explain.methods.cam`, `explain.methods.faithfulness`, `explain.render`).
+`explain.methods.cam`, `explain.methods.guidance`, `explain.methods.faithfulness`, `explain.render`).
 
 Every node takes the Tap's ``trace`` and the sampler's ``latent``: the latent makes ComfyUI run
 the node after sampling and selects the run (see `nodes.runs`). Nodes are output nodes, so
@@ -523,5 +523,61 @@ class ExplainCam(ExplanationNode):
         if hosted.get("guidance"):
             info["note"] = CAM_GUIDANCE_NOTE
             logging.warning("DF-CAM: %s", CAM_GUIDANCE_NOTE)
+        text = json.dumps(info)
+        return io.NodeOutput(overlay, mask.unsqueeze(0), text, ui={**preview_ui(overlay), "text": [text]})
+
+
+# ---------------------------------------------------------------------------- guidance map
+class ExplainGuidanceMap(ExplanationNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffusionExplainGuidanceMap",
+            display_name="Explain Guidance Map",
+            category=CATEGORY,
+            description=(
+                "Where the prompt changes the model's x0 prediction at one step: the prediction with the positive "
+                "conditioning minus the one with the negative, at the same latent (one model call, no masks; the "
+                "identity path cancels). It passes the sanity checks on the embedded model; it shows where the "
+                "conditioning acts, not which input pixels the prediction depends on. Needs cfg > 1 (two branches). "
+                "Connect the same MODEL and conditionings as the sampler."
+            ),
+            is_output_node=True,
+            inputs=[
+                trace_input(),
+                latent_input(),
+                *model_inputs(),
+                io.Int.Input("step", default=0, min=-1000, max=1000, tooltip="Step index in the run; -1 = last."),
+                io.Float.Input("cfg", default=0.0, min=0.0, max=100.0, step=0.1, tooltip="0 = the sampler's cfg."),
+                item_input(),
+                image_input(),
+            ],
+            outputs=[
+                io.Image.Output("overlay", display_name="overlay", tooltip="The guidance map over the image."),
+                io.Mask.Output("saliency", display_name="saliency", tooltip="The guidance map (0..1, min-max normalised), image-sized."),
+                io.String.Output("json", display_name="json", tooltip="Step, cfg and the cached sanity verdict as JSON."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, trace, latent, model, positive, negative, step, cfg, item, image=None):
+        from explain.methods import guidance
+
+        from .comfy_denoiser import guidance_of, run_with_denoiser
+
+        cls.check_requirements()
+        tr = trace.resolve(latent)
+        item = check_item(tr, item)
+        step = tr.check_step(int(step))
+        scale = guidance_of(tr, cfg)
+        if scale <= 1.0:
+            raise ValueError(f"the guidance map compares the positive and negative branches, but cfg is {scale:g}: set cfg above 1")
+        base = base_image(tr, item, image)
+        size = tuple(render.as_uint8_image(base).shape[:2])
+        result = run_with_denoiser(model, positive, negative, tr, step, scale, lambda den: guidance.guidance_map(den, tr, step, item))
+        mask = heatmaps.normalize_map(result.display(size).float(), "minmax")
+        overlay = as_image(render.overlay(base, mask))
+        info = {"step": step, "timestep": float(tr.timesteps[step]), "against": result.against, "cfg": scale, "item": item,
+                "sanity": sanity_line("guidance_map", tr)}  # fmt: skip
         text = json.dumps(info)
         return io.NodeOutput(overlay, mask.unsqueeze(0), text, ui={**preview_ui(overlay), "text": [text]})

@@ -1,4 +1,4 @@
-"""The CLI's report with DF-RISE and DF-CAM (--rise / --cam), and the prompt's warnings in it."""
+"""The CLI's report with DF-RISE, DF-CAM and the guidance map (--rise / --cam / --guidance-map), and the prompt's warnings in it."""
 
 import json
 
@@ -29,6 +29,19 @@ def test_report_with_rise_and_cam_has_their_sections_games_and_verdicts(tmp_path
     assert "DF-RISE at step 1: 16 masks" in err and "beats random" in err
 
 
+def test_report_with_the_guidance_map_shows_it_with_its_games_and_its_cached_verdict(tmp_path, capsys):
+    out = tmp_path / "rep"
+    code = main(["report", "a red circle above a blue square", "--steps", "4", "--out", str(out), "--guidance-map", "2", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    methods = json.loads((out / "methods.json").read_text())
+    assert [(m["method"], m["method_id"], m["step"]) for m in methods] == [("Guidance map", "guidance_map", 2)]
+    assert {g["mode"] for g in methods[0]["games"]} == {"insertion", "deletion"} and methods[0]["settings"] == {"against": "unconditional"}
+    # measured once for the embedded model (benchmarks/bench_sanity.py --maps guidance)
+    assert methods[0]["sanity"] is True and "cached verdict" in methods[0]["sanity_line"]
+    page = (out / "index.html").read_text()
+    assert "Guidance map at step 2" in page and "identity path cancels" in page
+
+
 def test_a_method_step_outside_the_run_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
     from explain import cli
 
@@ -37,6 +50,8 @@ def test_a_method_step_outside_the_run_is_refused_before_the_model_loads(tmp_pat
     assert "--rise 9 is outside the run: choose a step between 0 and 3" in capsys.readouterr().err
     assert main(["report", "a red circle", "--cam", "late", "--out", str(tmp_path / "x")]) == 2
     assert "--cam takes a step number" in capsys.readouterr().err
+    assert main(["report", "a red circle", "--steps", "4", "--guidance-map", "4", "--out", str(tmp_path / "x")]) == 2
+    assert "--guidance-map 4 is outside the run" in capsys.readouterr().err
 
 
 def test_the_cli_report_shows_the_prompts_warnings(tmp_path, capsys):

@@ -292,7 +292,7 @@ def test_gpu_work_is_wrapped_for_zerogpu_when_spaces_is_importable(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
-    assert sorted(name for name, _ in wrapped) == ["cam_view", "generate", "rise_view"]
+    assert sorted(name for name, _ in wrapped) == ["cam_view", "generate", "guidance_view", "rise_view"]
     assert ui._spaces is None  # the app imported here, without spaces, wraps nothing
 
 
@@ -324,6 +324,16 @@ def test_df_cam_panel_by_layer_group_and_bad_layer(tiny_session, models):
         app.cam_view(tiny_session, 1, "nowhere", models=models)
 
 
+def test_guidance_panel_gives_its_map_games_and_verdicts(tiny_session, models):
+    view = app.guidance_view(tiny_session, 1, models=models)
+    assert view.overlay_final.shape == view.overlay_x0.shape and "Guidance map at step 1" in view.caption
+    assert set(view.curves["curve"]) == {"insertion (Guidance map)", "deletion (Guidance map)", "insertion (random)", "deletion (random)"}
+    assert len(view.aucs) == 2 and "beats random" in view.verdict and "passes the sanity checks" in view.verdict
+    assert view.method.method_id == "guidance_map" and tiny_session.explanations["Guidance map"] is view.method
+    with pytest.raises(app.InputError, match="guidance-map step must be between 0 and 3"):
+        app.guidance_view(tiny_session, 9, models=models)
+
+
 def test_opened_traces_need_a_model_with_matching_latents(models, session):
     with pytest.raises(app.InputError, match="4-channel latents but this trace has 3"):
         session.trace.x_t = session.trace.x_t[:, :, :3]
@@ -352,11 +362,13 @@ def test_df_rise_panel_runs_the_librarys_defaults_and_shows_its_verdicts(tiny_se
     assert by_id["cam-layer"].value == defaults.CAM.layers and by_id["curve-kind"].value == "share"
 
 
-def test_the_html_report_includes_the_sessions_df_rise_and_df_cam(tiny_session, models):
+def test_the_html_report_includes_the_sessions_df_rise_df_cam_and_guidance_map(tiny_session, models):
     app.rise_view(tiny_session, 1, 16, models=models)
     app.cam_view(tiny_session, 2, "up_blocks", models=models)
+    app.guidance_view(tiny_session, 3, models=models)
     page = app.save_report(tiny_session).read_text()
-    assert "DF-RISE at step 1" in page and "DF-CAM at step 2" in page and page.count("beats random: ") == 2
+    assert "DF-RISE at step 1" in page and "DF-CAM at step 2" in page and "Guidance map at step 3" in page
+    assert page.count("beats random: ") == 3
     assert app.generate("a red circle", steps=2, model="tiny", models=models).explanations == {}  # a new image starts empty
 
 

@@ -208,6 +208,21 @@ def test_cam_node_gets_nonzero_maps_from_separate_branch_forwards(monkeypatch):
     assert json.loads(text)["modules"] == 1
 
 
+def test_guidance_map_node_shows_where_the_conditioning_acts(monkeypatch):
+    monkeypatch.setattr(comfy_denoiser, "run_with_denoiser", toy_run_with_denoiser)
+    trace = synthetic_trace(steps=4)
+    trace.meta["guidance_scale"] = 3.0
+    overlay, mask, text = explain_nodes.ExplainGuidanceMap.execute(loaded(trace), None, None, [], [], 1, 0.0, 0).result
+    check_image(overlay, 1)
+    assert mask.shape == (1, 32, 32) and float(mask.max()) == pytest.approx(1.0)
+    # the toy's conditioning gates only the top-left quarter: the map is zero elsewhere
+    assert float(mask[0, 20:, :].max()) < 1e-6 and float(mask[0, :, 20:].max()) < 1e-6
+    info = json.loads(text)
+    assert info["against"] == "unconditional" and info["cfg"] == 3.0 and "sanity" in info
+    with pytest.raises(ValueError, match="set cfg above 1"):
+        explain_nodes.ExplainGuidanceMap.execute(loaded(trace), None, None, [], [], 1, 1.0, 0)
+
+
 def test_guidance_defaults_to_the_recorded_cfg():
     trace = synthetic_trace()
     assert comfy_denoiser.guidance_of(trace, 2.5) == 2.5
@@ -225,7 +240,7 @@ def test_nodes_that_need_a_missing_package_say_so_at_validation_and_at_start(mon
 
     real = environment.module_available
     monkeypatch.setattr(environment, "module_available", lambda m: False if m == "matplotlib" else real(m))
-    for node in (explain_nodes.ExplainWordHeatmaps, explain_nodes.ExplainConceptScores, explain_nodes.ExplainRise, explain_nodes.ExplainCam):
+    for node in (explain_nodes.ExplainWordHeatmaps, explain_nodes.ExplainConceptScores, explain_nodes.ExplainRise, explain_nodes.ExplainCam, explain_nodes.ExplainGuidanceMap):
         message = node.validate_inputs(trace=None)
         assert isinstance(message, str) and "needs matplotlib" in message and "install.py" in message
     with pytest.raises(environment.MissingRequirementError, match="needs matplotlib"):
