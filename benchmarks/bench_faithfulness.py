@@ -17,6 +17,8 @@ as the checker finds them in the generated image). Per prompt and map:
     scored only where the latent is untouched, so the identity path scores every order alike;
   - ``paper``: the paper's game (insertion from the blurred latent, deletion to zeros, x0 scored
     everywhere), which the identity path wins;
+* the prompt's **guidance map** (`explain.methods.guidance`: conditional minus unconditional x0 at
+  the same x_t), also on the randomised UNet;
 * **baselines**: random, centred Gaussian, |x_t|, |x_t - blur(x_t)| (`explain.methods.baselines`)
   and the same method on the randomised UNet (for the DF-RISE variants with ``--rand-variants``).
   "beats all" = beats every baseline in insertion AND deletion on that prompt.
@@ -41,6 +43,7 @@ from explain.adapters.diffusers import from_pipeline  # noqa: E402
 from explain.methods import baselines, defaults, sanity  # noqa: E402
 from explain.methods import faithfulness as fa  # noqa: E402
 from explain.methods.cam import df_cam  # noqa: E402
+from explain.methods.guidance import guidance_map  # noqa: E402
 from explain.methods.rise import df_rise  # noqa: E402
 
 GAMES = {
@@ -84,6 +87,8 @@ def run(args, log) -> dict:
         spans = vc.object_word_tokens(tr, s.scene)
         att = tr.attention[vc.STEP, 0].float()
         maps["word_heatmap"] = att[sorted({i for sp in spans for i in sp})].mean(0) if spans else att[1:-1].mean(0)
+        maps["guidance_map"] = guidance_map(den, tr, vc.STEP).latent
+        rand_maps["guidance_map"] = guidance_map(rden, tr, vc.STEP).latent
         base = baselines.baseline_maps(x, seed=100 + k)
         everything = {**maps, **{f"{n}@random-unet": m for n, m in rand_maps.items()}, **base}
         row = {"caption": s.scene.caption, "chance": float(s.union.mean()), "stability": stability, "point": {}, "auc": {},
@@ -198,14 +203,15 @@ def main(argv=None) -> int:
     p.add_argument("--games", nargs="*", default=list(GAMES), choices=list(GAMES))
     p.add_argument("--from-json", default=None)
     p.add_argument("--write-verdicts", action="store_true", help="add the figures to explain/methods/verdicts.json")
+    p.add_argument("--name", default="faithfulness", help="results file names: benchmarks/results/<name>.txt / .json")
     args = p.parse_args(argv)
     vc.one_thread()
-    log = vc.Tee("faithfulness")
+    log = vc.Tee(args.name)
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
     else:
         data = run(args, log)
-        (vc.RESULTS / "faithfulness.json").write_text(json.dumps(data))
+        (vc.RESULTS / f"{args.name}.json").write_text(json.dumps(data))
     figures = report(data, log)
     if args.write_verdicts:
         add_to_verdicts(figures, log)
