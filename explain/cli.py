@@ -120,7 +120,10 @@ def cmd_report(args) -> int:
     methods = report_methods(args, pipe, result.trace, guidance, progress)
     for method in methods:
         timings[f"time: {method.method} (s)"] = round(method.seconds, 2)
-    report = build_report(result.trace, folder.staging, extra_settings=timings, progress=progress, methods=methods, palette=word_palette(model_name))
+    onset = report_onset(args, pipe, result.trace, guidance, progress)
+    if onset is not None:
+        timings["time: causal onset (s)"] = round(onset.seconds, 2)
+    report = build_report(result.trace, folder.staging, extra_settings=timings, progress=progress, methods=methods, palette=word_palette(model_name), onset=onset)
     report = folder.commit(report)
     _done(report, progress, timings)
     return 0
@@ -309,6 +312,9 @@ def add_method_options(rep: argparse.ArgumentParser) -> None:
     group.add_argument("--guidance-map", nargs="?", const=MIDDLE, default=None, metavar="STEP",
                        help="add the prompt's guidance map at STEP (default: the middle step): where the prompt changes the x0 prediction, "
                             "with its insertion/deletion games")
+    group.add_argument("--onset", action="store_true",
+                       help="add the causal onset of every prompt word: when swapping it for a contrasting value first changes "
+                            "the x0 prediction (one guided evaluation per word and step)")
     group.add_argument("--masks", type=positive_int, default=defaults.RISE.n_masks,
                        help=f"DF-RISE masks (default {defaults.RISE.n_masks}; the paper used {defaults.PAPER_RISE.n_masks})")
     group.add_argument("--rise-preset", choices=sorted(defaults.PRESETS), default="default",
@@ -361,6 +367,23 @@ def report_methods(args, pipe, trace, guidance: float, progress: Progress) -> li
     for method in methods:
         progress(f"{method.method}: " + "; ".join(method.verdict_lines()))
     return methods
+
+
+def report_onset(args, pipe, trace, guidance: float, progress: Progress):
+    """The causal onset of every prompt word (``--onset``, `explain.explanations.run_onset`), or None."""
+    if not getattr(args, "onset", False):
+        return None
+    from explain import explanations
+    from explain.adapters.diffusers import from_pipeline, vae_decoder
+
+    scale = float(guidance)
+    progress(f"causal onset: each prompt word swapped (or removed) at each of the {trace.num_steps} steps")
+    decode = vae_decoder(pipe.vae) if getattr(pipe, "vae", None) is not None else None
+    onset = explanations.run_onset(
+        from_pipeline(pipe, trace, guidance_scale=scale), trace, lambda prompt: from_pipeline(pipe, trace, prompt=prompt, guidance_scale=scale), decode=decode
+    )  # fmt: skip
+    progress(f"causal onset: {onset.evidence}")
+    return onset
 
 
 def _bar(progress: Progress, name: str):

@@ -492,3 +492,31 @@ def game_curves(curves: dict[str, Sequence[float]], fractions: Sequence[float], 
         _plain(t)
     _plain(ax.set_title(title, fontsize=9))
     return figure_to_array(fig)
+
+
+def onset_curves(onset, palette: dict | None = None, dpi: int = 100) -> np.ndarray:
+    """Each word's effect on the x0 prediction per step (`explain.methods.timing.ConceptOnset`),
+    scaled to its own largest effect, with the onset step marked (★) and the threshold dotted."""
+    effect = onset.effect.double().cpu().numpy()
+    fig = _figure(6.4, 3.4, dpi)
+    ax = fig.add_axes([0.1, 0.14, 0.65, 0.76])
+    colors = word_colors(onset.labels, palette)
+    steps = np.arange(effect.shape[1])
+    for j, label in enumerate(onset.labels):
+        top = effect[j].max()
+        curve = effect[j] / top if top > 0 else effect[j]
+        ax.plot(steps, curve, marker="o", markersize=2.5, linewidth=1.3, color=colors[j], label=label)
+        k = onset.onset_step[j]
+        ax.plot([k], [curve[k]], marker="*", markersize=9, color=colors[j], markeredgecolor="black", markeredgewidth=0.5)
+    ax.axhline(onset.threshold, color="gray", linestyle=":", linewidth=1)
+    _integer_steps(ax)
+    ax.set_ylim(-0.03, 1.05)
+    ax.set_xlabel("step", fontsize=8)
+    ax.set_ylabel(f"effect of editing the word ({onset.space}), / its largest", fontsize=7)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    legend = ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="★ onset", title_fontsize=7)
+    for t in legend.get_texts():
+        _plain(t)
+    _plain(ax.set_title("when each word starts to shape the prediction (causal onset)", fontsize=9))
+    return figure_to_array(fig)

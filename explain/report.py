@@ -143,13 +143,15 @@ def build_report(
     methods: Sequence = (),
     palette: dict | None = None,
     progress: Callable[[str], None] | None = None,
+    onset=None,
 ) -> Report:
     """Explain ``trace`` (batch item ``item``) into ``out_dir`` and return where everything is.
 
     ``skip_words`` are left out of the heatmaps and curves (the score table keeps every word);
     ``grid_steps`` limits the static step grid (default: every step); ``extra_settings`` are
     shown with the trace's own settings (timings, say); ``methods`` are DF-RISE / DF-CAM maps
-    (`explain.explanations.MethodMap`) to include; ``palette`` maps colour words to RGB for the
+    (`explain.explanations.MethodMap`) to include; ``onset`` the causal onset of the prompt's
+    words (`explain.explanations.OnsetView`); ``palette`` maps colour words to RGB for the
     curves (`explain.render.word_colors`); ``embed_images=False`` links the PNGs instead of
     embedding them (a smaller page that needs its folder).
     """
@@ -215,6 +217,12 @@ def build_report(
             method_files = [_method_figures(m, trace, item, display, save) for m in methods]
             write_json("methods.json", [m.to_json() for m in methods])
 
+    if onset is not None:
+        say("rendering the causal onset")
+        with timed("onset"):
+            write_json("onset.json", onset.to_json())
+            save("onset.png", render.onset_curves(onset.onset, palette=palette))
+
     if save_trace:
         say("saving the trace")
         with timed("trace"):
@@ -223,7 +231,7 @@ def build_report(
     say("writing the HTML")
     with timed("html"):
         data = _explorer_data(trace, item, words, display, plot_scores, view, palette, embed_images, out, report)
-        page = _page(trace, item, report, scores, view, method_files, methods, extra_settings or {}, embed_images, data)
+        page = _page(trace, item, report, scores, view, method_files, methods, extra_settings or {}, embed_images, data, onset)
         report.html_path.write_text(page, encoding="utf-8")
     report.seconds["total"] = time.perf_counter() - t_all
     return report
@@ -679,7 +687,7 @@ def _explorer_html() -> str:
 """
 
 
-def _page(trace, item, report, scores, view, method_files, methods, extra, embed, data) -> str:
+def _page(trace, item, report, scores, view, method_files, methods, extra, embed, data, onset=None) -> str:
     e = html.escape
     prompt = trace.prompts[item]
     negative = trace.negative_prompts[item] if item < len(trace.negative_prompts) else ""
@@ -750,6 +758,9 @@ def _page(trace, item, report, scores, view, method_files, methods, extra, embed
             parts.append("<h3>Negative prompt: where its words are looked for</h3>")
             parts.append(_img(report, "negative_heatmaps.png", embed, alt="negative prompt heatmaps"))
 
+    if onset is not None:
+        parts += _onset_html(onset, report, embed)
+
     parts.append("<h2>What is recovered at each step (R1)</h2>")
     from explain.explanations import sanity_verdict
 
@@ -792,6 +803,29 @@ def _page(trace, item, report, scores, view, method_files, methods, extra, embed
     parts.append(f"<script>{_JS}</script>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _onset_html(onset, report, embed) -> list[str]:
+    e = html.escape
+    parts = ['<h2 id="onset">When each word starts to shape the prediction (causal onset)</h2>']
+    parts.append(_verdict_html([f"causal onset: {onset.evidence}"], None))
+    parts.append(
+        '<p class="note">At every step the traced x<sub>t</sub> is denoised twice: with the prompt, and with one word swapped for '
+        "a contrasting value of its kind (another colour, the other size, the opposite relation; removed where it has none). "
+        f"The effect is the mean squared difference of the two x0 predictions ({e(onset.onset.space)}); the onset is the first "
+        f"step whose effect reaches {onset.onset.threshold:g} × the word's largest. Attention shares (above) say where a word is "
+        "looked for; this says when editing it changes what the model predicts.</p>"
+    )
+    parts.append(_img(report, "onset.png", embed, alt="causal onset curves"))
+    parts.append("<table><tr><th>word</th><th>edit</th><th>onset step</th><th>peak step</th><th>largest effect</th><th>edited prompt</th></tr>")
+    for row in onset.table():
+        parts.append(
+            f"<tr><td>{e(row['word'])}</td><td>{e(row['edit'])}</td><td class=num>{row['onset_step']}</td>"
+            f"<td class=num>{row['peak_step']}</td><td class=num>{row['largest_effect']:.3g}</td><td>{e(row['edited_prompt'])}</td></tr>"
+        )
+    parts.append("</table>")
+    parts.append(f'<p class="note">{len(onset.edits)} words × {onset.onset.effect.shape[1]} steps, one guided evaluation each; {onset.seconds:.1f} s.</p>')
+    return parts
 
 
 def _method_html(method, files, report, embed) -> list[str]:

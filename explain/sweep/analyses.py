@@ -524,11 +524,7 @@ def analyse_concept_onset(ctx: Context) -> dict:
     if not texts:
         return {"onset_words_tested": 0}
     classes = words.word_classes(texts, ctx.row.truth)
-    edits, prompts = [], []
-    for k, text in enumerate(texts):
-        other = words.contrast(text, avoid=texts)
-        edits.append(f"swap: {other}" if other is not None else "removed")
-        prompts.append(words.edited_prompt(ctx.trace.prompts[0], texts, k, other))
+    edits, prompts = map(list, zip(*words.counterfactual_prompts(ctx.trace.prompts[0], texts)))
     counterfactuals = [from_pipeline(ctx.pipe, ctx.trace, prompt=p) for p in prompts]
     decode = vae_decoder(ctx.pipe.vae) if getattr(ctx.pipe, "vae", None) is not None else None
     result = timing.concept_onset(ctx.denoiser, ctx.trace, [[w] for w in prompt_words], counterfactuals=counterfactuals, decode=decode, **defaults.ONSET.kwargs())

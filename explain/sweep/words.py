@@ -97,6 +97,9 @@ def contrast(word: str, avoid=()) -> str | None:
     return _SPATIAL_CONTRAST.get(w)
 
 
+_CLOSING = set(",.;:!?)]}'\"")
+
+
 def word_spans(prompt: str, words: Sequence[str]) -> list[tuple[int, int]] | None:
     """The character span of each of ``words`` (a trace's prompt words, in order) in
     ``prompt``, found left to right and ignoring case; None when one is not there as written
@@ -126,14 +129,24 @@ def edited_prompt(prompt: str, words: Sequence[str], index: int, replacement: st
     start, end = spans[index]
     if replacement is not None:
         return prompt[:start] + replacement + prompt[end:]
-    # one neighbouring run of spaces goes with the word, so no double space is left behind
-    if start > 0 and prompt[start - 1].isspace():
-        while start > 0 and prompt[start - 1].isspace():
-            start -= 1
-    else:
-        while end < len(prompt) and prompt[end].isspace():
-            end += 1
-    return prompt[:start] + prompt[end:]
+    # the gap closes to one space, or to none before punctuation, so no two words run together
+    left, right = prompt[:start].rstrip(), prompt[end:].lstrip()
+    if not left or not right:
+        return left + right
+    spaced = len(left) < start or len(right) < len(prompt) - end
+    joint = "" if right[0] in _CLOSING or not (spaced or (left[-1].isalnum() and right[0].isalnum())) else " "
+    return left + joint + right
+
+
+def counterfactual_prompts(prompt: str, words: Sequence[str]) -> list[tuple[str, str]]:
+    """For each of ``words`` (the trace's prompt words, in order): ``(edit, prompt)``, the word
+    swapped for its `contrast` (``"swap: cyan"``), which keeps the prompt in distribution, or
+    removed where it has none (``"removed"``), edited in ``prompt`` as written (`edited_prompt`)."""
+    out = []
+    for k, text in enumerate(words):
+        other = contrast(text, avoid=words)
+        out.append((f"swap: {other}" if other is not None else "removed", edited_prompt(prompt, words, k, other)))
+    return out
 
 
 def word_classes(words: list[str], truth: dict | None = None) -> list[str]:

@@ -42,6 +42,27 @@ def test_report_with_the_guidance_map_shows_it_with_its_games_and_its_cached_ver
     assert "Guidance map at step 2" in page and "identity path cancels" in page
 
 
+def test_report_with_the_causal_onset_edits_each_word_in_the_prompt_as_written(tmp_path, capsys):
+    out = tmp_path / "rep"
+    prompt = "a large red circle, above a small blue square"
+    assert main(["report", prompt, "--steps", "4", "--out", str(out), "--onset", "--quiet"]) == 0, capsys.readouterr().err
+    onset = json.loads((out / "onset.json").read_text())
+    words = ["a", "large", "red", "circle", ",", "above", "a (2)", "small", "blue", "square"]  # a repeated word is labelled by its place
+    assert onset["labels"] == words and len(onset["effect"]) == len(words) and all(len(e) == 4 for e in onset["effect"])
+    by_word = dict(zip(onset["labels"], onset["edited_prompts"]))
+    assert by_word["red"] == "a large cyan circle, above a small blue square"  # the comma kept
+    assert by_word["above"] == "a large red circle, below a small blue square"
+    assert onset["edits"][4] == "removed" and onset["edited_prompts"][4] == "a large red circle above a small blue square"
+    # the content words change the prediction at some step; their onsets lie in the run
+    for word in ("red", "circle", "square", "small"):
+        k = words.index(word)
+        assert max(onset["effect"][k]) > 0 and 0 <= onset["onset_step"][k] <= onset["peak_step"][k] < 4
+    assert "61.3 %" in onset["evidence"]  # the embedded model's measured agreement, said beside the curves
+    page = (out / "index.html").read_text()
+    assert "When each word starts to shape the prediction (causal onset)" in page and "swap: cyan" in page
+    assert (out / "onset.png").is_file()
+
+
 def test_a_method_step_outside_the_run_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
     from explain import cli
 

@@ -1,7 +1,7 @@
 import pytest
 
 from explain.embedded import world
-from explain.sweep.words import contrast, edited_prompt, lexicon_class, word_spans
+from explain.sweep.words import contrast, counterfactual_prompts, edited_prompt, lexicon_class, word_spans
 
 
 def test_contrast_gives_a_value_of_the_same_kind():
@@ -39,6 +39,9 @@ def test_edited_prompt_keeps_the_users_punctuation_and_case():
     assert edited_prompt(prompt, words, 2) == "A Red, a red triangle and a blue square."
     assert edited_prompt(prompt, words, 0) == "Red circle, a red triangle and a blue square."
     assert edited_prompt(prompt, words, 11) == "A Red circle, a red triangle and a blue square"
+    # punctuation removed between two words leaves one space, not a run-together word
+    assert edited_prompt(prompt, words, 3) == "A Red circle a red triangle and a blue square."
+    assert edited_prompt("red,blue", ["red", ",", "blue"], 1) == "red blue"
 
 
 def test_edited_prompt_falls_back_to_the_words_when_the_prompt_does_not_hold_them():
@@ -48,3 +51,13 @@ def test_edited_prompt_falls_back_to_the_words_when_the_prompt_does_not_hold_the
     assert edited_prompt("a Café sign", ["a", "cafe", "sign"], 0) == "cafe sign"
     with pytest.raises(IndexError, match="outside the prompt's 3 words"):
         edited_prompt("a Café sign", ["a", "cafe", "sign"], 3)
+
+
+def test_counterfactual_prompts_swap_what_has_a_contrast_and_remove_the_rest():
+    prompt = "A red circle, in the center."
+    words = ["a", "red", "circle", ",", "in", "the", "center", "."]
+    got = counterfactual_prompts(prompt, words)
+    assert got[1] == ("swap: cyan", "A cyan circle, in the center.")
+    assert got[2] == ("swap: square", "A red square, in the center.")
+    assert got[6] == ("removed", "A red circle, in the.")
+    assert [edit for edit, _ in got].count("removed") == 6
