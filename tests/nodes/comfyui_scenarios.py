@@ -377,6 +377,41 @@ def custom_guidance(runner, nodes_module, work) -> dict:
     return {"rescaled": facts["patched"], "plain": facts["plain"], "scale": facts["scale"], "found": facts["found"]}
 
 
+def guidance_map_node(runner, nodes_module, work) -> dict:
+    """The Guidance Map node after a tapped KSampler run, and the same map checked through
+    ComfyUI's own cfg path: at cfg w the guided x0 minus the cfg-1 (conditional only) x0 is
+    (w - 1) × (conditional - unconditional)."""
+    import nodes as comfy_nodes
+
+    from explain.denoiser import NoiseLevel
+    from explain.methods.guidance import difference_map, guidance_map
+
+    explain_nodes = pack_module("nodes.explain_nodes")
+    comfy_denoiser = importlib.import_module(".comfy_denoiser", explain_nodes.__package__)
+    tap_node = pack_module("nodes.tap_node")
+    cfg, step = 5.0, 1
+    with torch.inference_mode():
+        model, clip, _vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT_NAME)[:3]
+        positive, negative, out, handle = _tapped_run(tap_node, model, clip, "guidance-map", seed=3, steps=3, cfg=cfg)
+        overlay, mask, text = explain_nodes.ExplainGuidanceMap.execute(handle, out, model, positive, negative, step, 0.0, 0).result
+        trace = handle.resolve(out)
+        level = NoiseLevel.from_trace(trace, step)
+        x = trace.x_t[step, :1].float()
+        mapped = comfy_denoiser.run_with_denoiser(model, positive, negative, trace, step, cfg, lambda d: guidance_map(d, trace, step).latent)
+        guided = comfy_denoiser.run_with_denoiser(model, positive, negative, trace, step, cfg, lambda d: d.predict(x, level, "x0").cpu())
+        cond = comfy_denoiser.run_with_denoiser(model, positive, negative, trace, step, 1.0, lambda d: d.predict(x, level, "x0").cpu())
+        explicit = difference_map(guided, cond) / (cfg - 1.0)
+        try:
+            explain_nodes.ExplainGuidanceMap.execute(handle, out, model, positive, negative, step, 1.0, 0)
+            refused = None
+        except ValueError as exc:
+            refused = str(exc)
+    return {
+        "overlay_shape": list(overlay.shape), "mask_shape": list(mask.shape), "mask_max": float(mask.max()), "info": json.loads(text),
+        "max_diff": float((mapped - explicit).abs().max()), "scale": float(explicit.abs().max()), "refused": refused,
+    }  # fmt: skip
+
+
 def branch_patches(runner, nodes_module, work) -> dict:
     """Patches that act before cfg_function in ComfyUI's sampling_function: a pre-CFG function
     (as APG, TCFG) and a calc_cond_batch replacement (as SkipLayerGuidance); and a post-CFG one
@@ -661,6 +696,7 @@ SCENARIOS = {
     "unet_families": unet_families,
     "custom_guidance": custom_guidance,
     "branch_patches": branch_patches,
+    "guidance_map_node": guidance_map_node,
     "newer_calling_convention": newer_calling_convention,
     "node_schemas": node_schemas,
     "workflow_files": workflow_files,

@@ -278,3 +278,13 @@ def test_a_missing_requirement_is_named_at_validation_before_anything_runs(repor
         assert any("needs matplotlib" in m and "install.py" in m and "-m pip install -r requirements.txt" in m for m in messages), messages
     # the nodes that need nothing missing (Save Trace, SaveImage) stay runnable
     assert "DiffusionExplainSaveTrace" in facts["good_outputs"] and not explanation & set(facts["good_outputs"])
+
+
+def test_the_guidance_map_node_reads_the_samplers_own_branches(report):
+    facts = scenario(report, "guidance_map_node")
+    assert facts["overlay_shape"] == [1, 32, 32, 3] and facts["mask_shape"] == [1, 32, 32]
+    assert facts["mask_max"] == pytest.approx(1.0)
+    assert facts["info"]["against"] == "unconditional" and facts["info"]["cfg"] == 5.0 and "sanity" in facts["info"]
+    # the map equals the one read off ComfyUI's own cfg: (guided x0 - cfg-1 x0) / (cfg - 1)
+    assert facts["scale"] > 0 and facts["max_diff"] <= 1e-4 * facts["scale"]
+    assert "set cfg above 1" in facts["refused"]
