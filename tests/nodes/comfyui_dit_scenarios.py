@@ -181,6 +181,8 @@ def dit_prompt(nodes_module, family: str, seed: int = 1, explain: bool = False, 
                 "15": n("VAEDecode", samples=["6", 0], vae=["1", 2]),
             }
         )
+        if cfg > 1:  # the guidance map compares the two branches: a cfg-1 graph has one
+            prompt["17"] = n("DiffusionExplainGuidanceMap", trace=t, latent=lat, model=["4", 0], positive=positive, negative=["3", 0], step=1)
     return prompt
 
 
@@ -263,7 +265,13 @@ def _family_run(runner, nodes_module, family: str, seed: int, explain: bool, tag
     facts["dit_wrappers"] = sorted(f"{k[0]} {k[1]}" for k in tapped_options.get("patches_replace", {}).get("dit", {}))
     if explain:
         by_id = result["outputs"]
-        facts["previews"] = {k: bool(by_id.get(k, {}).get("images")) for k in ("8", "9", "10", "11", "12", "13")}
+        facts["previews"] = {k: bool(by_id.get(k, {}).get("images")) for k in ("8", "9", "10", "11", "12", "13", "17") if k in prompt}
+        if "17" in prompt:
+            import json
+
+            guidance_mask = runner.cached_output("17", 1)
+            facts["guidance_mask_shape"], facts["guidance_mask_max"] = list(guidance_mask.shape), float(guidance_mask.max())
+            facts["guidance_json"] = json.loads(runner.cached_output("17", 2))
         facts["heatmap_masks_shape"] = list(runner.cached_output("8", 1).shape)
         facts["rise_aucs"] = [runner.cached_output("11", 2), runner.cached_output("11", 3)]
         cam_mask = runner.cached_output("12", 1)
