@@ -4,7 +4,7 @@ Named ``explain_app`` rather than ``app``: ComfyUI has a top-level ``app`` packa
 and this repository is also a ComfyUI custom-node folder.
 
 Modules: `inputs` (limits and checks), `session` (per-tab state, the model cache), `views`
-(pictures and tables of a trace), `actions` (generate, open, DF-RISE, DF-CAM, the guidance map, downloads), `ui`
+(pictures and tables of a trace), `actions` (generate, open, DF-RISE, DF-CAM, the guidance map, the causal onset, downloads), `ui`
 (the Blocks). Everything above `ui` takes and returns plain values, so tests need no browser.
 """
 
@@ -20,6 +20,7 @@ from explain_app.actions import (
     model_size_choices,
     model_status,
     native_size,
+    onset_view,
     open_trace,
     rise_settings,
     rise_view,
@@ -67,6 +68,6 @@ __all__ = [
     "MAX_MASKS", "MAX_PROMPT_CHARS", "MAX_SEED", "MAX_STEPS", "MODELS", "SIZES", "InputError", "ModelCache",
     "RiseView", "Session", "cam_layer_choices", "cam_view", "check_float", "check_int", "check_prompt",
     "check_step_range", "close_session", "concept_colors", "concept_frame", "content_words", "default_word", "enlarge",
-    "final_view", "generate", "guidance_view", "model_for_trace", "model_size_choices", "model_status", "native_size", "open_trace", "parse_size", "recovery_verdict", "recovery_views", "rise_settings", "rise_view",
+    "final_view", "generate", "guidance_view", "model_for_trace", "model_size_choices", "model_status", "native_size", "onset_view", "open_trace", "parse_size", "recovery_verdict", "recovery_views", "rise_settings", "rise_view",
     "save_report", "save_trace_file", "size_choices", "step_view", "summary", "verdict_markdown", "word_view",
 ]

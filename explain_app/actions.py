@@ -336,6 +336,48 @@ def guidance_view(session: Session, step, model_box=None, models: ModelCache | N
     return _map_view(trace, method)
 
 
+@dataclass
+class OnsetPanel:
+    """The causal-onset tab: the curves, the per-word table, what was measured, the caption."""
+
+    plot: object
+    table: object
+    verdict: str
+    caption: str
+    onset: object = None  # the explain.explanations.OnsetView behind it
+
+
+def onset_view(session: Session, model_box=None, models: ModelCache | None = None, progress=_no_progress) -> OnsetPanel:
+    """When each prompt word starts to shape the prediction (`explain.explanations.run_onset`):
+    each word swapped for a contrasting value, the effect on every step's x0 prediction."""
+    import pandas as pd
+    import torch
+
+    from explain import explanations
+    from explain.adapters.diffusers import from_pipeline, vae_decoder
+
+    models = models or MODELS
+    trace = session.require_trace()
+    progress(0.0, desc="loading the model")
+    pipe, _ = model_for_trace(session, model_box, models)
+    with models.run_lock, torch.no_grad():
+        den = _denoiser(pipe, trace)
+        scale = den.guidance_scale
+        decode = vae_decoder(pipe.vae) if getattr(pipe, "vae", None) is not None else None
+        progress(0.1, desc="each word swapped at every step")
+        onset = explanations.run_onset(den, trace, lambda prompt: from_pipeline(pipe, trace, prompt=prompt, guidance_scale=scale), decode=decode)
+    session.onset = onset
+    table = pd.DataFrame(
+        [{"word": r["word"], "edit": r["edit"], "onset step": r["onset_step"], "peak step": r["peak_step"], "largest effect": float(f"{r['largest_effect']:.3g}"), "edited prompt": r["edited_prompt"]} for r in onset.table()]
+    )  # fmt: skip
+    caption = (
+        f"At each of the {trace.num_steps} steps the traced x_t is denoised with the prompt and with one word edited; the curve is the "
+        f"mean squared difference of the two x0 predictions ({onset.onset.space}), scaled to the word's largest, and ★ its onset "
+        f"(the first step at {onset.onset.threshold:g} × the largest). {onset.seconds:.1f} s."
+    )
+    return OnsetPanel(render.onset_curves(onset.onset, palette=word_palette(trace)), table, f"**causal onset:** {onset.evidence}", caption, onset)
+
+
 def save_trace_file(session: Session) -> Path:
     trace = session.require_trace()
     return trace.save(session.workdir() / "trace.safetensors")
@@ -360,6 +402,6 @@ def save_report(session: Session, progress=_no_progress) -> Path:
     methods = [m for m in session.explanations.values() if m is not None]
     report = build_report(
         trace, session.workdir() / "report", save_trace=False, extra_settings=extra, methods=methods,
-        palette=word_palette(trace), progress=lambda m: progress(None, desc=m),
+        palette=word_palette(trace), progress=lambda m: progress(None, desc=m), onset=session.onset,
     )
     return report.html_path

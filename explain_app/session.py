@@ -34,6 +34,7 @@ class Session:
     notes: list[str] = field(default_factory=list)
     folder: Path | None = None
     explanations: dict = field(default_factory=dict)  # method name -> its latest explain.explanations.MethodMap
+    onset: object = None  # the latest explain.explanations.OnsetView
 
     def require_trace(self) -> Trace:
         if self.trace is None and getattr(self, "dropped", False):

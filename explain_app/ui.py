@@ -14,6 +14,7 @@ from explain_app.actions import (
     guidance_view,
     model_size_choices,
     model_status,
+    onset_view,
     open_trace,
     rise_view,
     save_report,
@@ -44,6 +45,7 @@ _generate_on_gpu = gpu(generate)
 _rise_on_gpu = gpu(rise_view)
 _cam_on_gpu = gpu(cam_view)
 _guidance_on_gpu = gpu(guidance_view)
+_onset_on_gpu = gpu(onset_view)
 
 EXAMPLES = [
     ["a large red circle above a small blue square", 1],
@@ -139,6 +141,7 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
         explanation of another image stays on screen."""
         empty_plot = gr.update(value=None)
         cleared = [None, None, empty_plot, None, "", ""] * 3  # DF-RISE, DF-CAM, guidance: maps, games, AUCs, caption, verdict
+        cleared += [None, None, "", ""]  # causal onset: curves, table, verdict, caption
         return [session, final_view(session.require_trace()), summary(session), *cleared,
                 gr.update(value=None), gr.Column(visible=False), gr.update(interactive=True), gr.update(interactive=True)]
 
@@ -228,6 +231,11 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
     @_ui
     def on_guidance(state, step, model_box, progress=gr.Progress()):
         return panel(_guidance_on_gpu(_session(state), step, model_of(model_box), models=_custom(models), progress=progress))
+
+    @_ui
+    def on_onset(state, model_box, progress=gr.Progress()):
+        view = _onset_on_gpu(_session(state), model_of(model_box), models=_custom(models), progress=progress)
+        return view.plot, view.table, view.verdict, view.caption
 
     @_ui
     def on_download_trace(state):
@@ -399,11 +407,23 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
             guidance_games = gr.LinePlot(x="fraction", y="distance", color="curve", label="insertion / deletion", elem_id="guidance-games")
             guidance_aucs = gr.Dataframe(label="AUC", interactive=False, elem_id="guidance-auc")
             guidance_caption = gr.Markdown(elem_id="guidance-caption")
+        with gr.Tab("Causal onset"):
+            gr.Markdown(
+                "When each prompt word starts to shape the model's prediction: at every step the traced x_t is denoised with the "
+                "prompt and with the word swapped for a contrasting value of its kind (another colour, the other size, the opposite "
+                "relation; removed where it has none). One model call per word and step; needs the model that made the trace."
+            )
+            onset_run = gr.Button("Run the causal onset", variant="primary", elem_id="run-onset")
+            onset_verdict = gr.Markdown(elem_id="onset-verdict")
+            onset_plot = gr.Image(label="effect of editing each word, per step", format="png", interactive=False, elem_id="onset-plot")
+            onset_table = gr.Dataframe(label="per word", interactive=False, elem_id="onset-table")
+            onset_caption = gr.Markdown(elem_id="onset-caption")
 
         rise_outputs = [rise_final, rise_x0, rise_games, rise_aucs, rise_caption, rise_verdict]
         cam_outputs = [cam_final, cam_x0, cam_games, cam_aucs, cam_caption, cam_verdict]
         guidance_outputs = [guidance_final, guidance_x0, guidance_games, guidance_aucs, guidance_caption, guidance_verdict]
-        first_outputs = [state, final, info, *rise_outputs, *cam_outputs, *guidance_outputs, download, download_box, download_trace, download_report]
+        onset_outputs = [onset_plot, onset_table, onset_verdict, onset_caption]
+        first_outputs = [state, final, info, *rise_outputs, *cam_outputs, *guidance_outputs, *onset_outputs, download, download_box, download_trace, download_report]
         view_outputs = [step, play, x_t, x0, step_caption, chips, step_span, word_image, words_grid, word_caption, plot, table, rise_step, cam_step, layer, guidance_step]
 
         # ------------------------------------------------------------------ events
@@ -446,6 +466,7 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
         rise_run.click(on_rise, [state, rise_step, masks, preset, similarity, centered, model], rise_outputs, concurrency_limit=1, concurrency_id="model", api_name="rise")
         cam_run.click(on_cam, [state, cam_step, layer, model], cam_outputs, concurrency_limit=1, concurrency_id="model", api_name="cam")
         guidance_run.click(on_guidance, [state, guidance_step, model], guidance_outputs, concurrency_limit=1, concurrency_id="model", api_name="guidance")
+        onset_run.click(on_onset, [state, model], onset_outputs, concurrency_limit=1, concurrency_id="model", api_name="onset")
         for button, fn, name in ((download_trace, on_download_trace, "download_trace"), (download_report, on_report, "report")):
             button.click(fn, [state], [download], api_name=name).success(lambda: gr.Column(visible=True), None, download_box, api_name=False)
         # the model's loading state: polled until it is loaded (or failed), e.g. while gradio_app.py preloads it

@@ -292,7 +292,7 @@ def test_gpu_work_is_wrapped_for_zerogpu_when_spaces_is_importable(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
-    assert sorted(name for name, _ in wrapped) == ["cam_view", "generate", "guidance_view", "rise_view"]
+    assert sorted(name for name, _ in wrapped) == ["cam_view", "generate", "guidance_view", "onset_view", "rise_view"]
     assert ui._spaces is None  # the app imported here, without spaces, wraps nothing
 
 
@@ -332,6 +332,16 @@ def test_guidance_panel_gives_its_map_games_and_verdicts(tiny_session, models):
     assert view.method.method_id == "guidance_map" and tiny_session.explanations["Guidance map"] is view.method
     with pytest.raises(app.InputError, match="guidance-map step must be between 0 and 3"):
         app.guidance_view(tiny_session, 9, models=models)
+
+
+def test_causal_onset_panel_gives_each_word_its_edit_and_onset(tiny_session, models):
+    view = app.onset_view(tiny_session, models=models)
+    words = [w.text for w in tiny_session.trace.words[0] if w.token_indices]
+    assert len(view.table) == len(words) and set(view.table.columns) >= {"word", "edit", "onset step", "edited prompt"}
+    assert view.plot.ndim == 3 and "causal onset:" in view.verdict and "not measured" in view.verdict  # the tiny model was never benchmarked
+    steps = tiny_session.trace.num_steps
+    assert all(0 <= k < steps for k in view.table["onset step"]) and tiny_session.onset is view.onset
+    assert "causal onset" in app.save_report(tiny_session).read_text()
 
 
 def test_opened_traces_need_a_model_with_matching_latents(models, session):
