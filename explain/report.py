@@ -212,7 +212,7 @@ def build_report(
 
     method_files = []
     if methods:
-        say("rendering the DF-RISE / DF-CAM maps")
+        say("rendering the model-based maps (DF-RISE, DF-CAM, guidance)")
         with timed("methods"):
             method_files = [_method_figures(m, trace, item, display, save) for m in methods]
             write_json("methods.json", [m.to_json() for m in methods])
