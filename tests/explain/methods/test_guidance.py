@@ -131,3 +131,15 @@ def test_on_a_traced_diffusers_pipeline_every_form_runs_and_leaves_the_model_as_
     # the same call twice gives the same map: no masks, no seed
     assert torch.equal(guidance_map(den, trace, 2).latent, prompt.latent)
     assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_on_joint_attention_transformers_the_prompt_and_word_maps_run(family):
+    from explain.testing import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline() if family == "sd3" else tiny_flux_pipeline()
+    trace, _ = generate(pipe, "a red circle above a blue square", steps=3, guidance=4.0, seed=0, previews=False, output_type="latent")
+    den = from_pipeline(pipe, trace)
+    h, w = trace.x_t.shape[-2:]
+    for m in (guidance_map(den, trace, 1), guidance_map(den, trace, 1, counterfactual=from_pipeline(pipe, trace, prompt="a green circle above a blue square"))):
+        assert m.latent.shape == (h, w) and torch.isfinite(m.latent).all() and not is_constant(m.latent)
