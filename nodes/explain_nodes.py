@@ -581,3 +581,101 @@ class ExplainGuidanceMap(ExplanationNode):
                 "sanity": sanity_line("guidance_map", tr)}  # fmt: skip
         text = json.dumps(info)
         return io.NodeOutput(overlay, mask.unsqueeze(0), text, ui={**preview_ui(overlay), "text": [text]})
+
+
+# ---------------------------------------------------------------------------- causal onset (R2)
+def encode_like(clip, text: str, positive) -> list:
+    """``text`` encoded as CLIPTextEncode does, each entry carrying the extra fields of the
+    sampler's positive conditioning (FluxGuidance's guidance, SDXL's sizes...), so an edited
+    prompt differs from the positive only in its text."""
+    tokens = clip.tokenize(text)
+    if hasattr(clip, "encode_from_tokens_scheduled"):
+        encoded = clip.encode_from_tokens_scheduled(tokens)
+    else:  # older ComfyUI
+        cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+        encoded = [[cond, {"pooled_output": pooled}]]
+    extra = {k: v for k, v in (positive[0][1] if positive else {}).items() if k != "pooled_output"}
+    return [[cond, {**extra, **meta}] for cond, meta in encoded]
+
+
+class ExplainConceptOnset(ExplanationNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffusionExplainConceptOnset",
+            display_name="Explain Concept Onset (causal)",
+            category=CATEGORY,
+            description=(
+                "When each prompt word starts to shape the prediction: the Tap's prompt is re-encoded with the word swapped "
+                "for a contrasting value of its kind (another colour, the other size, the opposite relation; removed where it "
+                "has none), and at every step the traced latent is denoised with the sampler's positive and with each edited "
+                "one. The effect is the difference of the two x0 predictions (decoded when a VAE is connected); the onset is "
+                "the first step at half the largest effect. One model call per word and step. Needs the prompt text on the Tap."
+            ),
+            is_output_node=True,
+            inputs=[
+                trace_input(),
+                latent_input(),
+                *model_inputs(),
+                io.Clip.Input("clip", tooltip="The CLIP the prompt was encoded with: it encodes the edited prompts."),
+                io.String.Input("words", default="", tooltip="Comma-separated prompt words to edit; empty = every prompt word."),
+                io.Float.Input("cfg", default=0.0, min=0.0, max=100.0, step=0.1, tooltip="0 = the sampler's cfg."),
+                io.Vae.Input("vae", optional=True, tooltip="Measure the effect on the decoded predictions (default: in the latent)."),
+            ],
+            outputs=[
+                io.Image.Output("plot", display_name="plot", tooltip="Each word's effect per step, scaled to its largest, onset marked."),
+                io.String.Output("json", display_name="json", tooltip="Effects, onset and peak steps, the edit and edited prompt of each word."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, trace, latent, model, positive, negative, clip, words, cfg, vae=None):
+        from explain.explanations import onset_evidence
+        from explain.methods import defaults as method_defaults
+        from explain.methods import timing
+        from explain.sweep.words import counterfactual_prompts
+
+        from .comfy_denoiser import guidance_of, run_with_denoiser
+        from .decode import decode, vae_space
+
+        cls.check_requirements()
+        tr = trace.resolve(latent)
+        item = check_item(tr, 0)
+        prompt = tr.prompts[item] if item < len(tr.prompts) else ""
+        if not prompt:
+            raise ValueError("the trace has no prompt text to edit: connect the prompt text to the Explain Tap's prompt input")
+        scale = guidance_of(tr, cfg)
+        chosen = parse_words(words)
+        every = [w for w in heatmaps.prompt_words(tr, item) if w.token_indices]
+        texts = [w.text for w in every]
+        edits = counterfactual_prompts(prompt, texts)
+        picked = range(len(every)) if chosen is None else [texts.index(w.lower()) if w.lower() in texts else _unknown_word(w, texts) for w in chosen]
+        steps = list(range(tr.num_steps))
+
+        def predictions(den):
+            out = []
+            for j in steps:
+                x = tr.x_t[j, item : item + 1].float()
+                out.append(den.predict(x.to(den.device) if den.device is not None else x, timing.step_level(tr, j), "x0").float().cpu())
+            return torch.cat(out)
+
+        def seen(latents):
+            return decode(vae, vae_space(tr, latents)) if vae is not None else latents
+
+        reference = seen(run_with_denoiser(model, positive, negative, tr, 0, scale, predictions))
+        effect = torch.zeros(len(picked), len(steps), dtype=torch.float64)
+        for row, k in enumerate(picked):
+            edited = seen(run_with_denoiser(model, encode_like(clip, edits[k][1], positive), negative, tr, 0, scale, predictions))
+            effect[row] = torch.stack([timing.edit_effect(reference[j : j + 1], edited[j : j + 1])[0] for j in steps])
+        nth = [texts[: k + 1].count(texts[k]) for k in range(len(texts))]  # as the core labels repeated words: "a", "a (2)"
+        labels = [texts[k] if nth[k] == 1 else f"{texts[k]} ({nth[k]})" for k in picked]
+        onset = timing.onset_from_effect(labels, [every[k].token_indices for k in picked], effect, method_defaults.ONSET.threshold, "decoded" if vae is not None else "latent")
+        plot = as_image(render.onset_curves(onset))
+        info = {**onset.to_json(), "edits": [edits[k][0] for k in picked], "edited_prompts": [edits[k][1] for k in picked], "cfg": scale,
+                "evidence": onset_evidence(tr.meta.get("model"))}  # fmt: skip
+        text = json.dumps(info)
+        return io.NodeOutput(plot, text, ui={**preview_ui(plot), "text": [text]})
+
+
+def _unknown_word(word: str, texts: list[str]):
+    raise ValueError(f"{word!r} is not a word of the prompt; choose from {', '.join(dict.fromkeys(texts))}")

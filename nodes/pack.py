@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .api import ComfyExtension
-from .explain_nodes import ExplainCam, ExplainConceptScores, ExplainGuidanceMap, ExplainRecovery, ExplainRise, ExplainStepPreviews, ExplainWordHeatmaps
+from .explain_nodes import ExplainCam, ExplainConceptOnset, ExplainConceptScores, ExplainGuidanceMap, ExplainRecovery, ExplainRise, ExplainStepPreviews, ExplainWordHeatmaps
 from .sigmas import ExplainExponentialSigmas
 from .tap_node import ExplainTap
 from .trace_io import ExplainLoadTrace, ExplainSaveTrace
@@ -17,6 +17,7 @@ NODES_BY_ID = {
     "DiffusionExplainRise": ExplainRise,
     "DiffusionExplainCam": ExplainCam,
     "DiffusionExplainGuidanceMap": ExplainGuidanceMap,
+    "DiffusionExplainConceptOnset": ExplainConceptOnset,
     "DiffusionExplainRecovery": ExplainRecovery,
     "DiffusionExplainExponentialSigmas": ExplainExponentialSigmas,
     "DiffusionExplainSaveTrace": ExplainSaveTrace,

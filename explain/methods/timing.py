@@ -439,7 +439,6 @@ def concept_onset(
         raise IndexError(f"item {item} is outside the trace's batch of {trace.batch_size}")
     labels, positions = _words_to_edit(trace, words, item, counterfactuals)
     tokens = len(trace.tokens[item]) if item < len(trace.tokens) and trace.tokens[item] else 1 + max(max(p) for p in positions)
-    sig = _sigmas(trace)
     device = denoiser.device
     view = decode if decode is not None else (lambda z: z)
     effect = torch.zeros(len(labels), trace.num_steps, dtype=torch.float64)
@@ -447,7 +446,7 @@ def concept_onset(
         x = trace.x_t[j, item : item + 1].float()
         if device is not None:
             x = x.to(device)
-        level = NoiseLevel(timestep=float(trace.timesteps[j]), sigma=sig[j])
+        level = step_level(trace, j)
         with torch.no_grad():
             preds = [denoiser.predict(x, level, "x0")]
             for w, pos in enumerate(positions):
@@ -460,10 +459,32 @@ def concept_onset(
             stacked = torch.cat([p.to(preds[0].device, torch.float32) for p in preds])
             size = batch_size or len(stacked)
             seen = torch.cat([view(stacked[i : i + size]).float().cpu() for i in range(0, len(stacked), size)])
-        effect[:, j] = (seen[1:] - seen[:1]).pow(2).flatten(1).mean(1).double()
+        effect[:, j] = edit_effect(seen[:1], seen[1:])
+    return onset_from_effect(labels, positions, effect, threshold, "decoded" if decode is not None else "latent")
+
+
+def step_level(trace, step: int) -> NoiseLevel:
+    """The noise level of a traced step (its timestep and sigma)."""
+    return NoiseLevel(timestep=float(trace.timesteps[step]), sigma=_sigmas(trace)[step])
+
+
+def edit_effect(reference: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
+    """Per edited prediction (``edited`` ``[W, ...]``): its mean squared difference from the
+    unedited ``reference`` ``[1, ...]`` (float64 ``[W]``)."""
+    return (edited.float() - reference.float()).pow(2).flatten(1).mean(1).double()
+
+
+def onset_from_effect(labels, positions, effect: torch.Tensor, threshold: float = 0.5, space: str = "latent") -> ConceptOnset:
+    """A `ConceptOnset` from per-word, per-step effects ``[W, S]`` measured elsewhere (a front end
+    that runs each edited conditioning through its own sampler)."""
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    effect = torch.as_tensor(effect, dtype=torch.float64)
+    if effect.ndim != 2 or effect.shape[0] != len(labels):
+        raise ValueError(f"effect must be [words, steps] with one row per label ({len(labels)}), got shape {tuple(effect.shape)}")
     onset = [onset_step(effect[k], threshold) for k in range(len(labels))]
     peak = [int(effect[k].argmax()) for k in range(len(labels))]
-    return ConceptOnset(labels, positions, effect, onset, peak, threshold, "decoded" if decode is not None else "latent")
+    return ConceptOnset(list(labels), [list(p) for p in positions], effect, onset, peak, threshold, space)
 
 
 def rerun_trajectory(denoiser: GuidedDenoiser, trace, item: int = 0, sampler: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:

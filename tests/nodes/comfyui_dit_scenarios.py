@@ -181,6 +181,7 @@ def dit_prompt(nodes_module, family: str, seed: int = 1, explain: bool = False, 
                 "15": n("VAEDecode", samples=["6", 0], vae=["1", 2]),
             }
         )
+        prompt["18"] = n("DiffusionExplainConceptOnset", trace=t, latent=lat, model=["4", 0], positive=positive, negative=["3", 0], clip=["1", 1], words="red, square", vae=["1", 2])
         if cfg > 1:  # the guidance map compares the two branches: a cfg-1 graph has one
             prompt["17"] = n("DiffusionExplainGuidanceMap", trace=t, latent=lat, model=["4", 0], positive=positive, negative=["3", 0], step=1)
     return prompt
@@ -265,7 +266,10 @@ def _family_run(runner, nodes_module, family: str, seed: int, explain: bool, tag
     facts["dit_wrappers"] = sorted(f"{k[0]} {k[1]}" for k in tapped_options.get("patches_replace", {}).get("dit", {}))
     if explain:
         by_id = result["outputs"]
-        facts["previews"] = {k: bool(by_id.get(k, {}).get("images")) for k in ("8", "9", "10", "11", "12", "13", "17") if k in prompt}
+        facts["previews"] = {k: bool(by_id.get(k, {}).get("images")) for k in ("8", "9", "10", "11", "12", "13", "17", "18") if k in prompt}
+        import json as _json
+
+        facts["onset_json"] = _json.loads(runner.cached_output("18", 1))
         if "17" in prompt:
             import json
 

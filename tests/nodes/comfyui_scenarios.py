@@ -412,6 +412,26 @@ def guidance_map_node(runner, nodes_module, work) -> dict:
     }  # fmt: skip
 
 
+def concept_onset_node(runner, nodes_module, work) -> dict:
+    """The Concept Onset node after a tapped KSampler run: the edited prompts re-encoded like
+    CLIPTextEncode, each word's effect per step, in the latent and decoded with the VAE."""
+    import nodes as comfy_nodes
+
+    explain_nodes = pack_module("nodes.explain_nodes")
+    tap_node = pack_module("nodes.tap_node")
+    with torch.inference_mode():
+        model, clip, vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT_NAME)[:3]
+        positive, negative, out, handle = _tapped_run(tap_node, model, clip, "concept-onset", seed=4, steps=3)
+        latent_json = explain_nodes.ExplainConceptOnset.execute(handle, out, model, positive, negative, clip, "red, square, above", 0.0).result[1]
+        plot, decoded_json = explain_nodes.ExplainConceptOnset.execute(handle, out, model, positive, negative, clip, "red", 0.0, vae).result
+        ours = explain_nodes.encode_like(clip, "a cyan circle above a blue square", positive)
+        stock = comfy_nodes.CLIPTextEncode().encode(clip, "a cyan circle above a blue square")[0]
+    return {
+        "latent": json.loads(latent_json), "decoded": json.loads(decoded_json), "plot_shape": list(plot.shape),
+        "encode_matches_clip_text_encode": bool(torch.equal(ours[0][0], stock[0][0])),
+    }
+
+
 def branch_patches(runner, nodes_module, work) -> dict:
     """Patches that act before cfg_function in ComfyUI's sampling_function: a pre-CFG function
     (as APG, TCFG) and a calc_cond_batch replacement (as SkipLayerGuidance); and a post-CFG one
@@ -697,6 +717,7 @@ SCENARIOS = {
     "custom_guidance": custom_guidance,
     "branch_patches": branch_patches,
     "guidance_map_node": guidance_map_node,
+    "concept_onset_node": concept_onset_node,
     "newer_calling_convention": newer_calling_convention,
     "node_schemas": node_schemas,
     "workflow_files": workflow_files,

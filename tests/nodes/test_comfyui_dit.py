@@ -154,6 +154,9 @@ def test_every_explanation_node_runs_on_a_dit_graph(report, supported, family):
     assert cam["layers"] == "image tokens of every transformer block" and cam["modules"] == len(BLOCKS.get(family, FLUX_BLOCKS))
     assert facts["x0_previews_shape"] == [3, 48, 32, 3] and facts["recovery_mask_shape"] == [1, 48, 32]
     assert facts["dit_wrappers_after_cam"] == BLOCKS.get(family, FLUX_BLOCKS)  # DF-CAM's probes were on a clone
+    onset = facts["onset_json"]  # the edited prompts re-encoded with the graph's own CLIP (and FluxGuidance's guidance kept)
+    assert "18" in facts["previews"] and onset["labels"] == ["red", "square"] and onset["space"] == "decoded"
+    assert all(max(e) > 0 for e in onset["effect"]), onset["effect"]
     if family != "flux-dev":  # guidance-distilled Flux dev runs at cfg 1: one branch, no guidance map
         assert "17" in facts["previews"] and facts["guidance_mask_shape"] == [1, 48, 32] and facts["guidance_mask_max"] == pytest.approx(1.0)
         assert facts["guidance_json"]["against"] == "unconditional" and facts["guidance_json"]["cfg"] == 3.0

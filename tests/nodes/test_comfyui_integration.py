@@ -288,3 +288,16 @@ def test_the_guidance_map_node_reads_the_samplers_own_branches(report):
     # the map equals the one read off ComfyUI's own cfg: (guided x0 - cfg-1 x0) / (cfg - 1)
     assert facts["scale"] > 0 and facts["max_diff"] <= 1e-4 * facts["scale"]
     assert "set cfg above 1" in facts["refused"]
+
+
+def test_the_concept_onset_node_times_each_edited_word_through_the_sampler(report):
+    facts = scenario(report, "concept_onset_node")
+    assert facts["encode_matches_clip_text_encode"]
+    latent = facts["latent"]
+    assert latent["labels"] == ["red", "square", "above"] and latent["space"] == "latent"
+    assert latent["edited_prompts"] == ["a cyan circle above a blue square", "a red circle above a blue triangle", "a red circle below a blue square"]
+    assert all(len(e) == 3 and max(e) > 0 for e in latent["effect"])  # every edit changes some step's prediction
+    assert all(0 <= o <= p < 3 for o, p in zip(latent["onset_step"], latent["peak_step"]))
+    decoded = facts["decoded"]
+    assert decoded["labels"] == ["red"] and decoded["space"] == "decoded" and max(decoded["effect"][0]) > 0
+    assert facts["plot_shape"][0] == 1 and facts["plot_shape"][-1] == 3

@@ -223,6 +223,59 @@ def test_guidance_map_node_shows_where_the_conditioning_acts(monkeypatch):
         explain_nodes.ExplainGuidanceMap.execute(loaded(trace), None, None, [], [], 1, 1.0, 0)
 
 
+class FakeClip:
+    """Encodes a text as one number per word (its letters' sum), so an edited prompt differs."""
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens_scheduled(self, text):
+        value = torch.tensor([[sum(map(ord, text)) % 97 / 97.0]])
+        return [[value, {"pooled_output": value}]]
+
+
+def conditioned_run_with_denoiser(model, positive, negative, trace, step, guidance_scale, explain, separate_branches=False, backward=False):
+    """A toy stand-in whose conditional prediction adds the positive conditioning's number to
+    the top-left quarter of the latent."""
+    context = float(positive[0][0].flatten()[0])
+    calls.append({"context": context, "extra": {k: v for k, v in positive[0][1].items() if k != "pooled_output"}})
+
+    def model_fn(x, level):
+        gate = torch.zeros_like(x)
+        gate[..., : x.shape[-2] // 2, : x.shape[-1] // 2] = 1
+        return x * 0.5, x * 0.5 + context * gate
+
+    return explain(GuidedDenoiser(model_fn, "sample", guidance_scale, latent_space="sigma"))
+
+
+calls: list = []
+
+
+def test_concept_onset_node_re_encodes_each_edited_prompt_and_times_every_word(monkeypatch):
+    monkeypatch.setattr(comfy_denoiser, "run_with_denoiser", conditioned_run_with_denoiser)
+    calls.clear()
+    trace = synthetic_trace(steps=4)
+    trace.meta["guidance_scale"] = 3.0
+    positive = FakeClip().encode_from_tokens_scheduled(trace.prompts[0])
+    positive[0][1]["guidance"] = 3.5  # e.g. FluxGuidance: an edited prompt keeps it
+    plot, text = explain_nodes.ExplainConceptOnset.execute(loaded(trace), None, None, positive, [], FakeClip(), "", 0.0).result
+    check_image(plot, 1)
+    info = json.loads(text)
+    words = [w.text for w in trace.words[0] if w.token_indices]
+    assert info["labels"] == ["a", "red", "circle", "above", "a (2)", "blue", "square"] and len(words) == 7
+    assert info["edited_prompts"][1] == "a cyan circle above a blue square" and info["edits"][0] == "removed"
+    assert len(calls) == 1 + len(words) and all(c["extra"] == {"guidance": 3.5} for c in calls)
+    assert all(len(e) == 4 for e in info["effect"]) and max(map(max, info["effect"])) > 0
+    assert info["space"] == "latent" and "not measured" in info["evidence"]
+    only = json.loads(explain_nodes.ExplainConceptOnset.execute(loaded(trace), None, None, positive, [], FakeClip(), "red, square", 0.0).result[1])
+    assert only["labels"] == ["red", "square"] and only["effect"][0] == info["effect"][1]
+    with pytest.raises(ValueError, match="'green' is not a word of the prompt"):
+        explain_nodes.ExplainConceptOnset.execute(loaded(trace), None, None, positive, [], FakeClip(), "green", 0.0)
+    trace.prompts = [""]
+    with pytest.raises(ValueError, match="no prompt text"):
+        explain_nodes.ExplainConceptOnset.execute(loaded(trace), None, None, positive, [], FakeClip(), "", 0.0)
+
+
 def test_guidance_defaults_to_the_recorded_cfg():
     trace = synthetic_trace()
     assert comfy_denoiser.guidance_of(trace, 2.5) == 2.5
@@ -240,7 +293,7 @@ def test_nodes_that_need_a_missing_package_say_so_at_validation_and_at_start(mon
 
     real = environment.module_available
     monkeypatch.setattr(environment, "module_available", lambda m: False if m == "matplotlib" else real(m))
-    for node in (explain_nodes.ExplainWordHeatmaps, explain_nodes.ExplainConceptScores, explain_nodes.ExplainRise, explain_nodes.ExplainCam, explain_nodes.ExplainGuidanceMap):
+    for node in (explain_nodes.ExplainWordHeatmaps, explain_nodes.ExplainConceptScores, explain_nodes.ExplainRise, explain_nodes.ExplainCam, explain_nodes.ExplainGuidanceMap, explain_nodes.ExplainConceptOnset):
         message = node.validate_inputs(trace=None)
         assert isinstance(message, str) and "needs matplotlib" in message and "install.py" in message
     with pytest.raises(environment.MissingRequirementError, match="needs matplotlib"):
