@@ -125,6 +125,19 @@ def parse_range(value, last: int) -> tuple[int, int]:
     return check_int("'from step'", first, 0, last), check_int("'to step'", second, 0, last)
 
 
+def map_panel(gr, prefix: str, name: str) -> list:
+    """A model-based map's outputs, in the order `panel` fills them: the map on the final image and
+    on x0, the game curves, the AUC table, the caption and the verdict (shown above the maps)."""
+    verdict = gr.Markdown(elem_id=f"{prefix}-verdict")
+    with gr.Row():
+        final = gr.Image(label=f"{name} map on the final image", format="png", interactive=False, elem_id=f"{prefix}-map")
+        x0 = gr.Image(label="on the x0 prediction at the step", format="png", interactive=False, elem_id=f"{prefix}-x0")
+    games = gr.LinePlot(x="fraction", y="distance", color="curve", label="insertion / deletion", elem_id=f"{prefix}-games")
+    aucs = gr.Dataframe(label="AUC", interactive=False, elem_id=f"{prefix}-auc")
+    caption = gr.Markdown(elem_id=f"{prefix}-caption")
+    return [final, x0, games, aucs, caption, verdict]
+
+
 def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = True, models: ModelCache | None = None):
     """The Gradio Blocks app. ``models`` replaces the shared model cache (tests)."""
     import gradio as gr
@@ -373,25 +386,13 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
                 similarity = gr.Dropdown(list(SIMILARITIES), value=defaults.RISE.similarity, label="similarity", elem_id="rise-similarity")
                 centered = gr.Checkbox(value=defaults.RISE.centered, label="centered (subtracts each pixel's mean similarity: less noisy)", elem_id="rise-centered")
             rise_run = gr.Button("Run DF-RISE", variant="primary", elem_id="run-rise")
-            rise_verdict = gr.Markdown(elem_id="rise-verdict")
-            with gr.Row():
-                rise_final = gr.Image(label="DF-RISE map on the final image", format="png", interactive=False, elem_id="rise-map")
-                rise_x0 = gr.Image(label="on the x0 prediction at the step", format="png", interactive=False, elem_id="rise-x0")
-            rise_games = gr.LinePlot(x="fraction", y="distance", color="curve", label="insertion / deletion", elem_id="rise-games")
-            rise_aucs = gr.Dataframe(label="AUC", interactive=False, elem_id="rise-auc")
-            rise_caption = gr.Markdown(elem_id="rise-caption")
+            rise_outputs = map_panel(gr, "rise", "DF-RISE")
         with gr.Tab("DF-CAM"):
             with gr.Row():
                 cam_step = gr.Slider(0, 1, value=0, step=1, label="step", elem_id="cam-step")
                 layer = gr.Dropdown(list(CAM_GROUPS), value=defaults.CAM.layers, label="layers", allow_custom_value=True, info="paper: every ResNet, attention and resampling block but the mid attention (43 in SD 1.x)", elem_id="cam-layer")
             cam_run = gr.Button("Run DF-CAM", variant="primary", elem_id="run-cam")
-            cam_verdict = gr.Markdown(elem_id="cam-verdict")
-            with gr.Row():
-                cam_final = gr.Image(label="DF-CAM map on the final image", format="png", interactive=False, elem_id="cam-map")
-                cam_x0 = gr.Image(label="on the x0 prediction at the step", format="png", interactive=False, elem_id="cam-x0")
-            cam_games = gr.LinePlot(x="fraction", y="distance", color="curve", label="insertion / deletion", elem_id="cam-games")
-            cam_aucs = gr.Dataframe(label="AUC", interactive=False, elem_id="cam-auc")
-            cam_caption = gr.Markdown(elem_id="cam-caption")
+            cam_outputs = map_panel(gr, "cam", "DF-CAM")
         with gr.Tab("Guidance map"):
             gr.Markdown(
                 "Where the prompt changes the model's x0 prediction at one step: the prediction with the prompt minus the one without it, "
@@ -400,13 +401,7 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
             )
             guidance_step = gr.Slider(0, 1, value=0, step=1, label="step", elem_id="guidance-step")
             guidance_run = gr.Button("Run the guidance map", variant="primary", elem_id="run-guidance")
-            guidance_verdict = gr.Markdown(elem_id="guidance-verdict")
-            with gr.Row():
-                guidance_final = gr.Image(label="guidance map on the final image", format="png", interactive=False, elem_id="guidance-map")
-                guidance_x0 = gr.Image(label="on the x0 prediction at the step", format="png", interactive=False, elem_id="guidance-x0")
-            guidance_games = gr.LinePlot(x="fraction", y="distance", color="curve", label="insertion / deletion", elem_id="guidance-games")
-            guidance_aucs = gr.Dataframe(label="AUC", interactive=False, elem_id="guidance-auc")
-            guidance_caption = gr.Markdown(elem_id="guidance-caption")
+            guidance_outputs = map_panel(gr, "guidance", "guidance")
         with gr.Tab("Causal onset"):
             gr.Markdown(
                 "When each prompt word starts to shape the model's prediction: at every step the traced x_t is denoised with the "
@@ -419,9 +414,6 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
             onset_table = gr.Dataframe(label="per word", interactive=False, elem_id="onset-table")
             onset_caption = gr.Markdown(elem_id="onset-caption")
 
-        rise_outputs = [rise_final, rise_x0, rise_games, rise_aucs, rise_caption, rise_verdict]
-        cam_outputs = [cam_final, cam_x0, cam_games, cam_aucs, cam_caption, cam_verdict]
-        guidance_outputs = [guidance_final, guidance_x0, guidance_games, guidance_aucs, guidance_caption, guidance_verdict]
         onset_outputs = [onset_plot, onset_table, onset_verdict, onset_caption]
         first_outputs = [state, final, info, *rise_outputs, *cam_outputs, *guidance_outputs, *onset_outputs, download, download_box, download_trace, download_report]
         view_outputs = [step, play, x_t, x0, step_caption, chips, step_span, word_image, words_grid, word_caption, plot, table, rise_step, cam_step, layer, guidance_step]
