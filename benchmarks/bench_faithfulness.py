@@ -206,11 +206,13 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="faithfulness", help="results file names: benchmarks/results/<name>.txt / .json")
     args = p.parse_args(argv)
     vc.one_thread()
-    log = vc.Tee(args.name)
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
+        log = vc.summary_log(args.name, data)
     else:
+        log = vc.Tee(args.name)
         data = run(args, log)
+        data["log"] = list(log.lines)
         (vc.RESULTS / f"{args.name}.json").write_text(json.dumps(data))
     figures = report(data, log)
     if args.write_verdicts:

@@ -304,6 +304,7 @@ def merged(base: dict, extra: dict) -> dict:
     for row, more in zip(base["rows"], extra["rows"]):
         row.update({k: v for k, v in more.items() if k.startswith(("df_rise:", "guidance_"))})
     base["args"]["variants"] = list(dict.fromkeys(base["args"]["variants"] + extra["args"]["variants"]))
+    base["log"] = base.get("log", []) + extra.get("log", [])  # both runs' per-prompt lines
     return base
 
 
@@ -324,13 +325,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.maps = args.maps if args.maps in (["df_rise"], ["guidance"]) else ["word_heatmap", "df_rise", "guidance"]
     vc.one_thread()
-    log = vc.Tee(args.name)
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
         if args.merge:
             data = merged(data, json.loads(Path(args.merge).read_text()))
+        log = vc.summary_log(args.name, data)
     else:
+        log = vc.Tee(args.name)
         data = run(args, log)
+        data["log"] = list(log.lines)
         if args.merge:
             data = merged(json.loads(Path(args.merge).read_text()), data)
     if args.merge or not args.from_json:

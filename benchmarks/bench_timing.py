@@ -306,12 +306,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     vc.one_thread()
     suffix = "" if args.removal == "reencode" else f"_{args.removal}"
-    log = vc.Tee(f"timing{suffix}{args.tag}")
+    name = f"timing{suffix}{args.tag}"
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
+        log = vc.summary_log(name, data)
     else:
+        log = vc.Tee(name)
         data = run(args, log)
-        (vc.RESULTS / f"timing{suffix}{args.tag}.json").write_text(json.dumps(data))
+        data["log"] = list(log.lines)
+        (vc.RESULTS / f"{name}.json").write_text(json.dumps(data))
     report(data, log)
     log.close()
     return 0

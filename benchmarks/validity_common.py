@@ -162,13 +162,29 @@ class Tee:
         self.file = self.path.open("w")
         self.start = time.time()
         self.cpu = time.process_time()
+        self.lines: list[str] = []  # what the run printed, kept in its json so a re-summary can rebuild the .txt
 
     def __call__(self, *parts) -> None:
         text = " ".join(str(p) for p in parts)
         print(text, flush=True)
         self.file.write(text + "\n")
         self.file.flush()
+        self.lines.append(text)
 
     def close(self) -> None:
         self(f"({time.time() - self.start:.0f} s wall, {time.process_time() - self.cpu:.0f} s CPU)")
         self.file.close()
+
+
+def summary_log(name: str, data: dict) -> Tee:
+    """The log of a re-summary from a saved run's json (``--from-json``): the run's own
+    <name>.txt, rebuilt with the lines the run printed (kept in the json as ``log``); a json saved
+    before it kept them writes <name>_resummary.txt instead, so <name>.txt keeps its per-prompt lines."""
+    if data.get("log"):
+        log = Tee(name)
+        for line in data["log"]:
+            log(line)
+        return log
+    log = Tee(f"{name}_resummary")
+    log(f"(re-summarised from a saved {name}.json that kept no per-prompt lines: they stay in {name}.txt)")
+    return log
