@@ -620,6 +620,7 @@ class ExplainConceptOnset(ExplanationNode):
                 io.Clip.Input("clip", tooltip="The CLIP the prompt was encoded with: it encodes the edited prompts."),
                 io.String.Input("words", default="", tooltip="Comma-separated prompt words to edit; empty = every prompt word."),
                 io.Float.Input("cfg", default=0.0, min=0.0, max=100.0, step=0.1, tooltip="0 = the sampler's cfg."),
+                item_input(),
                 io.Vae.Input("vae", optional=True, tooltip="Measure the effect on the decoded predictions (default: in the latent)."),
             ],
             outputs=[
@@ -629,7 +630,7 @@ class ExplainConceptOnset(ExplanationNode):
         )
 
     @classmethod
-    def execute(cls, trace, latent, model, positive, negative, clip, words, cfg, vae=None):
+    def execute(cls, trace, latent, model, positive, negative, clip, words, cfg, item, vae=None):
         from explain.explanations import onset_evidence
         from explain.methods import defaults as method_defaults
         from explain.methods import timing
@@ -640,7 +641,7 @@ class ExplainConceptOnset(ExplanationNode):
 
         cls.check_requirements()
         tr = trace.resolve(latent)
-        item = check_item(tr, 0)
+        item = check_item(tr, item)
         prompt = tr.prompts[item] if item < len(tr.prompts) else ""
         if not prompt:
             raise ValueError("the trace has no prompt text to edit: connect the prompt text to the Explain Tap's prompt input")
@@ -671,7 +672,7 @@ class ExplainConceptOnset(ExplanationNode):
         labels = [texts[k] if nth[k] == 1 else f"{texts[k]} ({nth[k]})" for k in picked]
         onset = timing.onset_from_effect(labels, [every[k].token_indices for k in picked], effect, method_defaults.ONSET.threshold, "decoded" if vae is not None else "latent")
         plot = as_image(render.onset_curves(onset))
-        info = {**onset.to_json(), "edits": [edits[k][0] for k in picked], "edited_prompts": [edits[k][1] for k in picked], "cfg": scale,
+        info = {**onset.to_json(), "edits": [edits[k][0] for k in picked], "edited_prompts": [edits[k][1] for k in picked], "cfg": scale, "item": item,
                 "evidence": onset_evidence(tr.meta.get("model"))}  # fmt: skip
         text = json.dumps(info)
         return io.NodeOutput(plot, text, ui={**preview_ui(plot), "text": [text]})

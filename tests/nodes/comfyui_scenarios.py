@@ -422,8 +422,8 @@ def concept_onset_node(runner, nodes_module, work) -> dict:
     with torch.inference_mode():
         model, clip, vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT_NAME)[:3]
         positive, negative, out, handle = _tapped_run(tap_node, model, clip, "concept-onset", seed=4, steps=3)
-        latent_json = explain_nodes.ExplainConceptOnset.execute(handle, out, model, positive, negative, clip, "red, square, above", 0.0).result[1]
-        plot, decoded_json = explain_nodes.ExplainConceptOnset.execute(handle, out, model, positive, negative, clip, "red", 0.0, vae).result
+        latent_json = explain_nodes.ExplainConceptOnset.execute(handle, out, model, positive, negative, clip, "red, square, above", 0.0, 0).result[1]
+        plot, decoded_json = explain_nodes.ExplainConceptOnset.execute(handle, out, model, positive, negative, clip, "red", 0.0, 0, vae).result
         ours = explain_nodes.encode_like(clip, "a cyan circle above a blue square", positive)
         stock = comfy_nodes.CLIPTextEncode().encode(clip, "a cyan circle above a blue square")[0]
     return {

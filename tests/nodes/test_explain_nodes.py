@@ -258,7 +258,7 @@ def test_concept_onset_node_re_encodes_each_edited_prompt_and_times_every_word(m
     trace.meta["guidance_scale"] = 3.0
     positive = FakeClip().encode_from_tokens_scheduled(trace.prompts[0])
     positive[0][1]["guidance"] = 3.5  # e.g. FluxGuidance: an edited prompt keeps it
-    plot, text = explain_nodes.ExplainConceptOnset.execute(loaded(trace), None, None, positive, [], FakeClip(), "", 0.0).result
+    plot, text = explain_nodes.ExplainConceptOnset.execute(loaded(trace), None, None, positive, [], FakeClip(), "", 0.0, 0).result
     check_image(plot, 1)
     info = json.loads(text)
     words = [w.text for w in trace.words[0] if w.token_indices]
@@ -267,13 +267,15 @@ def test_concept_onset_node_re_encodes_each_edited_prompt_and_times_every_word(m
     assert len(calls) == 1 + len(words) and all(c["extra"] == {"guidance": 3.5} for c in calls)
     assert all(len(e) == 4 for e in info["effect"]) and max(map(max, info["effect"])) > 0
     assert info["space"] == "latent" and "not measured" in info["evidence"]
-    only = json.loads(explain_nodes.ExplainConceptOnset.execute(loaded(trace), None, None, positive, [], FakeClip(), "red, square", 0.0).result[1])
+    only = json.loads(explain_nodes.ExplainConceptOnset.execute(loaded(trace), None, None, positive, [], FakeClip(), "red, square", 0.0, 0).result[1])
     assert only["labels"] == ["red", "square"] and only["effect"][0] == info["effect"][1]
+    with pytest.raises(ValueError, match="item 3 is outside the batch"):
+        explain_nodes.ExplainConceptOnset.execute(loaded(trace), None, None, positive, [], FakeClip(), "", 0.0, 3)
     with pytest.raises(ValueError, match="'green' is not a word of the prompt"):
-        explain_nodes.ExplainConceptOnset.execute(loaded(trace), None, None, positive, [], FakeClip(), "green", 0.0)
+        explain_nodes.ExplainConceptOnset.execute(loaded(trace), None, None, positive, [], FakeClip(), "green", 0.0, 0)
     trace.prompts = [""]
     with pytest.raises(ValueError, match="no prompt text"):
-        explain_nodes.ExplainConceptOnset.execute(loaded(trace), None, None, positive, [], FakeClip(), "", 0.0)
+        explain_nodes.ExplainConceptOnset.execute(loaded(trace), None, None, positive, [], FakeClip(), "", 0.0, 0)
 
 
 def test_guidance_defaults_to_the_recorded_cfg():
