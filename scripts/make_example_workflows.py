@@ -234,6 +234,15 @@ def sample_and_explain(wf: Workflow, loader, positive, negative, tap, latent, sa
         wf.connect(positive, 0, node, "positive")
         wf.connect(negative, 0, node, "negative")
         wf.connect(decode, 0, node, "image")
+    guidance = explanation("DiffusionExplainGuidanceMap", (2260, -480), {"step": step}, size=(360, 470))
+    onset = explanation("DiffusionExplainConceptOnset", (2260, 40), size=(360, 470))
+    for node in (guidance, onset):
+        wf.connect(tap, 0, node, "model")
+        wf.connect(positive, 0, node, "positive")
+        wf.connect(negative, 0, node, "negative")
+    wf.connect(decode, 0, guidance, "image")
+    wf.connect(loader, 1, onset, "clip")
+    wf.connect(loader, 2, onset, "vae")
     trace_prefix = "trace" if prefix == "image" else f"{prefix}-trace"
     saver = explanation("DiffusionExplainSaveTrace", (1060, 460), {"filename_prefix": f"diffusion-explain/{trace_prefix}"}, size=(300, 130))
     wf.connect(loader, 2, saver, "vae")

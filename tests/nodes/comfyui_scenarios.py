@@ -19,6 +19,8 @@ TEST_OVERRIDES = {
     "KSampler": {"steps": 4},
     "DiffusionExplainRise": {"n_masks": 8, "step": 1},
     "DiffusionExplainCam": {"step": 1},
+    "DiffusionExplainGuidanceMap": {"step": 1},
+    "DiffusionExplainConceptOnset": {"words": "red, apple"},  # two words keep the test quick
     "DiffusionExplainStepPreviews": {"count": 3},
     "DiffusionExplainExponentialSigmas": {"steps": 4, "lam": 2},
 }

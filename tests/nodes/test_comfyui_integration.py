@@ -46,7 +46,8 @@ def test_txt2img_example_runs_every_explanation_node(report):
     ok(facts["result"])
     outputs = facts["outputs_by_type"]
     for node in ("DiffusionExplainWordHeatmaps", "DiffusionExplainStepPreviews", "DiffusionExplainConceptScores",
-                 "DiffusionExplainRise", "DiffusionExplainCam", "DiffusionExplainRecovery"):  # fmt: skip
+                 "DiffusionExplainRise", "DiffusionExplainCam", "DiffusionExplainRecovery", "DiffusionExplainGuidanceMap",
+                 "DiffusionExplainConceptOnset"):  # fmt: skip
         assert outputs[node] and outputs[node]["images"], f"{node} showed no preview"
     trace = facts["trace"]
     assert trace["steps"] == 4 and trace["batch"] == 1 and trace["latent_size"] == [4, 4]
@@ -272,7 +273,8 @@ def test_a_missing_requirement_is_named_at_validation_before_anything_runs(repor
     facts = scenario(report, "missing_requirement")
     flagged = {e["class_type"]: e["messages"] for e in facts["node_errors"].values()}
     explanation = {"DiffusionExplainWordHeatmaps", "DiffusionExplainStepPreviews", "DiffusionExplainConceptScores",
-                   "DiffusionExplainRise", "DiffusionExplainCam", "DiffusionExplainRecovery"}  # fmt: skip
+                   "DiffusionExplainRise", "DiffusionExplainCam", "DiffusionExplainRecovery", "DiffusionExplainGuidanceMap",
+                   "DiffusionExplainConceptOnset"}  # fmt: skip
     assert set(flagged) == explanation
     for messages in flagged.values():
         assert any("needs matplotlib" in m and "install.py" in m and "-m pip install -r requirements.txt" in m for m in messages), messages
