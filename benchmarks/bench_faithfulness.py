@@ -20,7 +20,9 @@ as the checker finds them in the generated image). Per prompt and map:
 * the prompt's **guidance map** (`explain.methods.guidance`: conditional minus unconditional x0 at
   the same x_t), also on the randomised UNet;
 * **baselines**: random, centred Gaussian, |x_t|, |x_t - blur(x_t)| (`explain.methods.baselines`)
-  and the same method on the randomised UNet (for the DF-RISE variants with ``--rand-variants``).
+  and the same method on the randomised UNet (for the DF-RISE variants with ``--rand-variants``);
+  for the word heatmap and the guidance map also the same map shifted half the latent away
+  (circularly: its shape and compactness, not its place).
   "beats all" = beats every baseline in insertion AND deletion on that prompt.
 """
 
@@ -51,6 +53,7 @@ GAMES = {
     "paper": dict(removal="paper", score="all"),
 }
 VARIANTS = tuple(defaults.VARIANTS)
+SHIFTED = ("word_heatmap", "guidance_map")  # maps that point at objects, checked against their own shifted copy
 MODEL_ID = "diffusion-explain/shapes-64"
 
 
@@ -90,7 +93,9 @@ def run(args, log) -> dict:
         maps["guidance_map"] = guidance_map(den, tr, vc.STEP).latent
         rand_maps["guidance_map"] = guidance_map(rden, tr, vc.STEP).latent
         base = baselines.baseline_maps(x, seed=100 + k)
-        everything = {**maps, **{f"{n}@random-unet": m for n, m in rand_maps.items()}, **base}
+        # the same map moved half the latent away (circularly): its shape and compactness, not its place
+        shifted = {f"{n}@shifted": torch.roll(maps[n], shifts=(maps[n].shape[-2] // 2, maps[n].shape[-1] // 2), dims=(-2, -1)) for n in SHIFTED if n in maps}
+        everything = {**maps, **{f"{n}@random-unet": m for n, m in rand_maps.items()}, **shifted, **base}
         row = {"caption": s.scene.caption, "chance": float(s.union.mean()), "stability": stability, "point": {}, "auc": {},
                "masks": {name: masks_for(name, args) for name in args.variants}}
         for name, m in everything.items():
@@ -133,7 +138,7 @@ def report(data, log) -> dict:
     for game in [g for g in GAMES if g in rows[0]["auc"][names[0]]]:
         log("")
         log(f"Game '{game}' ({GAMES[game]}): mean AUC insertion (lower = better) / deletion (higher = better), paper aggregate, pointing, win rates")
-        log(f"  {'map':36s} {'ins':>7s} {'del':>7s} {'paperAUC ins/del':>17s} {'pointing':>16s}  " + "  ".join(f"{'vs ' + b:>16s}" for b in base_names + ["rand-UNet"]) + f"  {'beats all':>16s}")
+        log(f"  {'map':36s} {'ins':>7s} {'del':>7s} {'paperAUC ins/del':>17s} {'pointing':>16s}  " + "  ".join(f"{'vs ' + b:>16s}" for b in base_names + ["rand-UNet", "shifted"]) + f"  {'beats all':>16s}")
         for name in names:
             ins = vc.mean([r["auc"][name][game][0] for r in rows])
             dele = vc.mean([r["auc"][name][game][1] for r in rows])
@@ -141,8 +146,8 @@ def report(data, log) -> dict:
             pa_d = fa.paper_auc([torch.tensor(r["auc"][name][game][3]) for r in rows])
             cols, all_ok = [], [True] * n
             others = [b for b in base_names if b != name]
-            rand_name = f"{name}@random-unet"
-            for b in base_names + [rand_name]:
+            rand_name, shifted_name = f"{name}@random-unet", f"{name}@shifted"
+            for b in base_names + [rand_name, shifted_name]:
                 if b == name or b not in rows[0]["auc"]:
                     cols.append(f"{'-':>16s}")
                     continue
