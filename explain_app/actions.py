@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -186,6 +187,22 @@ def _denoiser(pipe, trace: Trace):
     return from_pipeline(pipe, trace, guidance_scale=float(guidance))
 
 
+@contextlib.contextmanager
+def _model_run(session: Session, model_box, models: ModelCache | None, progress, gradients: bool = False):
+    """``(pipe, denoiser, decode)`` for the session's trace, holding the shared model for the run
+    (without autograd unless the method takes ``gradients``, as DF-CAM does)."""
+    import torch
+
+    from explain.adapters.diffusers import vae_decoder
+
+    models = models or MODELS
+    progress(0.0, desc="loading the model")
+    pipe, _ = model_for_trace(session, model_box, models)
+    with models.run_lock, (contextlib.nullcontext() if gradients else torch.no_grad()):
+        decode = vae_decoder(pipe.vae) if getattr(pipe, "vae", None) is not None else None
+        yield pipe, _denoiser(pipe, session.require_trace()), decode
+
+
 @dataclass
 class MapView:
     """A DF-RISE or DF-CAM panel: the map on the final image and on x0 (with a colour bar),
@@ -261,20 +278,12 @@ def rise_settings(n_masks=None, preset: str = "default", similarity=None, center
 def rise_view(session: Session, step, n_masks=None, centered=None, model_box=None, models: ModelCache | None = None, progress=_no_progress, preset: str = "default", similarity=None) -> MapView:
     """DF-RISE at one step with the library's defaults (or the panel's changes), then the
     insertion and deletion games for its map and for a random map, and the verdicts."""
-    import torch
-
     from explain import explanations
-    from explain.adapters.diffusers import vae_decoder
 
-    models = models or MODELS
     trace = session.require_trace()
     step = check_int("DF-RISE step", step, 0, trace.num_steps - 1)
     settings = rise_settings(n_masks, preset or "default", similarity, centered)
-    progress(0.0, desc="loading the model")
-    pipe, _ = model_for_trace(session, model_box, models)
-    with models.run_lock, torch.no_grad():
-        den = _denoiser(pipe, trace)
-        decode = vae_decoder(pipe.vae) if getattr(pipe, "vae", None) is not None else None
+    with _model_run(session, model_box, models, progress) as (_, den, decode):
         method = explanations.run_rise(den, trace, step, settings, decode=decode, progress=_fraction_progress(progress))
     session.explanations[method.method] = method
     return _map_view(trace, method)
@@ -294,19 +303,12 @@ def cam_layer_choices(pipe=None) -> list[str]:
 def cam_view(session: Session, step, layer=None, model_box=None, models: ModelCache | None = None, progress=_no_progress) -> MapView:
     """DF-CAM at one step on a layer or group of layers (default: `defaults.CAM`'s), with its
     games and verdicts."""
-
     from explain import explanations
-    from explain.adapters.diffusers import vae_decoder
 
-    models = models or MODELS
     trace = session.require_trace()
     step = check_int("DF-CAM step", step, 0, trace.num_steps - 1)
     layer = (layer or defaults.CAM.layers).strip()
-    progress(0.0, desc="loading the model")
-    pipe, _ = model_for_trace(session, model_box, models)
-    with models.run_lock:
-        den = _denoiser(pipe, trace)
-        decode = vae_decoder(pipe.vae) if getattr(pipe, "vae", None) is not None else None
+    with _model_run(session, model_box, models, progress, gradients=True) as (_, den, decode):
         try:
             method = explanations.run_cam(den, trace, step, layers=layer, decode=decode, progress=_fraction_progress(progress))
         except KeyError:
@@ -318,19 +320,11 @@ def cam_view(session: Session, step, layer=None, model_box=None, models: ModelCa
 def guidance_view(session: Session, step, model_box=None, models: ModelCache | None = None, progress=_no_progress) -> MapView:
     """The prompt's guidance map at one step (where the prompt changes the x0 prediction), with
     its games and verdicts."""
-    import torch
-
     from explain import explanations
-    from explain.adapters.diffusers import vae_decoder
 
-    models = models or MODELS
     trace = session.require_trace()
     step = check_int("guidance-map step", step, 0, trace.num_steps - 1)
-    progress(0.0, desc="loading the model")
-    pipe, _ = model_for_trace(session, model_box, models)
-    with models.run_lock, torch.no_grad():
-        den = _denoiser(pipe, trace)
-        decode = vae_decoder(pipe.vae) if getattr(pipe, "vae", None) is not None else None
+    with _model_run(session, model_box, models, progress) as (_, den, decode):
         method = explanations.run_guidance(den, trace, step, decode=decode, progress=_fraction_progress(progress))
     session.explanations[method.method] = method
     return _map_view(trace, method)
@@ -351,20 +345,14 @@ def onset_view(session: Session, model_box=None, models: ModelCache | None = Non
     """When each prompt word starts to shape the prediction (`explain.explanations.run_onset`):
     each word swapped for a contrasting value, the effect on every step's x0 prediction."""
     import pandas as pd
-    import torch
 
     from explain import explanations
-    from explain.adapters.diffusers import from_pipeline, vae_decoder
+    from explain.adapters.diffusers import from_pipeline
 
-    models = models or MODELS
     trace = session.require_trace()
-    progress(0.0, desc="loading the model")
-    pipe, _ = model_for_trace(session, model_box, models)
-    with models.run_lock, torch.no_grad():
-        den = _denoiser(pipe, trace)
-        scale = den.guidance_scale
-        decode = vae_decoder(pipe.vae) if getattr(pipe, "vae", None) is not None else None
+    with _model_run(session, model_box, models, progress) as (pipe, den, decode):
         progress(0.1, desc="each word swapped at every step")
+        scale = den.guidance_scale
         onset = explanations.run_onset(den, trace, lambda prompt: from_pipeline(pipe, trace, prompt=prompt, guidance_scale=scale), decode=decode)
     session.onset = onset
     table = pd.DataFrame(
