@@ -650,7 +650,10 @@ class ExplainConceptOnset(ExplanationNode):
         every = [w for w in heatmaps.prompt_words(tr, item) if w.token_indices]
         texts = [w.text for w in every]
         edits = counterfactual_prompts(prompt, texts)
-        picked = range(len(every)) if chosen is None else [texts.index(w.lower()) if w.lower() in texts else _unknown_word(w, texts) for w in chosen]
+        unknown = [w for w in chosen or () if w.lower() not in texts]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not a word of the prompt; choose from {', '.join(dict.fromkeys(texts))}")
+        picked = range(len(every)) if chosen is None else [texts.index(w.lower()) for w in chosen]
         steps = list(range(tr.num_steps))
 
         def predictions(den):
@@ -676,7 +679,3 @@ class ExplainConceptOnset(ExplanationNode):
                 "evidence": onset_evidence(tr.meta.get("model"))}  # fmt: skip
         text = json.dumps(info)
         return io.NodeOutput(plot, text, ui={**preview_ui(plot), "text": [text]})
-
-
-def _unknown_word(word: str, texts: list[str]):
-    raise ValueError(f"{word!r} is not a word of the prompt; choose from {', '.join(dict.fromkeys(texts))}")
