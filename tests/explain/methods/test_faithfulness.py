@@ -240,3 +240,22 @@ def test_noise_removal_games_share_their_draws_and_average_them(tiny):
         insertion_deletion(denoiser, trace, 1, s, removal="erase")
     with pytest.raises(ValueError, match="noise_draws"):
         insertion_deletion(denoiser, trace, 1, s, noise_draws=0)
+
+
+def test_final_score_runs_the_sampler_to_the_end_and_scores_every_position():
+    from explain.methods.timing import resample
+    from tests.explain.methods.test_timing import toy_denoiser, toy_trace
+
+    den = toy_denoiser()
+    trace = toy_trace(den)
+    step, x = 3, trace.x_t[3, 0].float()
+    s = random_saliency(trace.latent_size, 0)
+    final = insertion_deletion(den, trace, step, s, modes="deletion", removal="blur", score="final", stride=32)["deletion"]
+    one_step = insertion_deletion(den, trace, step, s, modes="deletion", removal="blur", score="all", stride=32)["deletion"]
+    # nothing removed: the re-run reproduces the traced final latent, so the distance is 0
+    assert float(final.latent_curve[0]) == pytest.approx(0.0, abs=1e-10)
+    # everything removed: the distance of the re-run from the blurred latent to the end, over every position
+    blurred = resample(den, trace, [step], latents=gaussian_blur(x).unsqueeze(0))[0]
+    expected = float((blurred - trace.final_latent[0]).pow(2).mean())
+    assert float(final.latent_curve[-1]) == pytest.approx(expected, rel=1e-5)
+    assert float(final.latent_curve[-1]) != pytest.approx(float(one_step.latent_curve[-1]), rel=1e-2)
