@@ -598,6 +598,30 @@ def encode_like(clip, text: str, positive) -> list:
     return [[cond, {**extra, **meta}] for cond, meta in encoded]
 
 
+def same_conditioning(a, b) -> bool:
+    """Whether two conditioning lists hold the same tensors, entry by entry."""
+    if len(a) != len(b):
+        return False
+    for (ca, _), (cb, _) in zip(a, b):
+        if not (torch.is_tensor(ca) and torch.is_tensor(cb)) or ca.shape != cb.shape or not torch.equal(ca.detach().cpu(), cb.detach().cpu()):
+            return False
+    return True
+
+
+def onset_reference(clip, prompt: str, positive) -> tuple[list, str]:
+    """The conditioning the edited prompts are compared with: the sampler's positive when the
+    Tap's prompt re-encodes to it, else the re-encoded prompt (a positive that was combined,
+    restricted to an area or a timestep range, or encoded from other text would make every
+    effect include that difference too), with a note that says which."""
+    reencoded = encode_like(clip, prompt, positive)
+    if same_conditioning(reencoded, positive):
+        return positive, "the sampler's positive conditioning"
+    return reencoded, (
+        f"the Tap's prompt re-encoded: the sampler's positive ({len(positive)} entr{'y' if len(positive) == 1 else 'ies'}) is not that prompt's plain "
+        "encoding (combined, area, timestep-range or other text), so each edit is compared with the plain encoding and differs from it only in the word"
+    )
+
+
 class ExplainConceptOnset(ExplanationNode):
     @classmethod
     def define_schema(cls):
@@ -666,7 +690,8 @@ class ExplainConceptOnset(ExplanationNode):
         def seen(latents):
             return decode(vae, vae_space(tr, latents)) if vae is not None else latents
 
-        reference = seen(run_with_denoiser(model, positive, negative, tr, 0, scale, predictions))
+        against, reference_note = onset_reference(clip, prompt, positive)
+        reference = seen(run_with_denoiser(model, against, negative, tr, 0, scale, predictions))
         effect = torch.zeros(len(picked), len(steps), dtype=torch.float64)
         for row, k in enumerate(picked):
             edited = seen(run_with_denoiser(model, encode_like(clip, edits[k][1], positive), negative, tr, 0, scale, predictions))
@@ -676,6 +701,6 @@ class ExplainConceptOnset(ExplanationNode):
         onset = timing.onset_from_effect(labels, [every[k].token_indices for k in picked], effect, method_defaults.ONSET.threshold, "decoded" if vae is not None else "latent")
         plot = as_image(render.onset_curves(onset))
         info = {**onset.to_json(), "edits": [edits[k][0] for k in picked], "edited_prompts": [edits[k][1] for k in picked], "cfg": scale, "item": item,
-                "evidence": onset_evidence(tr.meta.get("model"))}  # fmt: skip
+                "reference": reference_note, "evidence": onset_evidence(tr.meta.get("model"))}  # fmt: skip
         text = json.dumps(info)
         return io.NodeOutput(plot, text, ui={**preview_ui(plot), "text": [text]})

@@ -235,9 +235,9 @@ class FakeClip:
 
 
 def conditioned_run_with_denoiser(model, positive, negative, trace, step, guidance_scale, explain, separate_branches=False, backward=False):
-    """A toy stand-in whose conditional prediction adds the positive conditioning's number to
-    the top-left quarter of the latent."""
-    context = float(positive[0][0].flatten()[0])
+    """A toy stand-in whose conditional prediction adds the positive conditioning's numbers (of
+    every entry, as combined conditioning acts together) to the top-left quarter of the latent."""
+    context = sum(float(entry[0].flatten()[0]) for entry in positive)
     calls.append({"context": context, "extra": {k: v for k, v in positive[0][1].items() if k != "pooled_output"}})
 
     def model_fn(x, level):
@@ -267,6 +267,7 @@ def test_concept_onset_node_re_encodes_each_edited_prompt_and_times_every_word(m
     assert len(calls) == 1 + len(words) and all(c["extra"] == {"guidance": 3.5} for c in calls)
     assert all(len(e) == 4 for e in info["effect"]) and max(map(max, info["effect"])) > 0
     assert info["space"] == "latent" and "not measured" in info["evidence"]
+    assert info["reference"] == "the sampler's positive conditioning"
     only = json.loads(explain_nodes.ExplainConceptOnset.execute(loaded(trace), None, None, positive, [], FakeClip(), "red, square", 0.0, 0).result[1])
     assert only["labels"] == ["red", "square"] and only["effect"][0] == info["effect"][1]
     with pytest.raises(ValueError, match="item 3 is outside the batch"):
@@ -276,6 +277,25 @@ def test_concept_onset_node_re_encodes_each_edited_prompt_and_times_every_word(m
     trace.prompts = [""]
     with pytest.raises(ValueError, match="no prompt text"):
         explain_nodes.ExplainConceptOnset.execute(loaded(trace), None, None, positive, [], FakeClip(), "", 0.0, 0)
+
+
+def test_concept_onset_node_compares_edits_with_the_plain_prompt_when_the_positive_is_more(monkeypatch):
+    """A positive combined with another prompt (ConditioningCombine: two entries) is not the Tap's
+    prompt: the edits are compared with the prompt's own encoding, so the second entry does not
+    enter every effect, and the json says so."""
+    monkeypatch.setattr(comfy_denoiser, "run_with_denoiser", conditioned_run_with_denoiser)
+    trace = synthetic_trace(steps=4)
+    trace.meta["guidance_scale"] = 3.0
+    plain = FakeClip().encode_from_tokens_scheduled(trace.prompts[0])
+    plain[0][1]["guidance"] = 3.5
+    combined = plain + FakeClip().encode_from_tokens_scheduled("a green triangle")
+    calls.clear()
+    info = json.loads(explain_nodes.ExplainConceptOnset.execute(loaded(trace), None, None, combined, [], FakeClip(), "red", 0.0, 0).result[1])
+    assert "re-encoded" in info["reference"] and "2 entries" in info["reference"]
+    assert calls[0]["context"] == pytest.approx(float(plain[0][0].flatten()[0])) and calls[0]["extra"] == {"guidance": 3.5}
+    calls.clear()
+    alone = json.loads(explain_nodes.ExplainConceptOnset.execute(loaded(trace), None, None, plain, [], FakeClip(), "red", 0.0, 0).result[1])
+    assert alone["effect"] == info["effect"]  # the same measurement as with the plain positive
 
 
 def test_guidance_defaults_to_the_recorded_cfg():
