@@ -297,6 +297,7 @@ def test_the_concept_onset_node_times_each_edited_word_through_the_sampler(repor
     assert facts["encode_matches_clip_text_encode"]
     latent = facts["latent"]
     assert latent["labels"] == ["red", "square", "above"] and latent["space"] == "latent"
+    assert latent["reference"] == "the sampler's positive conditioning"  # the Tap's prompt re-encodes to CLIPTextEncode's positive
     assert latent["edited_prompts"] == ["a cyan circle above a blue square", "a red circle above a blue triangle", "a red circle below a blue square"]
     assert all(len(e) == 3 and max(e) > 0 for e in latent["effect"])  # every edit changes some step's prediction
     assert all(0 <= o <= p < 3 for o, p in zip(latent["onset_step"], latent["peak_step"]))
