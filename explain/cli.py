@@ -79,6 +79,11 @@ def cmd_report(args) -> int:
     for name in ("rise", "cam", "guidance_map"):  # a bad step is refused before the model loads
         if getattr(args, name, None) is not None:
             _method_step(getattr(args, name), f"--{name.replace('_', '-')}", args.steps)
+    if getattr(args, "guidance_words", None) and getattr(args, "guidance_map", None) is None:
+        raise CommandError("--guidance-words needs --guidance-map [STEP]: the step the words' maps are drawn at")
+    for word in (w.strip() for w in (getattr(args, "guidance_words", None) or "").split(",")):
+        if word and word.lower() not in args.prompt.lower():
+            raise CommandError(f"--guidance-words: {word!r} is not in the prompt; name words as the prompt writes them, comma-separated")
     from explain.adapters.diffusers.loading import is_embedded
     from explain.report import build_report
     from explain.run import GenerationRequest, generate_and_trace
@@ -312,6 +317,9 @@ def add_method_options(rep: argparse.ArgumentParser) -> None:
     group.add_argument("--guidance-map", nargs="?", const=MIDDLE, default=None, metavar="STEP",
                        help="add the prompt's guidance map at STEP (default: the middle step): where the prompt changes the x0 prediction, "
                             "with its insertion/deletion games")
+    group.add_argument("--guidance-words", default=None, metavar="WORDS",
+                       help="with --guidance-map: also the map of each comma-separated prompt word or phrase (e.g. 'red, blue square'): "
+                            "where masking its tokens changes the x0 prediction")
     group.add_argument("--onset", action="store_true",
                        help="add the causal onset of every prompt word: when swapping it for a contrasting value first changes "
                             "the x0 prediction (one guided evaluation per word and step)")
@@ -338,6 +346,7 @@ def _method_step(value: str, option: str, num_steps: int) -> int:
 def report_methods(args, pipe, trace, guidance: float, progress: Progress) -> list:
     """The DF-RISE / DF-CAM / guidance maps asked for with ``--rise`` / ``--cam`` / ``--guidance-map``
     (`explain.explanations`)."""
+    words = [w.strip() for w in (getattr(args, "guidance_words", None) or "").split(",") if w.strip()]
     if all(getattr(args, name, None) is None for name in ("rise", "cam", "guidance_map")):
         return []
     import dataclasses
@@ -364,6 +373,14 @@ def report_methods(args, pipe, trace, guidance: float, progress: Progress) -> li
     if "guidance-map" in steps:
         progress(f"guidance map at step {steps['guidance-map']}, then the insertion and deletion games")
         methods.append(explanations.run_guidance(denoiser, trace, steps["guidance-map"], decode=decode, progress=_bar(progress, "guidance map")))
+        from explain.methods.heatmaps import UnknownWordError
+
+        for word in words:
+            progress(f"guidance map of {word!r} at step {steps['guidance-map']}, then the insertion and deletion games")
+            try:
+                methods.append(explanations.run_guidance(denoiser, trace, steps["guidance-map"], decode=decode, progress=_bar(progress, "guidance map"), words=word))
+            except UnknownWordError as exc:
+                raise CommandError(f"--guidance-words: {exc}") from None
     for method in methods:
         progress(f"{method.method}: " + "; ".join(method.verdict_lines()))
     return methods

@@ -251,23 +251,32 @@ def run_cam(denoiser, trace, step: int, settings=None, layers=None, item: int = 
     )
 
 
-def run_guidance(denoiser, trace, step: int, item: int = 0, decode=None, games: bool = True, progress=None) -> MethodMap:
-    """The prompt's guidance map at ``step`` (`explain.methods.guidance`: conditional minus
-    unconditional x0 at the same x_t), its games and verdicts."""
+def run_guidance(denoiser, trace, step: int, item: int = 0, decode=None, games: bool = True, progress=None, words=None) -> MethodMap:
+    """The guidance map at ``step`` (`explain.methods.guidance`): the prompt's (conditional minus
+    unconditional x0 at the same x_t) or, with ``words`` (a word, several, or a phrase of the
+    prompt), the words' (the prediction with their tokens masked against the unmasked one), with
+    its games and verdicts."""
     from explain.methods import guidance
 
     start = time.perf_counter()
     step = trace.check_step(step)
-    result = guidance.guidance_map(denoiser, trace, step, item)
+    result = guidance.guidance_map(denoiser, trace, step, item, words=words)
     played = play_games(denoiser, trace, step, result.latent, item, decode, _stage(progress, 0.0, 1.0)) if games else []
-    passes, line = sanity_verdict("guidance_map", trace.meta.get("model"))
+    t = float(trace.timesteps[step])
+    if words is None:
+        method, method_id = "Guidance map", "guidance_map"
+        what = "where the prompt changes the model's x0 prediction, |x0(prompt) - x0(no prompt)| at the same x_t"
+    else:
+        label = result.against.removeprefix("without ")
+        method, method_id = f"Guidance map of '{label}'", "guidance_word"
+        what = f"where masking the tokens of '{label}' changes the model's x0 prediction, at the same x_t"
+    passes, line = sanity_verdict(method_id, trace.meta.get("model"))
     caption = (
-        f"Guidance map at step {step} (t = {float(trace.timesteps[step]):.0f}): where the prompt changes the model's x0 prediction, "
-        "|x0(prompt) - x0(no prompt)| at the same x_t (so the identity path cancels), min-max for display. "
+        f"{method} at step {step} (t = {t:.0f}): {what} (so the identity path cancels), min-max for display. "
         "Where the conditioning acts at this step, not which input pixels the prediction depends on."
     )
     return MethodMap(
-        method="Guidance map", method_id="guidance_map", step=step, timestep=float(trace.timesteps[step]), heat=result.display(),
+        method=method, method_id=method_id, step=step, timestep=t, heat=result.display(),
         saliency=result.latent, settings={"against": result.against}, games=played, sanity=passes, sanity_line=line,
         caption=caption, seconds=time.perf_counter() - start,
     )

@@ -317,15 +317,22 @@ def cam_view(session: Session, step, layer=None, model_box=None, models: ModelCa
     return _map_view(trace, method)
 
 
-def guidance_view(session: Session, step, model_box=None, models: ModelCache | None = None, progress=_no_progress) -> MapView:
-    """The prompt's guidance map at one step (where the prompt changes the x0 prediction), with
-    its games and verdicts."""
+def guidance_view(session: Session, step, model_box=None, models: ModelCache | None = None, progress=_no_progress, words: str = "") -> MapView:
+    """The guidance map at one step, with its games and verdicts: the prompt's (where the prompt
+    changes the x0 prediction) or, with ``words`` (comma-separated prompt words, or a phrase),
+    theirs (where masking their tokens does)."""
     from explain import explanations
+    from explain.methods.heatmaps import UnknownWordError
 
     trace = session.require_trace()
     step = check_int("guidance-map step", step, 0, trace.num_steps - 1)
+    chosen = [w.strip() for w in (words or "").split(",") if w.strip()]
+    spec = None if not chosen else chosen[0] if len(chosen) == 1 else chosen
     with _model_run(session, model_box, models, progress) as (_, den, decode):
-        method = explanations.run_guidance(den, trace, step, decode=decode, progress=_fraction_progress(progress))
+        try:
+            method = explanations.run_guidance(den, trace, step, decode=decode, progress=_fraction_progress(progress), words=spec)
+        except UnknownWordError as exc:
+            raise InputError(f"{exc}; leave the words empty for the whole prompt's map") from None
     session.explanations[method.method] = method
     return _map_view(trace, method)
 

@@ -242,8 +242,8 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
         return panel(_cam_on_gpu(_session(state), step, layer_name, model_of(model_box), models=_custom(models), progress=progress))
 
     @_ui
-    def on_guidance(state, step, model_box, progress=gr.Progress()):
-        return panel(_guidance_on_gpu(_session(state), step, model_of(model_box), models=_custom(models), progress=progress))
+    def on_guidance(state, step, words, model_box, progress=gr.Progress()):
+        return panel(_guidance_on_gpu(_session(state), step, model_of(model_box), models=_custom(models), progress=progress, words=words))
 
     @_ui
     def on_onset(state, model_box, progress=gr.Progress()):
@@ -397,9 +397,11 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
             gr.Markdown(
                 "Where the prompt changes the model's x0 prediction at one step: the prediction with the prompt minus the one without it, "
                 "at the same x_t (two model calls, no masks, needs the model that made the trace). It passes the sanity checks on the "
-                "embedded model; it shows where the conditioning acts, not which input pixels the prediction depends on."
+                "embedded model; it shows where the conditioning acts, not which input pixels the prediction depends on. Name words "
+                "(comma-separated, or a phrase) for theirs instead: the prediction with their tokens masked against the unmasked one."
             )
             guidance_step = gr.Slider(0, 1, value=0, step=1, label="step", elem_id="guidance-step")
+            guidance_words = gr.Textbox(label="words (empty: the whole prompt)", placeholder="e.g. red, or: red circle", elem_id="guidance-words")
             guidance_run = gr.Button("Run the guidance map", variant="primary", elem_id="run-guidance")
             guidance_outputs = map_panel(gr, "guidance", "guidance")
         with gr.Tab("Causal onset"):
@@ -457,7 +459,7 @@ def build_app(default_model: str = DEFAULT_MODEL, allow_model_choice: bool = Tru
         preset.input(on_preset, [preset], [masks, similarity, centered], api_name=False)
         rise_run.click(on_rise, [state, rise_step, masks, preset, similarity, centered, model], rise_outputs, concurrency_limit=1, concurrency_id="model", api_name="rise")
         cam_run.click(on_cam, [state, cam_step, layer, model], cam_outputs, concurrency_limit=1, concurrency_id="model", api_name="cam")
-        guidance_run.click(on_guidance, [state, guidance_step, model], guidance_outputs, concurrency_limit=1, concurrency_id="model", api_name="guidance")
+        guidance_run.click(on_guidance, [state, guidance_step, guidance_words, model], guidance_outputs, concurrency_limit=1, concurrency_id="model", api_name="guidance")
         onset_run.click(on_onset, [state, model], onset_outputs, concurrency_limit=1, concurrency_id="model", api_name="onset")
         for button, fn, name in ((download_trace, on_download_trace, "download_trace"), (download_report, on_report, "report")):
             button.click(fn, [state], [download], api_name=name).success(lambda: gr.Column(visible=True), None, download_box, api_name=False)

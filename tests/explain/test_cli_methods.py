@@ -42,6 +42,20 @@ def test_report_with_the_guidance_map_shows_it_with_its_games_and_its_cached_ver
     assert "Guidance map at step 2" in page and "identity path cancels" in page
 
 
+def test_report_with_word_guidance_maps_draws_one_per_word_with_the_word_verdict(tmp_path, capsys):
+    out = tmp_path / "rep"
+    args = ["report", "a red circle above a blue square", "--steps", "4", "--out", str(out), "--guidance-map", "2", "--quiet"]
+    assert main(args + ["--guidance-words", "red, blue square"]) == 0, capsys.readouterr().err
+    methods = json.loads((out / "methods.json").read_text())
+    assert [(m["method"], m["method_id"]) for m in methods] == [
+        ("Guidance map", "guidance_map"), ("Guidance map of 'red'", "guidance_word"), ("Guidance map of 'blue square'", "guidance_word")]
+    assert methods[1]["settings"] == {"against": "without red"} and methods[1]["sanity"] is True  # bench_sanity's per-word guidance rows
+    assert "Guidance map of &#x27;red&#x27;" in (out / "index.html").read_text() or "Guidance map of 'red'" in (out / "index.html").read_text()
+    other = ["report", "a red circle above a blue square", "--steps", "4", "--out", str(tmp_path / "other"), "--guidance-map", "2", "--quiet"]
+    assert main(other + ["--guidance-words", "green"]) == 2
+    assert "--guidance-words: 'green' is not in the prompt" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
 def test_report_with_the_causal_onset_edits_each_word_in_the_prompt_as_written(tmp_path, capsys):
     out = tmp_path / "rep"
     prompt = "a large red circle, above a small blue square"
@@ -73,6 +87,8 @@ def test_a_method_step_outside_the_run_is_refused_before_the_model_loads(tmp_pat
     assert "--cam takes a step number" in capsys.readouterr().err
     assert main(["report", "a red circle", "--steps", "4", "--guidance-map", "4", "--out", str(tmp_path / "x")]) == 2
     assert "--guidance-map 4 is outside the run" in capsys.readouterr().err
+    assert main(["report", "a red circle", "--guidance-words", "red", "--out", str(tmp_path / "x")]) == 2
+    assert "--guidance-words needs --guidance-map" in capsys.readouterr().err
 
 
 def test_the_cli_report_shows_the_prompts_warnings(tmp_path, capsys):

@@ -54,6 +54,17 @@ def test_df_cam_runs_on_a_layer_group_with_its_games(tiny):
     assert result.heat.shape == trace.image_size and len(result.games) == 2 and result.method_id == "df_cam"
 
 
+def test_guidance_map_of_words_reads_the_word_verdict_not_the_prompts(tiny, monkeypatch):
+    trace, den = tiny
+    asked = []
+    monkeypatch.setattr(explanations, "sanity_verdict", lambda method, model: (asked.append(method), (True, f"{method} line"))[1])
+    prompt = explanations.run_guidance(den, trace, 1, games=False)
+    word = explanations.run_guidance(den, trace, 1, games=False, words="red")
+    assert asked == ["guidance_map", "guidance_word"] and word.sanity_line == "guidance_word line"
+    assert (prompt.method_id, word.method_id) == ("guidance_map", "guidance_word") and word.method == "Guidance map of 'red'"
+    assert word.settings["against"] == "without red" and not torch.allclose(word.saliency, prompt.saliency)
+
+
 def test_sanity_verdict_says_not_measured_until_the_sanity_module_knows_the_model(monkeypatch):
     monkeypatch.setitem(sys.modules, "explain.methods.sanity", None)  # this version has no sanity module
     assert explanations.sanity_verdict("df_rise", "embedded (diffusion-explain/shapes-64)") == (None, explanations.NOT_MEASURED)

@@ -334,6 +334,26 @@ def test_guidance_panel_gives_its_map_games_and_verdicts(tiny_session, models):
         app.guidance_view(tiny_session, 9, models=models)
 
 
+def test_guidance_panel_maps_named_words_with_their_own_verdict(tiny_session, models):
+    from explain.methods.guidance import guidance_map
+
+    tiny_session = dataclasses.replace(tiny_session, explanations={})  # the shared session's panels stay as the other tests left them
+    view = app.guidance_view(tiny_session, 1, models=models, words="red")
+    assert view.method.method_id == "guidance_word" and view.method.method == "Guidance map of 'red'"
+    assert "masking the tokens of 'red'" in view.caption and view.method.settings["against"] == "without red"
+    whole = app.guidance_view(tiny_session, 1, models=models)
+    assert not torch.allclose(view.method.saliency, whole.method.saliency)  # the word's map, not the prompt's
+    pipe = models.get("tiny")[0]
+    from explain.adapters.diffusers import from_pipeline
+
+    expected = guidance_map(from_pipeline(pipe, tiny_session.trace), tiny_session.trace, 1, words="red").latent
+    assert torch.allclose(view.method.saliency, expected, atol=1e-6)
+    both = app.guidance_view(tiny_session, 1, models=models, words="red, square")
+    assert both.method.settings["against"] == "without red square"
+    with pytest.raises(app.InputError, match="'green' is not in the prompt.*leave the words empty"):
+        app.guidance_view(tiny_session, 1, models=models, words="green")
+
+
 def test_causal_onset_panel_gives_each_word_its_edit_and_onset(tiny_session, models):
     view = app.onset_view(tiny_session, models=models)
     words = [w.text for w in tiny_session.trace.words[0] if w.token_indices]
