@@ -81,8 +81,8 @@ def cmd_report(args) -> int:
             _method_step(getattr(args, name), f"--{name.replace('_', '-')}", args.steps)
     if getattr(args, "guidance_words", None) and getattr(args, "guidance_map", None) is None:
         raise CommandError("--guidance-words needs --guidance-map [STEP]: the step the words' maps are drawn at")
-    for word in (w.strip() for w in (getattr(args, "guidance_words", None) or "").split(",")):
-        if word and word.lower() not in args.prompt.lower():
+    for word in _guidance_words(args):
+        if word.lower() not in args.prompt.lower():
             raise CommandError(f"--guidance-words: {word!r} is not in the prompt; name words as the prompt writes them, comma-separated")
     from explain.adapters.diffusers.loading import is_embedded
     from explain.report import build_report
@@ -343,10 +343,16 @@ def _method_step(value: str, option: str, num_steps: int) -> int:
     return step
 
 
+def _guidance_words(args) -> list[str]:
+    from explain.methods.heatmaps import parse_words
+
+    return parse_words(getattr(args, "guidance_words", None))
+
+
 def report_methods(args, pipe, trace, guidance: float, progress: Progress) -> list:
     """The DF-RISE / DF-CAM / guidance maps asked for with ``--rise`` / ``--cam`` / ``--guidance-map``
     (`explain.explanations`)."""
-    words = [w.strip() for w in (getattr(args, "guidance_words", None) or "").split(",") if w.strip()]
+    words = _guidance_words(args)
     if all(getattr(args, name, None) is None for name in ("rise", "cam", "guidance_map")):
         return []
     import dataclasses

@@ -322,11 +322,11 @@ def guidance_view(session: Session, step, model_box=None, models: ModelCache | N
     changes the x0 prediction) or, with ``words`` (comma-separated prompt words, or a phrase),
     theirs (where masking their tokens does)."""
     from explain import explanations
-    from explain.methods.heatmaps import UnknownWordError
+    from explain.methods.heatmaps import UnknownWordError, parse_words
 
     trace = session.require_trace()
     step = check_int("guidance-map step", step, 0, trace.num_steps - 1)
-    chosen = [w.strip() for w in (words or "").split(",") if w.strip()]
+    chosen = parse_words(words)
     spec = None if not chosen else chosen[0] if len(chosen) == 1 else chosen
     with _model_run(session, model_box, models, progress) as (_, den, decode):
         try:

@@ -109,8 +109,7 @@ def check_item(trace: Trace, item: int) -> int:
 
 def parse_words(text: str) -> list[str] | None:
     """``"red, blue square"`` → ``["red", "blue square"]``; empty → None (every word)."""
-    words = [w.strip() for w in (text or "").split(",") if w.strip()]
-    return words or None
+    return heatmaps.parse_words(text) or None
 
 
 def sanity_line(method_id: str, trace: Trace) -> str:

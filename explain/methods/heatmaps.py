@@ -37,6 +37,12 @@ class UnknownWordError(KeyError, ValueError):
 
 
 # ---------------------------------------------------------------------------- steps
+def parse_words(text: str | None) -> list[str]:
+    """``"red, blue square"`` -> ``["red", "blue square"]`` (each entry a word or a phrase);
+    empty -> ``[]``."""
+    return [w.strip() for w in (text or "").split(",") if w.strip()]
+
+
 def parse_steps(text: str) -> StepSelection:
     """Turn ``"7"``, ``"0:10"``, ``"10:"``, ``"::2"`` or ``"0,3,7"`` into a step selection."""
     text = text.strip()

@@ -50,7 +50,7 @@ def test_report_with_word_guidance_maps_draws_one_per_word_with_the_word_verdict
     assert [(m["method"], m["method_id"]) for m in methods] == [
         ("Guidance map", "guidance_map"), ("Guidance map of 'red'", "guidance_word"), ("Guidance map of 'blue square'", "guidance_word")]
     assert methods[1]["settings"] == {"against": "without red"} and methods[1]["sanity"] is True  # bench_sanity's per-word guidance rows
-    assert "Guidance map of &#x27;red&#x27;" in (out / "index.html").read_text() or "Guidance map of 'red'" in (out / "index.html").read_text()
+    assert "Guidance map of &#x27;red&#x27;" in (out / "index.html").read_text()  # the label, HTML-escaped
     other = ["report", "a red circle above a blue square", "--steps", "4", "--out", str(tmp_path / "other"), "--guidance-map", "2", "--quiet"]
     assert main(other + ["--guidance-words", "green"]) == 2
     assert "--guidance-words: 'green' is not in the prompt" in capsys.readouterr().err and not (tmp_path / "other").exists()

@@ -74,6 +74,11 @@ def test_parse_and_select_steps():
         select_steps(tr, "one:two")
 
 
+def test_word_lists_split_on_commas_and_keep_phrases():
+    assert heatmaps.parse_words(" red, blue square ,, ") == ["red", "blue square"]
+    assert heatmaps.parse_words("") == [] and heatmaps.parse_words(None) == []
+
+
 def test_unknown_word_lists_the_prompt_words():
     tr = synthetic_trace()
     with pytest.raises(UnknownWordError, match="'green' is not in the prompt; its words are: 'a', 'red', 'circle'") as err:
